@@ -1,0 +1,71 @@
+# ubw-book: `make book` builds the book on the default profile, `make test` runs every test.
+# Both create .venv when missing, install the pinned dependencies and ubwlib (editable) and make sure
+# Fashion-MNIST is there; a second run skips what is done.
+
+PYTHON ?= python3
+VENV ?= .venv
+PROFILE ?= default
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.ubw-installed
+FMNIST_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: book test runs bench install data clean-book clean-cache help
+
+help:
+	@echo "make book      build the book (HTML in book/_build/html) on the default profile"
+	@echo "make test      run every test, including the chapters with smoke parameters (nbval)"
+	@echo "make runs PROFILE=smoke|default|paper   execute every chapter with papermill into book/_build/runs/<profile>/"
+	@echo "make bench     print the trainer's images/s against a plain PyTorch loop"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(STAMP): pyproject.toml constraints.txt | $(BIN)/python
+	$(BIN)/python -m pip install --upgrade -c constraints.txt pip
+	$(BIN)/python -m pip install -c constraints.txt -e ".[book,test]"
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ubw-book)" >/dev/null
+	touch $@
+
+install: $(STAMP)
+
+# Fashion-MNIST: found via $UBW_DATA or Debian's dataset-fashion-mnist; installed with apt when possible.
+data: install
+	@if $(BIN)/ubw data fashion-mnist --check >/dev/null 2>&1; then \
+		echo "Fashion-MNIST: found"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = "0" ]; then \
+		echo "Fashion-MNIST: installing Debian's dataset-fashion-mnist"; \
+		(apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)) && \
+		$(BIN)/ubw data fashion-mnist --check; \
+	elif command -v apt-get >/dev/null 2>&1 && command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then \
+		echo "Fashion-MNIST: installing Debian's dataset-fashion-mnist with sudo"; \
+		(sudo apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+		 (sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist)) && \
+		$(BIN)/ubw data fashion-mnist --check; \
+	else \
+		$(BIN)/ubw data fashion-mnist --check; \
+		echo "Fashion-MNIST is missing and apt-get cannot be used here. Provide it in one of three ways:"; \
+		echo "  1. sudo apt-get install dataset-fashion-mnist   (Debian/Ubuntu; files go to $(FMNIST_DIR))"; \
+		echo "  2. export UBW_DATA=/path/to/folder-with-the-four-idx-files"; \
+		echo "  3. $(BIN)/ubw data fashion-mnist --download     (needs internet)"; \
+		exit 1; \
+	fi
+
+book: data
+	UBW_PROFILE=$(PROFILE) TQDM_DISABLE=1 $(BIN)/jupyter-book build -W --keep-going book/
+	@echo "HTML: book/_build/html/index.html"
+
+test: data
+	$(BIN)/python -m pytest --nbval --nbval-current-env
+
+runs: data
+	$(BIN)/python -m ubwlib.book --profile $(PROFILE)
+
+bench: data
+	$(BIN)/python -m ubwlib.bench
+
+clean-book:
+	rm -rf book/_build
+
+clean-cache: install
+	$(BIN)/ubw cache clear

@@ -1,0 +1,40 @@
+"""Root pytest configuration.
+
+``pytest --nbval`` collects the book's MyST chapters (``book/*.md``): each is converted to ``.ipynb``
+under pytest's cache folder with the smoke parameters injected after its ``parameters`` cell, then
+executed cell by cell by nbval (outputs are not compared; the chapters' ``assert`` statements are the
+checks). Tests and notebooks use a private cache folder unless ``UBW_CACHE`` is set.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+NBVAL_PARAMETERS = {"profile": "smoke"}
+
+
+def pytest_configure(config):
+    if not os.environ.get("UBW_CACHE"):
+        os.environ["UBW_CACHE"] = tempfile.mkdtemp(prefix="ubw-test-cache-")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+    os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_collect_file(file_path, parent):
+    opt = parent.config.option
+    if not (getattr(opt, "nbval", False) or getattr(opt, "nbval_lax", False)):
+        return None
+    if file_path.suffix != ".md" or file_path.parent != ROOT / "book":
+        return None
+    from nbval.plugin import IPyNbFile
+
+    from ubwlib.book import _is_notebook, write_test_notebook
+
+    if not _is_notebook(file_path):
+        return None
+    out = Path(parent.config.cache.mkdir("nbval")) / f"{file_path.stem}.ipynb"
+    write_test_notebook(file_path, out, NBVAL_PARAMETERS)
+    return IPyNbFile.from_parent(parent, path=out)

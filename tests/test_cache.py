@@ -1,0 +1,574 @@
+"""Tests for ubwlib.cache: hashing, atomic entries, corruption handling, safe clearing."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+import pickle
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+from ubwlib import cache as cache_mod
+from ubwlib.cache import (
+    CACHEDIR_TAG_NAME,
+    CACHEDIR_TAG_SIGNATURE,
+    Cache,
+    CacheCorruptionWarning,
+    Entry,
+    canonical_settings,
+    load_state_dict_tensors,
+    settings_hash,
+    state_dict_tensors,
+    table_from_data,
+    table_to_data,
+)
+
+NS = "train"
+V = "v1"
+
+
+@pytest.fixture(autouse=True)
+def _no_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("UBW_NO_CACHE", raising=False)
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "cache"
+
+
+class Counter:
+    """A compute function that counts its calls and returns fixed tensors and data."""
+
+    def __init__(self, value: float = 1.0) -> None:
+        self.calls = 0
+        self.value = value
+
+    def __call__(self) -> tuple[dict[str, torch.Tensor], dict]:
+        self.calls += 1
+        return {"w": torch.full((3,), self.value)}, {"acc": self.value, "hist": [1, 2]}
+
+
+@dataclasses.dataclass
+class Opt:
+    lr: float
+    steps: int
+
+
+@dataclasses.dataclass
+class OtherOpt:
+    lr: float
+    steps: int
+
+
+class Color(enum.Enum):
+    RED = 1
+    BLUE = 2
+
+
+# ---------------------------------------------------------------------------------------
+# hashing
+# ---------------------------------------------------------------------------------------
+
+
+def test_hash_is_sha256_hex_and_stable_under_key_order() -> None:
+    a = {"model": {"depth": 3, "width": 8}, "lr": 0.1, "tags": ["x", "y"]}
+    b = {"tags": ["x", "y"], "lr": 0.1, "model": {"width": 8, "depth": 3}}
+    h = settings_hash(NS, a, V)
+    assert len(h) == 64 and all(c in "0123456789abcdef" for c in h)
+    assert h == settings_hash(NS, b, V)
+    assert h == settings_hash(NS, json.loads(json.dumps(a)), V)
+
+
+def test_hash_changes_with_nested_value_version_and_namespace() -> None:
+    base = {"model": {"depth": 3, "width": 8}, "lr": 0.1}
+    h = settings_hash(NS, base, V)
+    assert settings_hash(NS, {"model": {"depth": 4, "width": 8}, "lr": 0.1}, V) != h
+    assert settings_hash(NS, base, "v2") != h
+    assert settings_hash("eval", base, V) != h
+    assert settings_hash(NS, {**base, "extra": None}, V) != h
+
+
+def test_hash_number_rules() -> None:
+    # documented: ints and floats of the same value differ; bool differs from int
+    assert settings_hash(NS, {"x": 1}, V) != settings_hash(NS, {"x": 1.0}, V)
+    assert settings_hash(NS, {"x": True}, V) != settings_hash(NS, {"x": 1}, V)
+    assert settings_hash(NS, {"x": 0.1}, V) == settings_hash(NS, {"x": np.float64(0.1)}, V)
+    assert settings_hash(NS, {"x": 3}, V) == settings_hash(NS, {"x": np.int64(3)}, V)
+    assert settings_hash(NS, {"x": float("nan")}, V) == settings_hash(NS, {"x": float("nan")}, V)
+    assert settings_hash(NS, {"x": float("inf")}, V) != settings_hash(NS, {"x": float("-inf")}, V)
+    # list and tuple are the same; Path and str are the same (documented)
+    assert settings_hash(NS, [1, 2], V) == settings_hash(NS, (1, 2), V)
+    assert settings_hash(NS, Path("a/b"), V) == settings_hash(NS, "a/b", V)
+    assert settings_hash(NS, {1, 2, 3}, V) == settings_hash(NS, {3, 2, 1}, V)
+
+
+def test_hash_dataclass_enum_rules() -> None:
+    opt = Opt(lr=0.1, steps=10)
+    assert settings_hash(NS, opt, V) == settings_hash(NS, Opt(lr=0.1, steps=10), V)
+    assert settings_hash(NS, opt, V) != settings_hash(NS, Opt(lr=0.1, steps=11), V)
+    # documented: a dataclass differs from the dict of its fields, and from another class
+    assert settings_hash(NS, opt, V) != settings_hash(NS, dataclasses.asdict(opt), V)
+    assert settings_hash(NS, opt, V) != settings_hash(NS, OtherOpt(lr=0.1, steps=10), V)
+    assert canonical_settings(opt)["class"] == "Opt"
+    assert settings_hash(NS, {"c": Color.RED}, V) != settings_hash(NS, {"c": Color.BLUE}, V)
+    assert settings_hash(NS, {"c": Color.RED}, V) != settings_hash(NS, {"c": 1}, V)
+
+
+def test_hash_tensors_and_arrays_by_content() -> None:
+    t = torch.arange(6, dtype=torch.float32).reshape(2, 3)
+    h = settings_hash(NS, {"t": t}, V)
+    assert h == settings_hash(NS, {"t": t.clone()}, V)
+    assert h == settings_hash(NS, {"t": t.t().contiguous().t()}, V)  # layout does not matter
+    assert h == settings_hash(NS, {"t": t.clone().requires_grad_()}, V)
+    t2 = t.clone()
+    t2[1, 2] = 100.0
+    assert h != settings_hash(NS, {"t": t2}, V)
+    assert h != settings_hash(NS, {"t": t.double()}, V)  # dtype matters
+    assert h != settings_hash(NS, {"t": t.reshape(3, 2)}, V)  # shape matters
+    a = np.arange(6.0).reshape(2, 3)
+    assert settings_hash(NS, a, V) == settings_hash(NS, a.copy(order="F"), V)
+    assert settings_hash(NS, a, V) != settings_hash(NS, a + 1, V)
+
+
+def test_hash_rejects_unknown_types() -> None:
+    class Foo:
+        pass
+
+    with pytest.raises(TypeError, match="Foo"):
+        settings_hash(NS, {"a": [1, Foo()]}, V)
+    with pytest.raises(TypeError, match="object"):
+        settings_hash(NS, {"a": object()}, V)
+    with pytest.raises(TypeError, match="complex"):
+        settings_hash(NS, 1j, V)
+    with pytest.raises(TypeError, match="int"):
+        settings_hash(NS, {1: "non-str key"}, V)
+    with pytest.raises(TypeError):
+        settings_hash(NS, {}, 2)  # version must be str
+
+
+# ---------------------------------------------------------------------------------------
+# put / get / get_or_compute
+# ---------------------------------------------------------------------------------------
+
+
+def test_put_get_roundtrip_bit_exact(root: Path) -> None:
+    c = Cache(root)
+    tensors = {
+        "w": torch.randn(4, 5),
+        "b": torch.randn(7, dtype=torch.float64)[::2],  # a view
+        "h": torch.randn(3).to(torch.bfloat16),
+        "m": torch.tensor([True, False]),
+        "i": torch.arange(5, dtype=torch.int64),
+    }
+    data = {"acc": 0.123456789012345678, "hist": [1.5, float("nan"), 3], "name": "ünï", "none": None}
+    settings = {"lr": 0.1, "model": "resnet"}
+    assert c.get(NS, settings, V) is None
+    assert not root.exists()  # nothing created by a read
+    put = c.put(NS, settings, V, tensors=tensors, data=data)
+    assert not put.hit
+    got = c.get(NS, settings, V)
+    assert isinstance(got, Entry) and got.hit
+    assert got.path == put.path == root / NS / settings_hash(NS, settings, V)[:20]
+    assert set(got.tensors) == set(tensors)
+    for k, t in tensors.items():
+        assert got.tensors[k].dtype == t.dtype and got.tensors[k].device.type == "cpu"
+        assert torch.equal(got.tensors[k].view(torch.uint8), t.contiguous().view(torch.uint8))
+    assert got.data["acc"] == data["acc"] and got.data["name"] == "ünï" and got.data["none"] is None
+    assert got.data["hist"][0] == 1.5 and np.isnan(got.data["hist"][1])
+    meta = got.meta
+    assert meta["hash"] == settings_hash(NS, settings, V)
+    assert meta["namespace"] == NS and meta["version"] == V
+    assert meta["settings"] == canonical_settings(settings)
+    assert set(meta["sha256"]) == {"tensors.pt", "data.json"}
+    assert "created" in meta and "ubwlib_version" in meta
+    assert (root / CACHEDIR_TAG_NAME).read_text().splitlines()[0] == CACHEDIR_TAG_SIGNATURE
+
+
+def test_put_returns_json_normalised_data(root: Path) -> None:
+    e = Cache(root).put(NS, {}, V, data={"t": (1, 2), "x": np.float32(0.5)})
+    assert e.data == {"t": [1, 2], "x": 0.5}
+    assert Cache(root).get(NS, {}, V).data == e.data
+    with pytest.raises(TypeError, match="table_to_data"):
+        Cache(root).put(NS, {"k": 1}, V, data=pd.DataFrame({"a": [1]}))
+
+
+def test_get_or_compute_calls_compute_once(root: Path) -> None:
+    compute = Counter()
+    c1 = Cache(root)
+    e1 = c1.get_or_compute(NS, {"a": 1}, V, compute)
+    e2 = c1.get_or_compute(NS, {"a": 1}, V, compute)
+    e3 = Cache(root).get_or_compute(NS, {"a": 1}, V, compute)  # second object, same root
+    assert compute.calls == 1
+    assert (e1.hit, e2.hit, e3.hit) == (False, True, True)
+    assert torch.equal(e1.tensors["w"], e3.tensors["w"]) and e1.data == e3.data
+    Cache(root).get_or_compute(NS, {"a": 2}, V, compute)
+    Cache(root).get_or_compute(NS, {"a": 1}, "v2", compute)
+    assert compute.calls == 3
+
+
+def test_compute_may_return_no_tensors(root: Path) -> None:
+    e = Cache(root).get_or_compute(NS, {}, V, lambda: (None, [1, 2]))
+    assert e.tensors == {} and e.data == [1, 2]
+    assert Cache(root).get(NS, {}, V).data == [1, 2]
+
+
+def test_invalid_namespace(root: Path) -> None:
+    for bad in ["", "../x", "a/b", ".hidden", "data"]:
+        with pytest.raises(ValueError):
+            Cache(root).get(bad, {}, V)
+
+
+# ---------------------------------------------------------------------------------------
+# corruption
+# ---------------------------------------------------------------------------------------
+
+
+def _corrupt_truncate(path: Path) -> None:
+    f = path / "tensors.pt"
+    f.write_bytes(f.read_bytes()[:40])
+
+
+def _corrupt_edit_data(path: Path) -> None:
+    f = path / "data.json"
+    f.write_text(f.read_text().replace("1.0", "2.0"))
+
+
+def _corrupt_delete_meta(path: Path) -> None:
+    (path / "meta.json").unlink()
+
+
+def _corrupt_bad_meta_json(path: Path) -> None:
+    (path / "meta.json").write_text("{not json")
+
+
+def _corrupt_bad_data_json_with_matching_sum(path: Path) -> None:
+    raw = b"{broken"
+    (path / "data.json").write_bytes(raw)
+    meta = json.loads((path / "meta.json").read_text())
+    meta["sha256"]["data.json"] = cache_mod._sha256(raw)
+    (path / "meta.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [_corrupt_truncate, _corrupt_edit_data, _corrupt_delete_meta, _corrupt_bad_meta_json,
+     _corrupt_bad_data_json_with_matching_sum],
+)
+def test_corruption_is_detected_and_recomputed(root: Path, damage) -> None:
+    compute = Counter()
+    c = Cache(root)
+    e = c.get_or_compute(NS, {"a": 1}, V, compute)
+    damage(e.path)
+    with pytest.warns(CacheCorruptionWarning):
+        assert c.get(NS, {"a": 1}, V) is None
+    assert not e.path.exists()
+    assert not [p for p in (root / NS).iterdir() if p.name.startswith(".")]  # nothing left aside
+    e2 = c.get_or_compute(NS, {"a": 1}, V, compute)
+    assert compute.calls == 2 and not e2.hit
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        e3 = Cache(root).get(NS, {"a": 1}, V)
+    assert e3 is not None and e3.hit and torch.equal(e3.tensors["w"], torch.ones(3))
+
+
+def test_corruption_during_get_or_compute_warns_and_recomputes(root: Path) -> None:
+    compute = Counter()
+    c = Cache(root)
+    e = c.get_or_compute(NS, {"a": 1}, V, compute)
+    _corrupt_truncate(e.path)
+    with pytest.warns(CacheCorruptionWarning, match="tensors.pt"):
+        e2 = c.get_or_compute(NS, {"a": 1}, V, compute)
+    assert compute.calls == 2 and c.get(NS, {"a": 1}, V).hit and e2.data == e.data
+
+
+def test_malicious_pickle_is_not_executed(root: Path, tmp_path: Path) -> None:
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    c = Cache(root)
+    e = c.put(NS, {"a": 1}, V, tensors={"w": torch.ones(2)})
+    raw = pickle.dumps({"w": Evil()}, protocol=2)  # torch.load's own protocol
+    pickle.loads(raw)  # sanity: a plain unpickle *does* run the payload
+    assert marker.exists()
+    marker.unlink()
+    (e.path / "tensors.pt").write_bytes(raw)
+    meta = json.loads((e.path / "meta.json").read_text())
+    meta["sha256"]["tensors.pt"] = cache_mod._sha256(raw)  # checksum matches: only weights_only saves us
+    (e.path / "meta.json").write_text(json.dumps(meta))
+    with pytest.warns(CacheCorruptionWarning, match="weights_only"):
+        assert c.get(NS, {"a": 1}, V) is None
+    assert not marker.exists()
+    assert not e.path.exists()
+
+
+def test_interrupted_write_leftover_is_ignored(root: Path) -> None:
+    c = Cache(root)
+    c.put(NS, {"other": 0}, V)  # creates root and namespace dir
+    key_short = settings_hash(NS, {"a": 1}, V)[:20]
+    leftover = root / NS / f".tmp-{key_short}-crashed"
+    leftover.mkdir()
+    (leftover / "tensors.pt").write_bytes(b"partial")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert c.get(NS, {"a": 1}, V) is None
+        compute = Counter()
+        e = c.get_or_compute(NS, {"a": 1}, V, compute)
+    assert compute.calls == 1 and e.path.name == key_short
+    assert c.get(NS, {"a": 1}, V).hit
+    assert [i.path for i in c.entries()].count(e.path) == 1 and len(c.entries()) == 2
+    assert c.clear() == 2 and not leftover.exists()  # leftovers cleaned, not counted
+
+
+def test_crash_before_rename_leaves_no_entry(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = Cache(root)
+
+    def crash(src, dst):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(cache_mod.os, "rename", crash)
+    with pytest.raises(KeyboardInterrupt):
+        c.put(NS, {"a": 1}, V, tensors={"w": torch.ones(2)})
+    monkeypatch.undo()
+    assert c.get(NS, {"a": 1}, V) is None
+    assert not c.path_for(NS, {"a": 1}, V).exists()
+
+
+def test_race_other_writer_wins(root: Path) -> None:
+    a, b = Cache(root), Cache(root)
+    winner = Counter(value=7.0)
+
+    def slow_compute():
+        # while "we" compute, another process finishes the same entry first
+        b.get_or_compute(NS, {"a": 1}, V, winner)
+        return {"w": torch.full((3,), 3.0)}, {"acc": 3.0}
+
+    e = a.get_or_compute(NS, {"a": 1}, V, slow_compute)
+    assert winner.calls == 1
+    assert torch.equal(e.tensors["w"], torch.full((3,), 7.0)) and e.data["acc"] == 7.0
+    stored = Cache(root).get(NS, {"a": 1}, V)
+    assert torch.equal(stored.tensors["w"], torch.full((3,), 7.0))
+    assert sorted(p.name for p in (root / NS).iterdir()) == [e.path.name]  # our temp dir is gone
+
+
+def test_race_with_corrupt_existing_entry_is_replaced(root: Path) -> None:
+    c = Cache(root)
+    path = c.path_for(NS, {"a": 1}, V)
+
+    def compute():
+        path.mkdir(parents=True)
+        (path / "junk").write_text("half-written by a broken writer")
+        return {"w": torch.ones(1)}, 1
+
+    with pytest.warns(CacheCorruptionWarning):
+        e = c.get_or_compute(NS, {"a": 1}, V, compute)
+    assert e.data == 1 and c.get(NS, {"a": 1}, V).data == 1
+
+
+# ---------------------------------------------------------------------------------------
+# enabled / UBW_NO_CACHE
+# ---------------------------------------------------------------------------------------
+
+
+def test_disabled_cache_never_touches_disk(root: Path) -> None:
+    compute = Counter()
+    c = Cache(root, enabled=False)
+    e1 = c.get_or_compute(NS, {"a": 1}, V, compute)
+    e2 = c.get_or_compute(NS, {"a": 1}, V, compute)
+    assert compute.calls == 2 and not e1.hit and not e2.hit
+    assert e1.data == {"acc": 1.0, "hist": [1, 2]}
+    c.put(NS, {"b": 1}, V, data=1)
+    assert c.get(NS, {"b": 1}, V) is None
+    assert not root.exists()
+    # an enabled cache on the same root has nothing either
+    assert Cache(root).get(NS, {"a": 1}, V) is None
+
+
+def test_ubw_no_cache_forces_recompute_but_writes(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Cache(root).get_or_compute(NS, {"a": 1}, V, Counter(value=1.0))
+    monkeypatch.setenv("UBW_NO_CACHE", "1")
+    fresh = Counter(value=2.0)
+    c = Cache(root)
+    assert c.get(NS, {"a": 1}, V) is None
+    e = c.get_or_compute(NS, {"a": 1}, V, fresh)
+    e = c.get_or_compute(NS, {"a": 1}, V, fresh)
+    assert fresh.calls == 2 and not e.hit
+    monkeypatch.delenv("UBW_NO_CACHE")
+    stored = c.get(NS, {"a": 1}, V)
+    assert stored.hit and stored.data["acc"] == 2.0  # the fresh result replaced the old one
+    assert len(c.entries()) == 1
+
+
+# ---------------------------------------------------------------------------------------
+# entries / size / clear
+# ---------------------------------------------------------------------------------------
+
+
+def test_entries_size_and_clear(root: Path) -> None:
+    c = Cache(root)
+    assert c.entries() == [] and c.size_bytes() == 0 and c.clear() == 0
+    c.put(NS, {"a": 1}, V, tensors={"w": torch.zeros(100)})
+    c.put(NS, {"a": 2}, "v2", data=[1])
+    c.put("eval", {"a": 1}, V, data=[2])
+    infos = c.entries()
+    assert len(infos) == 3
+    assert {(i.namespace, i.version) for i in infos} == {(NS, V), (NS, "v2"), ("eval", V)}
+    assert all(len(i.hash) == 64 and i.size_bytes > 0 and i.created is not None for i in infos)
+    assert c.size_bytes() >= sum(i.size_bytes for i in infos) > 400
+    assert c.clear("eval") == 1
+    assert {i.namespace for i in c.entries()} == {NS}
+    assert c.clear() == 2
+    assert c.entries() == [] and (root / CACHEDIR_TAG_NAME).exists()
+    assert c.get(NS, {"a": 1}, V) is None
+
+
+def test_clear_refuses_unmarked_folder(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    (folder / NS / ("a" * 20)).mkdir(parents=True)
+    (folder / "notes.txt").write_text("precious")
+    c = Cache(folder)
+    with pytest.raises(ValueError, match=str(folder)):
+        c.clear()
+    # writing into a foreign, non-empty folder does not claim it
+    c.put(NS, {"a": 1}, V, data=1)
+    assert not (folder / CACHEDIR_TAG_NAME).exists()
+    with pytest.raises(ValueError, match="marker"):
+        c.clear()
+    assert (folder / NS / ("a" * 20)).is_dir() and (folder / "notes.txt").exists()
+    # a fake marker with the wrong signature is not enough
+    (folder / CACHEDIR_TAG_NAME).write_text("Signature: nope\n")
+    with pytest.raises(ValueError):
+        c.clear()
+
+
+def test_clear_refuses_home_and_filesystem_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    home = tmp_path / "home"
+    monkeypatch.setenv("HOME", str(home))
+    entry = home / NS / ("b" * 20)
+    entry.mkdir(parents=True)
+    (home / CACHEDIR_TAG_NAME).write_text(CACHEDIR_TAG_SIGNATURE + "\n")
+    assert Path.home() == home
+    with pytest.raises(ValueError, match="home"):
+        Cache(home).clear()
+    with pytest.raises(ValueError, match="home"):
+        Cache(tmp_path).clear()  # an ancestor of home
+    assert entry.is_dir()
+    with pytest.raises(ValueError, match="filesystem root"):
+        Cache(Path(Path.cwd().anchor)).clear()
+
+
+def test_clear_never_follows_symlinks(root: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    (outside / ("c" * 20)).mkdir(parents=True)
+    precious = outside / "precious.txt"
+    precious.write_text("keep me")
+    (outside / ("c" * 20) / "keep.txt").write_text("keep me too")
+
+    c = Cache(root)
+    e = c.put(NS, {"a": 1}, V, data=1)
+    (e.path / "link_to_file").symlink_to(precious)  # a link inside an entry
+    (e.path / "link_to_dir").symlink_to(outside, target_is_directory=True)
+    (root / "evilns").symlink_to(outside, target_is_directory=True)  # a namespace that is a link
+    (root / NS / ("d" * 20)).symlink_to(outside / ("c" * 20), target_is_directory=True)  # entry link
+    assert c.clear() == 1
+    assert precious.read_text() == "keep me"
+    assert (outside / ("c" * 20) / "keep.txt").read_text() == "keep me too"
+    assert not e.path.exists()
+
+
+# ---------------------------------------------------------------------------------------
+# payload helpers
+# ---------------------------------------------------------------------------------------
+
+
+def test_table_roundtrip_preserves_order_index_dtypes(root: Path) -> None:
+    df = pd.DataFrame(
+        {
+            "zeta": [3, 1, 2],
+            "alpha": [0.1, float("nan"), 1 / 3],
+            "name": ["a", "b", None],
+            "flag": [True, False, True],
+            "n": pd.array([1, None, 3], dtype="Int64"),
+            "f32": np.array([0.1, 0.2, 0.3], dtype=np.float32),
+            "cat": pd.Categorical(["x", "y", "x"]),
+        },
+        index=pd.Index(["r1", "r2", "r3"], name="run"),
+    )
+    e = Cache(root).put(NS, {"t": 1}, V, data={"table": table_to_data(df)})
+    back = table_from_data(Cache(root).get(NS, {"t": 1}, V).data["table"])
+    assert list(back.columns) == ["zeta", "alpha", "name", "flag", "n", "f32", "cat"]
+    assert back["zeta"].dtype == np.int64 and back["flag"].dtype == bool
+    assert back["alpha"].dtype == np.float64 and back["f32"].dtype == np.float32
+    pd.testing.assert_frame_equal(back, df, check_exact=True)
+    assert table_from_data(e.data["table"]).equals(df)
+    multi = df.set_index(["zeta", "flag"])
+    pd.testing.assert_frame_equal(table_from_data(json.loads(json.dumps(table_to_data(multi)))), multi, check_exact=True)
+
+
+def test_state_dict_roundtrip_gives_identical_outputs(root: Path) -> None:
+    torch.manual_seed(0)
+
+    def make() -> nn.Module:
+        return nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+
+    model = make()
+    model.train()
+    model(torch.randn(16, 4))  # update BatchNorm running stats (buffers)
+    model.eval()
+    Cache(root).put(NS, {"m": 1}, V, tensors=state_dict_tensors(model))
+    fresh = make().eval()
+    load_state_dict_tensors(fresh, Cache(root).get(NS, {"m": 1}, V).tensors)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        assert torch.equal(model(x), fresh(x))
+    sd = state_dict_tensors(model)
+    assert all(t.device.type == "cpu" and t.is_contiguous() and not t.requires_grad for t in sd.values())
+    assert sd["0.weight"].data_ptr() != model[0].weight.data_ptr()  # a clone
+
+
+# ---------------------------------------------------------------------------------------
+# checkpoints
+# ---------------------------------------------------------------------------------------
+
+
+def test_checkpoint_save_load_clear(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    c = Cache(root)
+    ck = c.checkpoint("craft", {"eps": 0.1}, V)
+    assert ck.load() is None
+    ck.save(1, {"delta": torch.zeros(3)}, {"loss": [1.0]})
+    ck.save(2, {"delta": torch.ones(3)}, {"loss": [1.0, 0.5]})
+    assert [p.name for p in ck.path.iterdir()] == ["checkpoint.pt"]  # single file, no temp left
+    assert ck.path == root / "craft" / (settings_hash("craft", {"eps": 0.1}, V)[:20] + ".ckpt")
+    step, tensors, data = Cache(root).checkpoint("craft", {"eps": 0.1}, V).load()
+    assert step == 2 and torch.equal(tensors["delta"], torch.ones(3)) and data == {"loss": [1.0, 0.5]}
+    assert c.checkpoint("craft", {"eps": 0.2}, V).load() is None  # other settings, other checkpoint
+    assert c.entries() == []  # checkpoints are not entries
+    monkeypatch.setenv("UBW_NO_CACHE", "1")
+    assert ck.load() is None
+    monkeypatch.delenv("UBW_NO_CACHE")
+    assert ck.clear() and not ck.path.exists() and ck.load() is None and not ck.clear()
+    ck.save(5, None, None)
+    assert c.clear("craft") == 1 and ck.load() is None
+
+
+def test_checkpoint_corruption_and_disabled(root: Path) -> None:
+    ck = Cache(root).checkpoint("craft", {}, V)
+    ck.save(3, {"x": torch.ones(2)}, 1)
+    ck.file.write_bytes(ck.file.read_bytes()[:50])
+    with pytest.warns(CacheCorruptionWarning):
+        assert ck.load() is None
+    assert not ck.file.exists()
+    off = Cache(tmp := root.parent / "off", enabled=False).checkpoint("craft", {}, V)
+    off.save(1, None, None)
+    assert off.load() is None and not tmp.exists()

@@ -1,0 +1,620 @@
+"""Tests of ubwlib.data against fixtures written in the datasets' real on-disk formats."""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import pickle
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import ubwlib.data as data
+from ubwlib.data import (
+    DataIntegrityError,
+    DataNotFoundError,
+    DatasetSplits,
+    ImageDataset,
+    describe_sources,
+    load_dataset,
+)
+
+REAL_FASHION = Path("/usr/share/datasets/fashion-mnist")
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """Every test: its own cache, no $UBW_DATA, and a system dir that does not exist."""
+    monkeypatch.setenv("UBW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("UBW_DATA", raising=False)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-package")
+    return tmp_path
+
+
+def snapshot(folder: Path) -> dict:
+    """Listing of a folder with hashes, sizes and mtimes (to prove nothing was written there)."""
+    out = {}
+    for p in sorted(folder.rglob("*")):
+        st = p.lstat()
+        digest = hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+        out[str(p.relative_to(folder))] = (digest, st.st_size, st.st_mtime_ns, st.st_mode)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Fashion-MNIST: real IDX files
+# --------------------------------------------------------------------------------------------------
+
+
+def idx_images(arr: np.ndarray) -> bytes:
+    n, h, w = arr.shape
+    return struct.pack(">IIII", 2051, n, h, w) + arr.astype(np.uint8).tobytes()
+
+
+def idx_labels(arr: np.ndarray) -> bytes:
+    return struct.pack(">II", 2049, len(arr)) + arr.astype(np.uint8).tobytes()
+
+
+def write_fashion(folder: Path, seed: int, gz: bool = True, n_train: int = 20, n_test: int = 10) -> dict:
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "train_x": rng.integers(0, 256, (n_train, 28, 28), dtype=np.uint8),
+        "train_y": rng.integers(0, 10, n_train, dtype=np.uint8),
+        "test_x": rng.integers(0, 256, (n_test, 28, 28), dtype=np.uint8),
+        "test_y": rng.integers(0, 10, n_test, dtype=np.uint8),
+    }
+    blobs = {
+        IDX_NAMES[0]: idx_images(arrays["train_x"]),
+        IDX_NAMES[1]: idx_labels(arrays["train_y"]),
+        IDX_NAMES[2]: idx_images(arrays["test_x"]),
+        IDX_NAMES[3]: idx_labels(arrays["test_y"]),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, blob in blobs.items():
+        if gz:
+            (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+        else:
+            (folder / name).write_bytes(blob)
+    return arrays
+
+
+def assert_fashion_equal(splits: DatasetSplits, arrays: dict) -> None:
+    assert isinstance(splits, DatasetSplits)
+    tr, te = splits.train, splits.test
+    assert tr.images.dtype == torch.uint8 and tr.labels.dtype == torch.int64
+    assert tr.images.shape == (len(arrays["train_x"]), 1, 28, 28)
+    assert te.images.shape == (len(arrays["test_x"]), 1, 28, 28)
+    assert tr.images.is_contiguous()
+    assert torch.equal(tr.images[:, 0], torch.from_numpy(arrays["train_x"]))
+    assert torch.equal(tr.labels, torch.from_numpy(arrays["train_y"]).long())
+    assert torch.equal(te.images[:, 0], torch.from_numpy(arrays["test_x"]))
+    assert torch.equal(te.labels, torch.from_numpy(arrays["test_y"]).long())
+    assert tr.name == "fashion-mnist/train" and te.name == "fashion-mnist/test"
+    assert tr.classes == te.classes and len(tr.classes) == 10
+    assert tr.classes[0] == "T-shirt/top" and tr.classes[9] == "Ankle boot"
+
+
+def test_fashion_gz_round_trip_leaves_source_untouched(tmp_path):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=1, gz=True)
+    before = snapshot(src)
+    splits = load_dataset("fashion-mnist", root=src)
+    assert_fashion_equal(splits, arrays)
+    assert snapshot(src) == before  # nothing written into the user's folder
+    # the decompressed copy lives in the cache, under UBW_CACHE
+    copies = list((tmp_path / "cache" / "data" / "fashion-mnist").rglob("train-images-idx3-ubyte"))
+    assert len(copies) == 1 and copies[0].parent.parts[-2:] == ("FashionMNIST", "raw")
+    assert copies[0].read_bytes() == gzip.decompress((src / f"{IDX_NAMES[0]}.gz").read_bytes())
+    # warm: same result, copy not rewritten
+    mtime = copies[0].stat().st_mtime_ns
+    assert_fashion_equal(load_dataset("fashionmnist", root=src), arrays)
+    assert copies[0].stat().st_mtime_ns == mtime
+    assert snapshot(src) == before
+
+
+def test_fashion_raw_flat_and_torchvision_layouts(tmp_path):
+    flat = tmp_path / "flat"
+    a = write_fashion(flat, seed=2, gz=False)
+    before = snapshot(flat)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=flat), a)
+    assert snapshot(flat) == before
+
+    tv = tmp_path / "tv"
+    b = write_fashion(tv / "FashionMNIST" / "raw", seed=3, gz=False)
+    before = snapshot(tv)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=tv), b)
+    assert snapshot(tv) == before
+
+    tvgz = tmp_path / "tvgz"
+    c = write_fashion(tvgz / "FashionMNIST" / "raw", seed=4, gz=True)
+    before = snapshot(tvgz)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=tvgz), c)
+    assert snapshot(tvgz) == before
+
+
+def test_fashion_lookup_order(tmp_path, monkeypatch):
+    explicit, env, system = tmp_path / "explicit", tmp_path / "env", tmp_path / "system"
+    a = write_fashion(explicit, seed=10)
+    b = write_fashion(env, seed=11)
+    c = write_fashion(system, seed=12, gz=True)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    monkeypatch.setenv("UBW_DATA", str(env))
+    assert_fashion_equal(load_dataset("fashion-mnist", root=explicit), a)  # root beats UBW_DATA
+    assert_fashion_equal(load_dataset("fashion-mnist"), b)  # UBW_DATA beats the system dir
+    labels = [label for label, _p, _f in describe_sources("fashion-mnist")]
+    assert labels[:2] == ["$UBW_DATA", "system package dataset-fashion-mnist"]
+    monkeypatch.setenv("UBW_DATA", str(tmp_path / "empty"))  # UBW_DATA without the data falls through
+    assert_fashion_equal(load_dataset("fashion-mnist"), c)
+    monkeypatch.delenv("UBW_DATA")
+    assert_fashion_equal(load_dataset("fashion-mnist"), c)
+    found = [(label, found) for label, _p, found in describe_sources("fashion-mnist")]
+    assert found == [("system package dataset-fashion-mnist", True), ("download cache", False)]
+
+
+def test_fashion_refreshes_derived_copy_when_source_changes(tmp_path):
+    src = tmp_path / "fmnist"
+    write_fashion(src, seed=20)
+    load_dataset("fashion-mnist", root=src)
+    b = write_fashion(src, seed=21)  # same sizes, new content
+    for name in IDX_NAMES:
+        os.utime(src / f"{name}.gz", ns=(1_000_000_000, 1_000_000_000))
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), b)
+
+
+def test_fashion_missing_names_three_ways_and_searched_paths(tmp_path, monkeypatch):
+    monkeypatch.setenv("UBW_DATA", str(tmp_path / "my-data"))
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("fashion-mnist")
+    msg = str(info.value)
+    assert isinstance(info.value, FileNotFoundError)
+    assert "sudo apt-get install dataset-fashion-mnist" in msg  # (a)
+    assert "root=" in msg and "UBW_DATA" in msg  # (b)
+    assert "download=True" in msg and "ubw data fashion-mnist --download" in msg  # (c)
+    assert str(tmp_path / "my-data") in msg and str(tmp_path / "no-system-package") in msg
+    assert "train-images-idx3-ubyte" in msg
+
+
+def test_fashion_explicit_root_is_not_silently_replaced(tmp_path, monkeypatch):
+    system = tmp_path / "system"
+    write_fashion(system, seed=5)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    with pytest.raises(DataNotFoundError, match="root=.*given explicitly"):
+        load_dataset("fashion-mnist", root=tmp_path / "typo")
+
+
+def test_fashion_failed_download_is_data_not_found(tmp_path, monkeypatch):
+    def offline(root, train, download=False):
+        if download:
+            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
+        raise AssertionError("nothing should be read without a download")
+
+    monkeypatch.setattr(data, "_torchvision_fashion", offline)
+    with pytest.raises(DataNotFoundError, match="downloading Fashion-MNIST .* failed"):
+        load_dataset("fashion-mnist", download=True)
+
+
+def test_fashion_bad_idx_magic_is_a_clear_error(tmp_path):
+    src = tmp_path / "bad"
+    write_fashion(src, seed=6, gz=False)
+    (src / IDX_NAMES[0]).write_bytes(struct.pack(">IIII", 1234, 20, 28, 28) + bytes(20 * 784))
+    with pytest.raises(DataIntegrityError, match="2051/2049"):
+        load_dataset("fashion-mnist", root=src)
+
+
+def test_fashion_image_size(tmp_path):
+    src = tmp_path / "fm"
+    write_fashion(src, seed=7)
+    splits = load_dataset("fashion-mnist", root=src, image_size=32)
+    assert splits.train.images.shape == (20, 1, 32, 32)
+    assert splits.train.name == "fashion-mnist@32/train"
+
+
+@pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
+def test_real_debian_fashion_mnist(monkeypatch):
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", REAL_FASHION)
+    splits = load_dataset("fashion-mnist")
+    assert len(splits.train) == 60000 and len(splits.test) == 10000
+    assert splits.train.image_shape == (1, 28, 28)
+    assert splits.train.class_counts().tolist() == [6000] * 10
+    assert splits.test.class_counts().tolist() == [1000] * 10
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR-10: real python-pickle batches (written as Python 2 pickles, like the official release)
+# --------------------------------------------------------------------------------------------------
+
+
+class Py2Pickler(pickle._Pickler):
+    """Writes ``bytes`` as Python 2 ``str`` (BINSTRING opcodes), like the official CIFAR-10 files:
+    read back with ``encoding='bytes'`` they are bytes, with ``encoding='latin1'`` they are str."""
+
+    dispatch = dict(pickle._Pickler.dispatch)
+
+    def save_py2str(self, obj):
+        n = len(obj)
+        if n < 256:
+            self.write(pickle.SHORT_BINSTRING + bytes([n]) + obj)
+        else:
+            self.write(pickle.BINSTRING + struct.pack("<i", n) + obj)
+        self.memoize(obj)
+
+    dispatch[bytes] = save_py2str
+
+
+def py2_dump(obj, path: Path) -> None:
+    with open(path, "wb") as f:
+        Py2Pickler(f, protocol=2).dump(obj)
+
+
+CIFAR_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar(root: Path, seed: int = 0, per_batch: int = 4, n_test: int = 5) -> dict:
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    train_x, train_y = [], []
+    for b in range(1, 6):
+        x = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)  # CHW-planar rows
+        y = [int(v) for v in rng.integers(0, 10, per_batch)]
+        py2_dump(
+            {
+                b"batch_label": f"training batch {b} of 5".encode(),
+                b"labels": y,
+                b"data": x,
+                b"filenames": [f"img_{b}_{i}.png".encode() for i in range(per_batch)],
+            },
+            folder / f"data_batch_{b}",
+        )
+        train_x.append(x)
+        train_y += y
+    tx = rng.integers(0, 256, (n_test, 3072), dtype=np.uint8)
+    ty = [int(v) for v in rng.integers(0, 10, n_test)]
+    py2_dump({b"batch_label": b"testing batch 1 of 1", b"labels": ty, b"data": tx,
+              b"filenames": [f"t{i}.png".encode() for i in range(n_test)]}, folder / "test_batch")
+    py2_dump({b"num_cases_per_batch": per_batch, b"label_names": [c.encode() for c in CIFAR_CLASSES],
+              b"num_vis": 3072}, folder / "batches.meta")
+    return {"train_x": np.concatenate(train_x), "train_y": train_y, "test_x": tx, "test_y": ty}
+
+
+def test_cifar_fixture_is_in_the_official_format(tmp_path):
+    write_cifar(tmp_path / "c")
+    with open(tmp_path / "c" / "cifar-10-batches-py" / "batches.meta", "rb") as f:
+        meta = pickle.load(f, encoding="bytes")  # how the CIFAR-10 web page reads it
+    assert b"label_names" in meta and meta[b"label_names"][0] == b"airplane"
+    with open(tmp_path / "c" / "cifar-10-batches-py" / "data_batch_1", "rb") as f:
+        batch = pickle.load(f, encoding="bytes")
+    assert batch[b"data"].dtype == np.uint8 and batch[b"data"].shape == (4, 3072)
+
+
+def test_cifar_pixel_exact_without_integrity_check(tmp_path):
+    root = tmp_path / "c"
+    arrays = write_cifar(root, seed=3)
+    before = snapshot(root)
+    splits = load_dataset("cifar10", root=root, check_integrity=False)
+    tr, te = splits.train, splits.test
+    assert tr.images.shape == (20, 3, 32, 32) and te.images.shape == (5, 3, 32, 32)
+    assert tr.images.dtype == torch.uint8 and tr.images.is_contiguous()
+    assert torch.equal(tr.images, torch.from_numpy(arrays["train_x"].reshape(-1, 3, 32, 32)))
+    assert torch.equal(te.images, torch.from_numpy(arrays["test_x"].reshape(-1, 3, 32, 32)))
+    assert tr.labels.tolist() == arrays["train_y"] and te.labels.tolist() == arrays["test_y"]
+    assert tr.classes == tuple(CIFAR_CLASSES)
+    assert (tr.name, te.name) == ("cifar10/train", "cifar10/test")
+    assert snapshot(root) == before
+    # a root that *is* cifar-10-batches-py, and $UBW_DATA, work too
+    again = load_dataset("cifar10", root=root / "cifar-10-batches-py", check_integrity=False)
+    assert torch.equal(again.train.images, tr.images)
+
+
+def test_cifar_via_ubw_data(tmp_path, monkeypatch):
+    root = tmp_path / "shared"
+    arrays = write_cifar(root, seed=4)
+    monkeypatch.setenv("UBW_DATA", str(root))
+    splits = load_dataset("cifar-10", check_integrity=False)
+    assert splits.test.labels.tolist() == arrays["test_y"]
+    assert describe_sources("cifar10")[0] == ("$UBW_DATA", root / "cifar-10-batches-py", True)
+
+
+def test_cifar_integrity_check_fails_clearly(tmp_path):
+    write_cifar(tmp_path / "c")
+    with pytest.raises(DataIntegrityError, match="check_integrity=False"):
+        load_dataset("cifar10", root=tmp_path / "c")
+
+
+def test_cifar_missing(tmp_path):
+    with pytest.raises(DataNotFoundError) as info:
+        load_dataset("cifar10")
+    msg = str(info.value)
+    assert "root=" in msg and "UBW_DATA" in msg and "download=True" in msg
+    assert str(tmp_path / "cache" / "data" / "torchvision") in msg
+
+
+# --------------------------------------------------------------------------------------------------
+# Image folders, Tiny-ImageNet layout, presets, caching
+# --------------------------------------------------------------------------------------------------
+
+
+def save_img(path: Path, size: tuple[int, int], mode: str = "RGB", seed: int = 0, color=None) -> np.ndarray:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": 1}[mode]
+    w, h = size
+    if color is not None:
+        arr = np.empty((h, w, channels), dtype=np.uint8)
+        arr[...] = color
+    else:
+        arr = rng.integers(0, 256, (h, w, channels), dtype=np.uint8)
+    Image.fromarray(arr[..., 0] if mode == "L" else arr, mode=mode).save(path)
+    return arr
+
+
+@pytest.fixture
+def folder_ds(tmp_path):
+    root = tmp_path / "pets"
+    arrs = {}
+    # classes created out of order; sorted order is ant, cat, dog
+    arrs["dog0"] = save_img(root / "train" / "dog" / "a.png", (64, 64), seed=1)
+    save_img(root / "train" / "dog" / "b.png", (20, 10), mode="RGBA", seed=2)
+    save_img(root / "train" / "cat" / "x.png", (10, 12), mode="L", seed=3)
+    save_img(root / "train" / "cat" / "sub" / "y.png", (40, 30), color=(10, 200, 30))
+    save_img(root / "train" / "ant" / "z.png", (33, 17), seed=4)
+    (root / "train" / "ant" / "notes.txt").write_text("not an image")
+    save_img(root / "val" / "ant" / "v.png", (64, 64), seed=5)
+    save_img(root / "val" / "dog" / "w.png", (16, 16), color=(255, 0, 128))
+    return root, arrs
+
+
+def test_imagefolder_layout_resize_and_class_order(folder_ds, tmp_path):
+    root, arrs = folder_ds
+    before = snapshot(root)
+    splits = load_dataset(f"imagefolder:{root}")
+    tr, te = splits.train, splits.test
+    assert tr.classes == ("ant", "cat", "dog") == te.classes
+    assert tr.labels.tolist() == [0, 1, 1, 2, 2]  # class order, then sorted walk (cat/sub/y after cat/x)
+    assert te.labels.tolist() == [0, 2]  # val classes mapped onto train's list
+    assert tr.images.shape == (5, 3, 64, 64) and te.images.shape == (2, 3, 64, 64)
+    assert tr.images.dtype == torch.uint8
+    assert torch.equal(tr.images[3], torch.from_numpy(arrs["dog0"]).permute(2, 0, 1))  # 64x64: exact
+    gray = tr.images[1]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])  # L -> RGB
+    assert (tr.images[2] == torch.tensor([10, 200, 30]).view(3, 1, 1)).all()  # constant stays constant
+    assert (te.images[1] == torch.tensor([255, 0, 128]).view(3, 1, 1)).all()
+    assert tr.name == f"imagefolder:{root.name}/train"
+    assert snapshot(root) == before
+    small = load_dataset(f"imagefolder:{root}", image_size=16)
+    assert small.train.images.shape == (5, 3, 16, 16)
+    assert small.train.name == f"imagefolder:{root.name}@16/train"
+    two = load_dataset(f"imagefolder:{root}", max_classes=2)
+    assert two.train.classes == ("ant", "cat") and two.test.labels.tolist() == [0]
+    assert list((tmp_path / "cache" / "data" / "imagefolder").glob("*.pt"))
+
+
+def test_imagefolder_val_with_unknown_class(folder_ds):
+    root, _ = folder_ds
+    save_img(root / "val" / "zebra" / "q.png", (8, 8))
+    with pytest.raises(ValueError, match="zebra"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_imagefolder_test_split_when_no_val(folder_ds):
+    root, _ = folder_ds
+    (root / "val").rename(root / "test")
+    splits = load_dataset("imagefolder", root=root)
+    assert splits.test.labels.tolist() == [0, 2]
+
+
+def test_tiny_imagenet_layout(tmp_path):
+    root = tmp_path / "tiny-imagenet-200"
+    for k, wnid in enumerate(["n02", "n01", "n03"]):
+        for i in range(2):
+            save_img(root / "train" / wnid / "images" / f"{wnid}_{i}.JPEG", (64, 64), seed=10 * k + i)
+        (root / "train" / wnid / f"{wnid}_boxes.txt").write_text(f"{wnid}_0.JPEG\t0\t0\t10\t10\n")
+    ann = []
+    for i, wnid in enumerate(["n03", "n01", "n02", "n01"]):
+        save_img(root / "val" / "images" / f"val_{i}.JPEG", (64, 64), seed=100 + i)
+        ann.append(f"val_{i}.JPEG\t{wnid}\t0\t0\t63\t63")
+    (root / "val" / "val_annotations.txt").write_text("\n".join(ann) + "\n")
+    splits = load_dataset(f"imagefolder:{root}")
+    assert splits.train.classes == ("n01", "n02", "n03")
+    assert splits.train.labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert splits.test.labels.tolist() == [2, 0, 1, 0]
+    assert splits.test.images.shape == (4, 3, 64, 64)
+    preset = load_dataset(f"imagenet50:{root}")  # fewer than 50 classes: all kept
+    assert preset.train.classes == ("n01", "n02", "n03") and preset.train.name == "imagenet50/train"
+    (root / "val" / "val_annotations.txt").write_text("val_0.JPEG\tn99\t0\t0\t1\t1\n")
+    with pytest.raises(ValueError, match="n99"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_imagenet50_preset_keeps_first_50_sorted(tmp_path):
+    root = tmp_path / "subset"
+    names = [f"n{k:03d}" for k in range(52)]
+    for k in np.random.default_rng(0).permutation(52):  # creation order shuffled
+        save_img(root / "train" / names[k] / "a.png", (4, 4), color=(k, k, k))
+        save_img(root / "val" / names[k] / "b.png", (4, 4), color=(k, k, k))
+    assert data.IMAGEFOLDER_PRESETS["imagenet50"] == {"max_classes": 50, "image_size": 64}
+    splits = load_dataset(f"imagenet50:{root}")
+    assert splits.train.classes == tuple(names[:50]) and splits.num_classes == 50
+    assert splits.train.images.shape == (50, 3, 64, 64) and len(splits.test) == 50
+    assert splits.test.labels.tolist() == list(range(50))
+    assert (splits.train.images[7] == 7).all()
+    assert splits.train.name == "imagenet50/train"
+
+
+def test_imagefolder_cache_skips_decoding_and_invalidates(folder_ds, monkeypatch):
+    root, _ = folder_ds
+    first = load_dataset(f"imagefolder:{root}")
+
+    def no_decode(path, size):
+        raise AssertionError(f"decoded {path} again")
+
+    monkeypatch.setattr(data, "_decode_image", no_decode)
+    second = load_dataset(f"imagefolder:{root}")
+    assert torch.equal(first.train.images, second.train.images)
+    assert torch.equal(first.test.labels, second.test.labels)
+    assert first.train.classes == second.train.classes
+    # a changed file invalidates the cache (the decoder is called again)
+    save_img(root / "train" / "ant" / "z.png", (33, 18), seed=9)
+    with pytest.raises(AssertionError, match="decoded"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_unknown_spec_lists_valid_specs():
+    with pytest.raises(ValueError) as info:
+        load_dataset("mnist")
+    for valid in ("fashion-mnist", "cifar10", "imagefolder:<path>", "imagenet50:<path>"):
+        assert valid in str(info.value)
+    with pytest.raises(ValueError, match="max_classes"):
+        load_dataset("cifar10", max_classes=3)
+
+
+# --------------------------------------------------------------------------------------------------
+# ImageDataset
+# --------------------------------------------------------------------------------------------------
+
+
+def make_ds(counts=(50, 30, 20), seed=0, shape=(3, 4, 4)) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.cat([torch.full((c,), k, dtype=torch.int64) for k, c in enumerate(counts)])
+    labels = labels[torch.randperm(len(labels), generator=g)]
+    images = torch.randint(0, 256, (len(labels), *shape), generator=g, dtype=torch.uint8)
+    return ImageDataset(images, labels, tuple(f"c{k}" for k in range(len(counts))), "toy")
+
+
+def test_validation_errors_name_the_fix():
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    y = torch.zeros(4, dtype=torch.int64)
+    with pytest.raises(TypeError, match=r"uint8 N x C x H x W; got float32 of shape \(4, 3, 8, 8\).*round\(\)"):
+        ImageDataset(x.float(), y, ("a",), "t")
+    with pytest.raises(TypeError, match="unsqueeze"):
+        ImageDataset(x[:, 0], y, ("a",), "t")
+    with pytest.raises(TypeError, match="int64"):
+        ImageDataset(x, y.int(), ("a",), "t")
+    with pytest.raises(ValueError, match="same length"):
+        ImageDataset(x, y[:3], ("a",), "t")
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        ImageDataset(x, torch.tensor([0, 1, 2, 0]), ("a", "b"), "t")
+    with pytest.raises(ValueError, match=r"\[0, 2\)"):
+        ImageDataset(x, torch.tensor([0, -1, 1, 0]), ("a", "b"), "t")
+    with pytest.raises(ValueError, match="at least one class"):
+        ImageDataset(x, y, (), "t")
+    with pytest.raises(TypeError):
+        ImageDataset(x.numpy(), y, ("a",), "t")
+    ds = ImageDataset(x, y, ["a"], "t")
+    assert ds.classes == ("a",)
+    with pytest.raises(TypeError, match="uint8"):
+        ds.replace(images=x.float())
+    with pytest.raises(dataclasses_frozen_error()):
+        ds.name = "other"
+
+
+def dataclasses_frozen_error():
+    import dataclasses
+
+    return dataclasses.FrozenInstanceError
+
+
+def test_non_contiguous_input_is_copied_not_modified():
+    base = torch.randint(0, 256, (5, 8, 8, 3), dtype=torch.uint8)
+    nhwc_view = base.permute(0, 3, 1, 2)
+    snapshot_base = base.clone()
+    ds = ImageDataset(nhwc_view, torch.zeros(5, dtype=torch.int64), ("a",), "t")
+    assert ds.images.is_contiguous() and torch.equal(ds.images, nhwc_view)
+    ds.float_images().mul_(0)
+    assert torch.equal(base, snapshot_base)
+
+
+def test_basic_properties_and_repr():
+    ds = make_ds()
+    assert len(ds) == 100 and ds.num_classes == 3 and ds.image_shape == (3, 4, 4)
+    assert ds.class_counts().tolist() == [50, 30, 20] and ds.class_counts().dtype == torch.int64
+    f = ds.float_images()
+    assert f.dtype == torch.float32 and float(f.min()) >= 0 and float(f.max()) <= 1
+    assert torch.equal((f * 255).round().to(torch.uint8), ds.images)
+    assert repr(ds) == "ImageDataset('toy', n=100, shape=(3, 4, 4), classes=3)"
+
+
+def test_subset_forms_and_no_aliasing():
+    ds = make_ds()
+    orig = ds.images.clone()
+    idx = [3, 1, 4, 1, 5]
+    for form in (idx, torch.tensor(idx), np.array(idx)):
+        sub = ds.subset(form)
+        assert torch.equal(sub.images, ds.images[idx]) and torch.equal(sub.labels, ds.labels[idx])
+    mask = torch.zeros(100, dtype=torch.bool)
+    mask[[2, 7]] = True
+    assert torch.equal(ds.subset(mask).labels, ds.labels[[2, 7]])
+    assert torch.equal(ds.subset(mask.numpy()).labels, ds.labels[[2, 7]])
+    assert len(ds.subset([])) == 0
+    sub = ds.subset(range(10), name="first10")
+    assert sub.name == "first10" and ds.subset([0]).name == "toy"
+    sub.images.fill_(0)
+    sub.labels.fill_(0)
+    assert torch.equal(ds.images, orig)
+    assert sub.images.untyped_storage().data_ptr() != ds.images.untyped_storage().data_ptr()
+    with pytest.raises(IndexError):
+        ds.subset([100])
+    with pytest.raises(IndexError):
+        ds.subset([-1])
+    with pytest.raises(ValueError, match="mask"):
+        ds.subset(torch.ones(99, dtype=torch.bool))
+    with pytest.raises(TypeError):
+        ds.subset(torch.tensor([0.5]))
+
+
+def test_stratified_subset_counts_and_determinism():
+    ds = make_ds((50, 30, 20))
+    sub = ds.stratified_subset(7, seed=0)
+    # 7 * (0.5, 0.3, 0.2) = (3.5, 2.1, 1.4) -> floors (3, 2, 1), the largest remainder goes to class 0
+    assert sub.class_counts().tolist() == [4, 2, 1] and len(sub) == 7
+    again = ds.stratified_subset(7, seed=0)
+    assert torch.equal(sub.images, again.images) and torch.equal(sub.labels, again.labels)
+    other = ds.stratified_subset(7, seed=1)
+    assert not torch.equal(sub.images, other.images)
+    uneven = make_ds((37, 1, 13, 9))
+    for n in range(1, len(uneven) + 1):
+        counts = uneven.stratified_subset(n, seed=n).class_counts()
+        exact = n * uneven.class_counts().double() / len(uneven)
+        assert int(counts.sum()) == n
+        assert ((counts.double() - exact).abs() < 1).all()
+        assert (counts <= uneven.class_counts()).all()
+    assert torch.equal(ds.stratified_subset(100, seed=3).images, ds.images)  # n = N: everything, in order
+    for bad in (0, 101):
+        with pytest.raises(ValueError):
+            ds.stratified_subset(bad, seed=0)
+
+
+def test_random_subset():
+    ds = make_ds()
+    a, b = ds.random_subset(10, seed=5), ds.random_subset(10, seed=5)
+    assert len(a) == 10 and torch.equal(a.images, b.images)
+    assert not torch.equal(a.images, ds.random_subset(10, seed=6).images)
+    with pytest.raises(ValueError):
+        ds.random_subset(101, seed=0)
+
+
+def test_save_load_round_trip(tmp_path):
+    ds = make_ds()
+    path = ds.save(tmp_path / "d.pt")
+    payload = torch.load(path, weights_only=True)  # a plain dict, loadable without unpickling code
+    assert isinstance(payload, dict) and set(payload) >= {"images", "labels", "classes", "name"}
+    back = ImageDataset.load(path)
+    assert torch.equal(back.images, ds.images) and torch.equal(back.labels, ds.labels)
+    assert back.classes == ds.classes and back.name == ds.name
+    torch.save({"something": torch.zeros(1)}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not an ImageDataset"):
+        ImageDataset.load(tmp_path / "other.pt")
+
+
+def test_dataset_splits_require_same_classes():
+    a = make_ds()
+    b = ImageDataset(a.images, a.labels, ("x", "y", "z"), "other")
+    with pytest.raises(ValueError, match="class list"):
+        DatasetSplits(a, b)
+    assert DatasetSplits(a, a).num_classes == 3

@@ -1,0 +1,170 @@
+"""Benchmark: ubwlib's trainer against a plain PyTorch loop, side by side in one run.
+
+    python -m ubwlib.bench            # or: make bench
+
+The plain loop is what most tutorials write: a torchvision-style dataset of PIL images with per-sample
+transforms (the same crop/flip as the profile), a ``torch.utils.data.DataLoader``, float32, contiguous
+tensors. ubwlib's trainer keeps the uint8 data as one tensor on the device, augments whole batches there,
+and uses bfloat16 autocast + channels-last where the hardware supports it. Both train the same model
+(same architecture, same initial weights) on the same images for the same number of steps; the first
+steps of each are a warm-up and are not timed. The table prints images/s and the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from .data import DataNotFoundError, ImageDataset, load_dataset
+from .experiments.profiles import get_profile
+from .models import build_model
+from .train import TrainConfig, resolve_device, resolve_precision, train
+
+__all__ = ["bench_ubwlib", "bench_plain", "main"]
+
+
+class _PILDataset(Dataset):
+    """The usual per-sample pipeline: uint8 array -> PIL image -> torchvision transforms -> tensor."""
+
+    def __init__(self, data: ImageDataset, padding: int, flip: bool) -> None:
+        from torchvision import transforms
+
+        self.images = data.images.permute(0, 2, 3, 1).numpy()  # N x H x W x C
+        self.labels = data.labels.tolist()
+        size = data.image_shape[1:]
+        tf = []
+        if padding:
+            tf.append(transforms.RandomCrop(size, padding=padding))
+        if flip:
+            tf.append(transforms.RandomHorizontalFlip())
+        tf.append(transforms.ToTensor())
+        self.transform = transforms.Compose(tf)
+        self.gray = data.image_shape[0] == 1
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        arr = self.images[i]
+        img = Image.fromarray(arr[..., 0] if self.gray else arr)
+        return self.transform(img), self.labels[i]
+
+
+def bench_plain(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, steps: int, warmup: int,
+                device: torch.device, num_workers: int = 0) -> float:
+    """images/s of a plain float32 DataLoader loop (timed after ``warmup`` steps)."""
+    model = model.to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    loader = DataLoader(_PILDataset(data, cfg.crop_padding, cfg.flip), batch_size=cfg.batch_size, shuffle=True,
+                        num_workers=num_workers, drop_last=True)
+    seen, t0 = 0, None
+    it = iter(loader)
+    for step in range(warmup + steps):
+        if step == warmup:
+            t0 = time.perf_counter()
+        try:
+            x, y = next(it)
+        except StopIteration:
+            it = iter(loader)
+            x, y = next(it)
+        x, y = x.to(device), y.to(device)
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step >= warmup:
+            seen += len(y)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return seen / (time.perf_counter() - t0)
+
+
+def bench_ubwlib(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, steps: int, warmup: int,
+                 device: torch.device) -> float:
+    """images/s of ubwlib.train (a warm-up run of ``warmup`` steps, then a timed run of ``steps`` steps)."""
+    def subset(n_batches: int) -> ImageDataset:
+        n = min(len(data), n_batches * cfg.batch_size)
+        return data.subset(torch.arange(n))
+
+    one = cfg.replace(epochs=1, drop_last=True, schedule="constant")
+    train(model, subset(warmup), one, device=device, progress=False)
+    timed = subset(steps)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    train(model, timed, one, device=device, progress=False)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
+
+
+def _data_for(profile, n_needed: int) -> tuple[ImageDataset, str]:
+    try:
+        d = load_dataset(profile.dataset, root=profile.data_root).train
+        return d.subset(torch.arange(min(len(d), n_needed))), f"{profile.dataset} (real)"
+    except DataNotFoundError:
+        g = torch.Generator().manual_seed(0)
+        c, h, w = (1, 28, 28) if "mnist" in profile.dataset else (3, 32, 32)
+        imgs = torch.randint(0, 256, (n_needed, c, h, w), dtype=torch.uint8, generator=g)
+        labels = torch.randint(0, 10, (n_needed,), generator=g)
+        return ImageDataset(imgs, labels, tuple(str(i) for i in range(10)), "random"), "random uint8 (dataset missing)"
+
+
+def _cifar_shape(n: int) -> ImageDataset:
+    g = torch.Generator().manual_seed(0)
+    imgs = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=g)
+    return ImageDataset(imgs, torch.randint(0, 10, (n,), generator=g), tuple(str(i) for i in range(10)), "cifar-shape")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ubwlib.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="default", help="profile whose model/data/batch size to use")
+    ap.add_argument("--steps", type=int, default=40, help="timed steps of ubwlib's trainer (default-profile model)")
+    ap.add_argument("--plain-steps", type=int, default=15, help="timed steps of the plain loop")
+    ap.add_argument("--cifar-steps", type=int, default=6, help="timed steps for CIFAR-shape ResNet-18 (0: skip)")
+    ap.add_argument("--device", default=None)
+    args = ap.parse_args(argv)
+
+    dev = resolve_device(args.device)
+    prof = get_profile(args.profile)
+    cfg = prof.train
+    prec = resolve_precision(cfg.precision, dev)
+    print(f"ubwlib bench: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, device {dev}, ubwlib precision {prec}")
+    need = (max(args.steps, args.plain_steps) + 3) * cfg.batch_size
+    data, origin = _data_for(prof, need)
+    k, c = data.num_classes, data.image_shape[0]
+    rows = []
+
+    def model(name: str, width: float, kk: int, cc: int):
+        return build_model(name, kk, cc, width, seed=0)
+
+    ours = bench_ubwlib(model(prof.model, prof.width, k, c), data, cfg, args.steps, 3, dev)
+    plain = bench_plain(model(prof.model, prof.width, k, c), data, cfg, args.plain_steps, 2, dev)
+    rows.append((f"{prof.name}: {prof.model} x{prof.width}, {tuple(data.image_shape)}, batch {cfg.batch_size}",
+                 ours, plain))
+    if args.cifar_steps > 0:
+        ccfg = get_profile("paper").train
+        cdata = _cifar_shape((args.cifar_steps + 2) * ccfg.batch_size)
+        ours_c = bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, args.cifar_steps, 1, dev)
+        plain_c = bench_plain(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, max(2, args.cifar_steps // 2), 1, dev)
+        rows.append((f"paper: resnet18-cifar x1.0, (3, 32, 32), batch {ccfg.batch_size}", ours_c, plain_c))
+
+    print(f"data: {origin}")
+    w = max(len(r[0]) for r in rows)
+    print(f"{'model / data':<{w}}  {'ubwlib img/s':>13}  {'plain img/s':>12}  {'ratio':>6}")
+    for name, o, p in rows:
+        print(f"{name:<{w}}  {o:>13,.0f}  {p:>12,.0f}  {o / p:>5.1f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,135 @@
+"""Running the book's chapters outside jupyter-book: parameterised papermill runs and nbval conversion.
+
+Chapters are MyST Markdown notebooks (Jupytext). papermill cannot read ``.md`` and nbval only collects
+``.ipynb``, so both go through :func:`read_chapter` (``jupytext.read``) first. Every chapter has one
+code cell tagged ``parameters`` (``profile = None`` means ``$UBW_PROFILE`` or ``default``).
+
+Run every chapter on a profile (what ``make runs PROFILE=...`` does)::
+
+    python -m ubwlib.book --profile smoke            # -> book/_build/runs/smoke/*.ipynb
+
+One chapter by hand::
+
+    jupytext --to ipynb -o /tmp/dispersibility.ipynb book/dispersibility.md
+    papermill /tmp/dispersibility.ipynb out.ipynb -p profile smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["BOOK_DIR", "chapter_paths", "read_chapter", "write_test_notebook", "run_chapters", "main"]
+
+BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
+
+
+def chapter_paths(book_dir: Path | str = BOOK_DIR) -> list[Path]:
+    """The executable chapters (MyST notebooks with a Jupytext header) in table-of-contents order."""
+    book_dir = Path(book_dir)
+    toc = book_dir / "_toc.yml"
+    ordered: list[Path] = []
+    if toc.exists():
+        import yaml
+
+        def walk(node):
+            if isinstance(node, dict):
+                for key in ("root", "file"):
+                    if key in node:
+                        ordered.append(book_dir / (node[key] + ".md"))
+                for v in node.values():
+                    walk(v)
+            elif isinstance(node, list):
+                for v in node:
+                    walk(v)
+
+        walk(yaml.safe_load(toc.read_text()))
+    else:
+        ordered = sorted(book_dir.glob("*.md"))
+    return [p for p in ordered if p.exists() and _is_notebook(p)]
+
+
+def _is_notebook(path: Path) -> bool:
+    head = path.read_text(encoding="utf-8")[:2000]
+    return head.startswith("---") and "jupytext" in head and "kernelspec" in head
+
+
+def read_chapter(path: Path | str):
+    """The chapter as an ``nbformat`` notebook (via ``jupytext.read``)."""
+    import jupytext
+
+    return jupytext.read(str(path))
+
+
+def _inject(nb, parameters: dict):
+    """Insert a cell assigning ``parameters`` right after the ``parameters`` cell (as papermill does)."""
+    import nbformat
+
+    idx = next(
+        (i for i, c in enumerate(nb.cells) if c.cell_type == "code" and "parameters" in c.metadata.get("tags", [])),
+        None,
+    )
+    if idx is None:
+        raise ValueError("chapter has no code cell tagged 'parameters'")
+    src = "\n".join(f"{k} = {v!r}" for k, v in parameters.items())
+    cell = nbformat.v4.new_code_cell(src, metadata={"tags": ["injected-parameters"]})
+    nb.cells.insert(idx + 1, cell)
+    return nb
+
+
+def write_test_notebook(md_path: Path | str, out_path: Path | str, parameters: dict) -> Path:
+    """Convert a chapter to ``.ipynb`` for nbval: parameters injected, outputs not compared (every code
+    cell tagged ``nbval-ignore-output``; a chapter's checks are its ``assert`` statements)."""
+    import nbformat
+
+    nb = _inject(read_chapter(md_path), parameters)
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            tags = cell.metadata.setdefault("tags", [])
+            if "nbval-ignore-output" not in tags:
+                tags.append("nbval-ignore-output")
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    nbformat.write(nb, str(out_path))
+    return out_path
+
+
+def run_chapters(profile: str, out_dir: Path | str | None = None, chapters: list[str] | None = None,
+                 extra_parameters: dict | None = None) -> list[tuple[str, float]]:
+    """Execute chapters with papermill (``-p profile <profile>``) into ``out_dir``; returns (chapter, seconds)."""
+    import nbformat
+    import papermill
+
+    out_dir = Path(out_dir) if out_dir else BOOK_DIR / "_build" / "runs" / profile
+    out_dir.mkdir(parents=True, exist_ok=True)
+    params = {"profile": profile, **(extra_parameters or {})}
+    timings = []
+    for md in chapter_paths():
+        if chapters and md.stem not in chapters:
+            continue
+        src = out_dir / f"{md.stem}.input.ipynb"
+        nbformat.write(read_chapter(md), str(src))
+        t0 = time.perf_counter()
+        papermill.execute_notebook(str(src), str(out_dir / f"{md.stem}.ipynb"), parameters=params,
+                                   cwd=str(BOOK_DIR), progress_bar=False)
+        src.unlink()
+        timings.append((md.stem, time.perf_counter() - t0))
+        print(f"{md.stem}: {timings[-1][1]:.1f} s -> {out_dir / (md.stem + '.ipynb')}", flush=True)
+    return timings
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ubwlib.book", description="Run the book's chapters with papermill.")
+    ap.add_argument("--profile", default="default", help="smoke, default or paper (default: %(default)s)")
+    ap.add_argument("--out", default=None, help="output folder (default: book/_build/runs/<profile>)")
+    ap.add_argument("chapters", nargs="*", help="chapter names (file stems); default: all")
+    args = ap.parse_args(argv)
+    timings = run_chapters(args.profile, args.out, args.chapters or None)
+    print(f"total: {sum(t for _, t in timings):.1f} s for {len(timings)} chapter(s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1072 @@
+"""Content-addressed cache of trained models, tensors and result tables.
+
+Every expensive result of the book (a trained network, a crafted poison set, a table of
+metrics) is stored under a key derived from *what* was computed: a namespace (a single folder name such
+as ``"train"`` or ``"ubw-craft"``), the full settings that determine the result,
+and a version string that the caller bumps whenever the code producing the result changes
+meaning. A rebuilt book with a warm cache therefore never retrains.
+
+Layout on disk (``root`` is :func:`ubwlib._paths.cache_root` unless given)::
+
+    <root>/CACHEDIR.TAG                 marker: backup tools skip the folder; clear() checks it
+    <root>/<namespace>/<hash20>/        one entry (hash20 = first 20 hex chars of the key)
+        tensors.pt                      dict[str, Tensor] written by torch.save
+        data.json                       any JSON payload (tables as records, histories, ...)
+        meta.json                       namespace, version, canonical settings, full hash,
+                                        created time, ubwlib/torch versions, sha256 of both files
+    <root>/<namespace>/<hash20>.ckpt/   a resumable computation's checkpoint (checkpoint.pt)
+    <root>/<namespace>/.tmp-<hash20>-*  an entry being written (renamed into place atomically)
+
+Key points of the contract:
+
+* Hashing (:func:`settings_hash`) is canonical: dict key order never matters; unknown types
+  raise :class:`TypeError` instead of being silently ``str()``-ed. See
+  :func:`canonical_settings` for the exact rules (``1`` and ``1.0`` hash *differently*).
+* Entries are written into a temporary directory next to their final place and then
+  ``os.rename``-d onto it, so readers never see half an entry. If another process won the
+  race, its entry is kept and ours discarded.
+* Tensors are only ever loaded with ``torch.load(..., weights_only=True, map_location="cpu")``:
+  a cache folder cannot execute code. Every read verifies the sha256 checksums recorded in
+  ``meta.json``; a damaged entry is moved aside and deleted with a
+  :class:`CacheCorruptionWarning`, and is then simply recomputed.
+* ``Cache(enabled=False)`` never touches the disk (always computes). The environment variable
+  ``UBW_NO_CACHE=1`` (also ``true``/``yes``/``on``) disables *reads* only: everything is
+  recomputed, and the fresh results replace the stored ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+import warnings
+from collections.abc import Callable, Mapping
+from datetime import datetime, timezone
+from pathlib import Path, PurePath
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pandas is imported lazily: importing it costs ~0.3 s
+    import pandas as pd
+
+__all__ = [
+    "CACHEDIR_TAG_NAME",
+    "CACHEDIR_TAG_SIGNATURE",
+    "Cache",
+    "CacheCorruptionWarning",
+    "Checkpoint",
+    "CheckpointState",
+    "Entry",
+    "EntryInfo",
+    "canonical_json",
+    "canonical_settings",
+    "load_state_dict_tensors",
+    "settings_hash",
+    "state_dict_tensors",
+    "table_from_data",
+    "table_to_data",
+]
+
+CACHEDIR_TAG_NAME = "CACHEDIR.TAG"
+CACHEDIR_TAG_SIGNATURE = "Signature: 8a477f597d28d172789f06886806bc55"
+_CACHEDIR_TAG_TEXT = (
+    CACHEDIR_TAG_SIGNATURE + "\n"
+    "# This file is a cache directory tag created by ubwlib.\n"
+    "# For information about cache directory tags, see:\n"
+    "#\thttps://bford.info/cachedir/\n"
+)
+
+_FORMAT = 1
+_SHORT = 20  # hex characters of the key used for directory names (80 bits)
+_TYPE_KEY = "__ubw_type__"  # reserved key marking non-JSON values in canonical settings
+_TENSORS_FILE = "tensors.pt"
+_DATA_FILE = "data.json"
+_META_FILE = "meta.json"
+_CKPT_FILE = "checkpoint.pt"
+_NO_CACHE_ENV = "UBW_NO_CACHE"
+_TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
+
+_NAMESPACE_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}")
+# ``data`` is where ubwlib._paths.data_cache_dir() keeps dataset copies inside the same root.
+_RESERVED_NAMESPACES = frozenset({"data"})
+_ENTRY_RE = re.compile(r"[0-9a-f]{%d}" % _SHORT)
+_CKPT_RE = re.compile(r"[0-9a-f]{%d}\.ckpt" % _SHORT)
+_STALE_RE = re.compile(r"\.(?:tmp|corrupt|old)-[0-9a-f]{%d}-.+" % _SHORT)
+
+
+class CacheCorruptionWarning(UserWarning):
+    """A cache entry or checkpoint was damaged (missing file, checksum mismatch, unreadable
+    JSON, a ``tensors.pt`` that ``torch.load(weights_only=True)`` refuses...). It was removed
+    and will be recomputed."""
+
+
+class _Corrupt(Exception):
+    """Internal: raised while verifying an entry; turned into a CacheCorruptionWarning."""
+
+
+# --------------------------------------------------------------------------------------
+# Canonical settings and hashing
+# --------------------------------------------------------------------------------------
+
+
+def _type_name(obj: Any) -> str:
+    cls = type(obj)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _tensor_digest(t: torch.Tensor, where: str) -> dict[str, Any]:
+    try:
+        x = t.detach()
+        if x.is_quantized:
+            raise TypeError(f"settings_hash: quantized tensors are not supported (at {where})")
+        if x.layout != torch.strided:
+            x = x.to_dense()
+        x = x.resolve_conj().resolve_neg().cpu().contiguous().reshape(-1)
+        raw = x.view(torch.uint8).numpy().tobytes()
+    except (RuntimeError, NotImplementedError) as exc:  # meta tensors, exotic layouts
+        raise TypeError(f"settings_hash: cannot read the content of this tensor at {where}: {exc}") from exc
+    return {
+        _TYPE_KEY: "tensor",
+        "dtype": str(t.dtype),
+        "shape": list(t.shape),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def _ndarray_digest(a: np.ndarray, where: str) -> dict[str, Any]:
+    if a.dtype.hasobject:
+        raise TypeError(f"settings_hash: numpy arrays of dtype object are not supported (at {where})")
+    raw = np.ascontiguousarray(a).tobytes()
+    return {
+        _TYPE_KEY: "ndarray",
+        "dtype": a.dtype.str,
+        "shape": list(a.shape),
+        "sha256": hashlib.sha256(raw).hexdigest(),
+    }
+
+
+def _canon(obj: Any, where: str, active: set[int]) -> Any:
+    # Order matters: bool before int, Enum before int/str (IntEnum, StrEnum).
+    if obj is None or isinstance(obj, (bool, np.bool_)):
+        return None if obj is None else bool(obj)
+    if isinstance(obj, enum.Enum):
+        return {_TYPE_KEY: "enum", "class": type(obj).__qualname__, "name": obj.name}
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        x = float(obj)
+        if math.isfinite(x):
+            return x  # json writes finite floats with repr(): "1.0" != "1"
+        return {_TYPE_KEY: "float", "repr": repr(x)}
+    if isinstance(obj, str):
+        return str(obj)
+    if isinstance(obj, PurePath):
+        return str(obj)
+    if isinstance(obj, torch.Tensor):
+        return _tensor_digest(obj, where)
+    if isinstance(obj, np.ndarray):
+        return _ndarray_digest(obj, where)
+    if isinstance(obj, torch.dtype):
+        return {_TYPE_KEY: "torch.dtype", "name": str(obj)}
+
+    is_dc = dataclasses.is_dataclass(obj) and not isinstance(obj, type)
+    if not (is_dc or isinstance(obj, (Mapping, list, tuple, set, frozenset))):
+        raise TypeError(
+            f"settings_hash: cannot canonicalise a value of type {_type_name(obj)} at {where}; "
+            "convert it to plain data (dict/list/str/int/float/bool/None, a dataclass, "
+            "an Enum, a Path, a tensor or a numpy array)"
+        )
+    if id(obj) in active:
+        raise ValueError(f"settings_hash: settings contain a reference cycle at {where}")
+    active.add(id(obj))
+    try:
+        if is_dc:
+            # Fields are walked by hand (not dataclasses.asdict) so that nested dataclasses
+            # keep their class names too; the field set is the same as asdict's.
+            fields = {
+                f.name: _canon(getattr(obj, f.name), f"{where}.{f.name}", active)
+                for f in dataclasses.fields(obj)
+            }
+            return {_TYPE_KEY: "dataclass", "class": type(obj).__qualname__, "fields": fields}
+        if isinstance(obj, Mapping):
+            out: dict[str, Any] = {}
+            for key, value in obj.items():
+                if not isinstance(key, str):
+                    raise TypeError(
+                        f"settings_hash: dict keys must be str, got {_type_name(key)} ({key!r}) at {where}"
+                    )
+                if key == _TYPE_KEY:
+                    raise ValueError(f"settings_hash: the key {_TYPE_KEY!r} is reserved (at {where})")
+                out[str(key)] = _canon(value, f"{where}[{key!r}]", active)
+            return out
+        if isinstance(obj, (list, tuple)):
+            return [_canon(v, f"{where}[{i}]", active) for i, v in enumerate(obj)]
+        # set / frozenset: order-free, sorted by the canonical JSON of the members
+        members = [_canon(v, f"{where}{{...}}", active) for v in obj]
+        members.sort(key=canonical_json)
+        return {_TYPE_KEY: "set", "items": members}
+    finally:
+        active.discard(id(obj))
+
+
+def canonical_settings(settings: Any) -> Any:
+    """Turn ``settings`` into plain JSON data whose :func:`canonical_json` text identifies it.
+
+    Rules (they define what counts as "the same settings"):
+
+    * ``dict`` (any Mapping): keys must be ``str``; key order never matters. The key
+      ``"__ubw_type__"`` is reserved (ValueError).
+    * ``list`` and ``tuple`` are the same (both become JSON arrays; order matters).
+      ``set``/``frozenset`` are order-free (tagged, members sorted).
+    * ``str``, ``int``, ``bool``, ``None`` as themselves (numpy scalars are converted with
+      ``int()``/``float()``/``bool()``). ``True`` and ``1`` differ.
+    * ``float``: written as ``repr(float(x))``, so **``1`` and ``1.0`` hash differently**
+      (an int and a float setting are different settings) and ``0.0``/``-0.0`` differ.
+      NaN and infinities are tagged (the JSON stays standard).
+    * ``pathlib`` paths: ``str(path)``; a Path and the same string hash **the same**.
+    * Enum members: tagged with the class name and the member *name* (``Color.RED`` and
+      ``"RED"``, or an ``IntEnum`` member and its int, differ).
+    * dataclass instances: tagged with the class ``__qualname__`` and all fields (nested
+      dataclasses keep their class names), so **a dataclass and a dict with the same fields
+      hash differently**, as do two dataclass classes with the same fields.
+    * ``torch.Tensor``: dtype, shape and the sha256 of its bytes (device, ``requires_grad``
+      and memory layout do not matter). ``numpy.ndarray`` likewise (dtype incl. byte order);
+      a tensor and an array with equal content differ.
+    * ``torch.dtype``: its name.
+    * Anything else raises :class:`TypeError` naming the type and where it was found.
+    """
+    return _canon(settings, "settings", set())
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact, key-sorted JSON of already-canonical data (``allow_nan=False``)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _key_document(namespace: str, settings_canon: Any, version: str) -> str:
+    return canonical_json({"namespace": namespace, "settings": settings_canon, "version": version})
+
+
+def settings_hash(namespace: str, settings: Any, version: str) -> str:
+    """Full sha256 hex digest (64 chars) identifying ``(namespace, settings, version)``.
+
+    It is the hash of the canonical JSON of ``{"namespace", "version", "settings"}``, with
+    ``settings`` canonicalised by :func:`canonical_settings` (see there for the rules).
+    Cache directories use the first 20 hex characters; ``meta.json`` keeps all 64.
+    """
+    if not isinstance(namespace, str):
+        raise TypeError(f"settings_hash: namespace must be str, got {_type_name(namespace)}")
+    if not isinstance(version, str):
+        raise TypeError(f"settings_hash: version must be str, got {_type_name(version)}")
+    doc = _key_document(namespace, canonical_settings(settings), version)
+    return hashlib.sha256(doc.encode("utf-8")).hexdigest()
+
+
+# --------------------------------------------------------------------------------------
+# Payload helpers
+# --------------------------------------------------------------------------------------
+
+
+def _sha256(raw: bytes) -> str:
+    return hashlib.sha256(raw).hexdigest()
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+    if tensors is None:
+        return {}
+    if not isinstance(tensors, Mapping):
+        raise TypeError(f"tensors must be a dict[str, Tensor] or None, got {_type_name(tensors)}")
+    out: dict[str, torch.Tensor] = {}
+    for name, t in tensors.items():
+        if not isinstance(name, str):
+            raise TypeError(f"tensor names must be str, got {_type_name(name)} ({name!r})")
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"tensors[{name!r}] must be a torch.Tensor, got {_type_name(t)}")
+        # clone: a view would otherwise drag its whole storage into the file
+        out[name] = t.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    torch.save(tensors, buf)
+    return buf.getvalue()
+
+
+def _load_tensors(raw: bytes) -> dict[str, torch.Tensor]:
+    obj = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    if not isinstance(obj, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()
+    ):
+        raise _Corrupt("tensors file does not hold a dict[str, Tensor]")
+    return obj
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic) and not isinstance(obj, (np.datetime64, np.timedelta64, np.void)):
+        return obj.item()
+    hint = ""
+    if isinstance(obj, (torch.Tensor, np.ndarray)):
+        hint = " (store arrays in `tensors`, or convert with .tolist())"
+    elif type(obj).__name__ in {"DataFrame", "Series"}:
+        hint = " (convert tables with ubwlib.cache.table_to_data)"
+    raise TypeError(f"cache data must be JSON-able; got {_type_name(obj)}{hint}")
+
+
+def _encode_data(data: Any) -> tuple[bytes, Any]:
+    """JSON bytes of ``data`` plus the value read back from them (what a later get returns)."""
+    text = json.dumps(data, ensure_ascii=False, allow_nan=True, default=_json_default)
+    raw = text.encode("utf-8")
+    return raw, json.loads(text)
+
+
+def _fsync_write(path: Path, raw: bytes) -> None:
+    with open(path, "wb") as fh:
+        fh.write(raw)
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _no_cache_env() -> bool:
+    return os.environ.get(_NO_CACHE_ENV, "").strip().lower() in _TRUE_WORDS
+
+
+def _ubwlib_version() -> str:
+    try:
+        import ubwlib
+
+        return str(getattr(ubwlib, "__version__", "unknown"))
+    except Exception:  # pragma: no cover - only during a broken install
+        return "unknown"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value)
+    except ValueError:
+        return None
+
+
+# --------------------------------------------------------------------------------------
+# Public records
+# --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Entry:
+    """One cached result.
+
+    ``tensors`` are CPU tensors; ``data`` is the JSON payload *as read back from JSON*
+    (tuples became lists, non-str dict keys became str; also on a fresh computation, so
+    a warm and a cold build see identical values). ``meta`` is the content of ``meta.json``;
+    ``path`` the entry directory (where it would be, for a disabled cache); ``hit`` is True
+    when the entry was loaded from disk rather than computed/stored by this call.
+    Entries compare by identity (tensors have no single truth value).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    data: Any
+    meta: dict[str, Any]
+    path: Path
+    hit: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class EntryInfo:
+    """Summary of one entry on disk, as listed by :meth:`Cache.entries`.
+
+    ``hash`` is the full key from ``meta.json`` (the 20-char directory name when the meta
+    file is unreadable, as are ``created``/``version`` then None).
+    """
+
+    namespace: str
+    hash: str
+    size_bytes: int
+    created: datetime | None
+    version: str | None
+    path: Path
+
+
+class CheckpointState(NamedTuple):
+    """What :meth:`Checkpoint.load` returns: unpack as ``step, tensors, data``."""
+
+    step: int
+    tensors: dict[str, torch.Tensor]
+    data: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class _Key:
+    namespace: str
+    version: str
+    settings: Any  # canonical form
+    full: str
+
+    @property
+    def short(self) -> str:
+        return self.full[:_SHORT]
+
+
+# --------------------------------------------------------------------------------------
+# The cache
+# --------------------------------------------------------------------------------------
+
+
+class Cache:
+    """Content-addressed store of results under ``root`` (see the module docstring).
+
+    ``root=None`` uses :func:`ubwlib._paths.cache_root` (``$UBW_CACHE`` or
+    ``~/.cache/ubwlib``). Nothing is created until the first write, which creates the root
+    and its ``CACHEDIR.TAG`` marker. ``enabled=False`` makes the cache a pass-through that
+    never reads or writes entries; ``UBW_NO_CACHE=1`` in the environment (checked at each
+    call) disables reads only. Listing and :meth:`clear` work in either case.
+    """
+
+    def __init__(self, root: Path | str | None = None, *, enabled: bool = True) -> None:
+        if root is None:
+            from ubwlib._paths import cache_root
+
+            root = cache_root()
+        self.root: Path = Path(root).expanduser().absolute()
+        self.enabled: bool = bool(enabled)
+
+    def __repr__(self) -> str:
+        return f"Cache(root={str(self.root)!r}, enabled={self.enabled})"
+
+    # ---- keys and paths --------------------------------------------------------------
+
+    @property
+    def reads_enabled(self) -> bool:
+        """False when the cache is disabled or ``UBW_NO_CACHE`` is set: every get misses."""
+        return self.enabled and not _no_cache_env()
+
+    @staticmethod
+    def _check_namespace(namespace: str) -> None:
+        if not isinstance(namespace, str):
+            raise TypeError(f"namespace must be str, got {_type_name(namespace)}")
+        if not _NAMESPACE_RE.fullmatch(namespace) or namespace in _RESERVED_NAMESPACES:
+            raise ValueError(
+                f"invalid cache namespace {namespace!r}: use 1-128 characters from "
+                "[A-Za-z0-9_.-], starting with a letter or digit (and not 'data')"
+            )
+
+    def _key(self, namespace: str, settings: Any, version: str) -> _Key:
+        self._check_namespace(namespace)
+        if not isinstance(version, str):
+            raise TypeError(f"version must be str, got {_type_name(version)}")
+        canon = canonical_settings(settings)
+        full = hashlib.sha256(_key_document(namespace, canon, version).encode("utf-8")).hexdigest()
+        return _Key(namespace, version, canon, full)
+
+    def _entry_dir(self, key: _Key) -> Path:
+        return self.root / key.namespace / key.short
+
+    def path_for(self, namespace: str, settings: Any, version: str) -> Path:
+        """The directory an entry for these settings has (or would have)."""
+        return self._entry_dir(self._key(namespace, settings, version))
+
+    # ---- root and marker -------------------------------------------------------------
+
+    def _has_marker(self) -> bool:
+        tag = self.root / CACHEDIR_TAG_NAME
+        try:
+            if tag.is_symlink() or not tag.is_file():
+                return False
+            with open(tag, "rb") as fh:
+                first = fh.readline(len(CACHEDIR_TAG_SIGNATURE) + 2)
+        except OSError:
+            return False
+        return first.rstrip(b"\r\n") == CACHEDIR_TAG_SIGNATURE.encode("ascii")
+
+    def _ensure_root(self) -> None:
+        """Create the root and, when the folder is new or holds only directories, its marker.
+
+        A pre-existing folder holding files of its own is used but not claimed: it gets no
+        marker, so :meth:`clear` will refuse to work there.
+        """
+        self.root.mkdir(parents=True, exist_ok=True)
+        if self._has_marker():
+            return
+        with os.scandir(self.root) as it:
+            foreign = [e.name for e in it if not e.is_dir(follow_symlinks=False)]
+        if foreign:
+            return
+        fd, tmp = tempfile.mkstemp(prefix=".CACHEDIR.TAG.", dir=self.root)
+        try:
+            with os.fdopen(fd, "w", encoding="ascii") as fh:
+                fh.write(_CACHEDIR_TAG_TEXT)
+            os.replace(tmp, self.root / CACHEDIR_TAG_NAME)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    # ---- discarding damaged entries --------------------------------------------------
+
+    def _discard(self, path: Path, prefix: str, short: str) -> None:
+        """Move ``path`` aside (atomically, so readers never see it half-deleted), then delete it."""
+        aside = path.parent / f".{prefix}-{short}-{uuid.uuid4().hex[:12]}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return  # someone else removed it
+        if aside.is_symlink() or not aside.is_dir():
+            aside.unlink(missing_ok=True)
+        else:
+            shutil.rmtree(aside, ignore_errors=True)
+
+    def _corrupt(self, path: Path, key: _Key, reason: str) -> None:
+        self._discard(path, "corrupt", key.short)
+        warnings.warn(
+            f"ubwlib cache: discarded damaged entry {path} ({reason}); it will be recomputed",
+            CacheCorruptionWarning,
+            stacklevel=4,
+        )
+
+    # ---- reading ---------------------------------------------------------------------
+
+    def _load(self, key: _Key) -> Entry | None:
+        path = self._entry_dir(key)
+        if not os.path.lexists(path):
+            return None
+        try:
+            if path.is_symlink() or not path.is_dir():
+                raise _Corrupt("not a directory")
+            try:
+                meta = json.loads((path / _META_FILE).read_bytes())
+            except FileNotFoundError:
+                raise _Corrupt(f"{_META_FILE} is missing") from None
+            except ValueError as exc:
+                raise _Corrupt(f"{_META_FILE} is not valid JSON: {exc}") from None
+            if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+                raise _Corrupt(f"{_META_FILE} has an unknown format")
+            if meta.get("hash") != key.full:
+                raise _Corrupt(f"{_META_FILE} belongs to another key")
+            if meta.get("namespace") != key.namespace or meta.get("version") != key.version:
+                raise _Corrupt(f"{_META_FILE} names another namespace/version")
+            sums = meta.get("sha256")
+            if not isinstance(sums, dict):
+                raise _Corrupt(f"{_META_FILE} lacks checksums")
+            raw: dict[str, bytes] = {}
+            for name in (_TENSORS_FILE, _DATA_FILE):
+                try:
+                    raw[name] = (path / name).read_bytes()
+                except FileNotFoundError:
+                    raise _Corrupt(f"{name} is missing") from None
+                if _sha256(raw[name]) != sums.get(name):
+                    raise _Corrupt(f"checksum mismatch in {name}")
+            try:
+                data = json.loads(raw[_DATA_FILE].decode("utf-8"))
+            except ValueError as exc:
+                raise _Corrupt(f"{_DATA_FILE} is not valid JSON: {exc}") from None
+            try:
+                tensors = _load_tensors(raw[_TENSORS_FILE])
+            except _Corrupt:
+                raise
+            except Exception as exc:  # UnpicklingError, RuntimeError, EOFError, ...
+                raise _Corrupt(f"torch.load(weights_only=True) failed on {_TENSORS_FILE}: {exc}") from None
+        except _Corrupt as exc:
+            if not os.path.lexists(path):
+                return None  # removed concurrently while we looked at it: a plain miss
+            self._corrupt(path, key, str(exc))
+            return None
+        return Entry(tensors=tensors, data=data, meta=meta, path=path, hit=True)
+
+    def get(self, namespace: str, settings: Any, version: str) -> Entry | None:
+        """The stored entry, verified, or None (miss, disabled reads, or a damaged entry,
+        which is then removed with a :class:`CacheCorruptionWarning`)."""
+        key = self._key(namespace, settings, version)
+        if not self.reads_enabled:
+            return None
+        return self._load(key)
+
+    # ---- writing ---------------------------------------------------------------------
+
+    def _make_meta(self, key: _Key, tensor_raw: bytes, data_raw: bytes) -> dict[str, Any]:
+        return {
+            "format": _FORMAT,
+            "namespace": key.namespace,
+            "version": key.version,
+            "hash": key.full,
+            "settings": key.settings,
+            "created": datetime.now(timezone.utc).isoformat(),
+            "ubwlib_version": _ubwlib_version(),
+            "torch_version": str(torch.__version__),
+            "sha256": {_TENSORS_FILE: _sha256(tensor_raw), _DATA_FILE: _sha256(data_raw)},
+        }
+
+    def _put(
+        self,
+        key: _Key,
+        tensors: Mapping[str, torch.Tensor] | None,
+        data: Any,
+        overwrite: bool,
+    ) -> Entry:
+        tensors_c = _prepare_tensors(tensors)
+        data_raw, data_rt = _encode_data(data)
+        tensor_raw = _save_tensors(tensors_c)
+        meta = self._make_meta(key, tensor_raw, data_raw)
+        path = self._entry_dir(key)
+        if not self.enabled:
+            return Entry(tensors=tensors_c, data=data_rt, meta=meta, path=path, hit=False)
+
+        self._ensure_root()
+        path.parent.mkdir(exist_ok=True)
+        tmp: Path | None = Path(tempfile.mkdtemp(prefix=f".tmp-{key.short}-", dir=path.parent))
+        try:
+            _fsync_write(tmp / _TENSORS_FILE, tensor_raw)
+            _fsync_write(tmp / _DATA_FILE, data_raw)
+            meta_raw = json.dumps(meta, indent=1, ensure_ascii=False, allow_nan=False).encode("utf-8")
+            _fsync_write(tmp / _META_FILE, meta_raw)
+            for _ in range(5):
+                if overwrite and os.path.lexists(path):
+                    self._discard(path, "old", key.short)
+                try:
+                    os.rename(tmp, path)
+                except OSError:
+                    if not os.path.lexists(path):
+                        raise
+                    if overwrite:
+                        continue
+                    # Another writer won the race: keep theirs (if it is sound).
+                    theirs = self._load(key)
+                    if theirs is not None:
+                        return theirs
+                    continue  # theirs was damaged and has been removed; try again
+                tmp = None
+                return Entry(tensors=tensors_c, data=data_rt, meta=meta, path=path, hit=False)
+            raise RuntimeError(f"ubwlib cache: could not move a new entry into place at {path}")
+        finally:
+            if tmp is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def put(
+        self,
+        namespace: str,
+        settings: Any,
+        version: str,
+        tensors: Mapping[str, torch.Tensor] | None = None,
+        data: Any = None,
+        *,
+        overwrite: bool = False,
+    ) -> Entry:
+        """Store ``tensors`` (dict[str, Tensor], saved as CPU clones) and JSON-able ``data``.
+
+        The entry is built in a temporary directory and renamed into place. If a sound entry
+        already exists (e.g. a concurrent process won the race) it is kept and returned
+        (``hit=True``) unless ``overwrite=True``, which replaces it. Numpy scalars in
+        ``data`` are converted to Python numbers; other non-JSON values raise TypeError.
+        With ``enabled=False`` nothing is written and the would-be entry is returned.
+        """
+        key = self._key(namespace, settings, version)
+        return self._put(key, tensors, data, overwrite)
+
+    def get_or_compute(
+        self,
+        namespace: str,
+        settings: Any,
+        version: str,
+        compute: Callable[[], tuple[Mapping[str, torch.Tensor] | None, Any]],
+    ) -> Entry:
+        """The cached entry, or ``compute()`` -> ``(tensors | None, data)`` stored and returned.
+
+        ``compute`` runs at most once per call. Under ``UBW_NO_CACHE`` it always runs and its
+        result replaces any stored entry; with ``enabled=False`` it always runs and nothing
+        is stored.
+        """
+        key = self._key(namespace, settings, version)
+        if self.reads_enabled:
+            entry = self._load(key)
+            if entry is not None:
+                return entry
+        result = compute()
+        if not isinstance(result, tuple) or len(result) != 2:
+            raise TypeError(
+                f"compute() must return a (tensors, data) tuple, got {_type_name(result)}"
+            )
+        tensors, data = result
+        return self._put(key, tensors, data, overwrite=self.enabled and _no_cache_env())
+
+    def checkpoint(self, namespace: str, settings: Any, version: str) -> Checkpoint:
+        """A :class:`Checkpoint` for a long, resumable computation with this key."""
+        key = self._key(namespace, settings, version)
+        return Checkpoint(self, key)
+
+    # ---- inspection and cleanup ------------------------------------------------------
+
+    def _namespace_dirs(self, namespace: str | None) -> list[Path]:
+        if namespace is not None:
+            self._check_namespace(namespace)
+            p = self.root / namespace
+            return [p] if p.is_dir() and not p.is_symlink() else []
+        if not self.root.is_dir():
+            return []
+        with os.scandir(self.root) as it:
+            return [
+                Path(e.path)
+                for e in it
+                if e.is_dir(follow_symlinks=False)
+                and _NAMESPACE_RE.fullmatch(e.name)
+                and e.name not in _RESERVED_NAMESPACES
+            ]
+
+    def entries(self) -> list[EntryInfo]:
+        """All entries on disk (checkpoints and temporary directories excluded), sorted by
+        namespace then hash."""
+        out: list[EntryInfo] = []
+        for ns_path in self._namespace_dirs(None):
+            with os.scandir(ns_path) as it:
+                dirs = [e for e in it if e.is_dir(follow_symlinks=False) and _ENTRY_RE.fullmatch(e.name)]
+            for e in dirs:
+                p = Path(e.path)
+                size = 0
+                with os.scandir(p) as files:
+                    for f in files:
+                        if f.is_file(follow_symlinks=False):
+                            size += f.stat(follow_symlinks=False).st_size
+                full, created, version = e.name, None, None
+                try:
+                    meta = json.loads((p / _META_FILE).read_bytes())
+                    if isinstance(meta, dict):
+                        full = meta.get("hash", full) if isinstance(meta.get("hash"), str) else full
+                        created = _parse_time(meta.get("created"))
+                        version = meta.get("version") if isinstance(meta.get("version"), str) else None
+                except (OSError, ValueError):
+                    pass
+                out.append(EntryInfo(ns_path.name, full, size, created, version, p))
+        out.sort(key=lambda i: (i.namespace, i.hash))
+        return out
+
+    def size_bytes(self) -> int:
+        """Total size of all files under the root (entries, checkpoints, leftovers), without
+        following symlinks."""
+        total = 0
+        if not self.root.is_dir():
+            return 0
+        for dirpath, _dirnames, filenames in os.walk(self.root, followlinks=False):
+            for name in filenames:
+                try:
+                    st = os.lstat(os.path.join(dirpath, name))
+                except OSError:
+                    continue
+                total += st.st_size
+        return total
+
+    def _check_clear_allowed(self) -> None:
+        resolved = self.root.resolve()
+        if resolved.parent == resolved:
+            raise ValueError(f"refusing to clear {self.root}: it is a filesystem root")
+        home = Path.home().resolve()
+        if resolved == home or home.is_relative_to(resolved):
+            raise ValueError(f"refusing to clear {self.root}: it is (or contains) the home directory")
+        if self.root.exists() and not self._has_marker():
+            raise ValueError(
+                f"refusing to clear {self.root}: it has no ubwlib {CACHEDIR_TAG_NAME} marker, "
+                "so it is not provably a ubwlib cache"
+            )
+
+    def clear(self, namespace: str | None = None) -> int:
+        """Delete all entries and checkpoints (of one ``namespace``, or all); returns how many.
+
+        Safe by construction: refuses (ValueError naming the path) unless the root carries
+        the ``CACHEDIR.TAG`` marker, and always for a filesystem root or the home directory;
+        only deletes directories named like entries/checkpoints/leftover temporaries inside
+        namespace directories; never follows symlinks (a symlink is never descended into,
+        and a link inside an entry is unlinked, not its target). A missing root clears 0.
+        """
+        self._check_clear_allowed()
+        if not self.root.exists():
+            return 0
+        removed = 0
+        for ns_path in self._namespace_dirs(namespace):
+            with os.scandir(ns_path) as it:
+                victims = [
+                    e for e in it
+                    if e.is_dir(follow_symlinks=False)
+                    and (_ENTRY_RE.fullmatch(e.name) or _CKPT_RE.fullmatch(e.name) or _STALE_RE.fullmatch(e.name))
+                ]
+            for e in victims:
+                counted = not _STALE_RE.fullmatch(e.name)
+                aside = ns_path / f".old-{e.name[:_SHORT]}-{uuid.uuid4().hex[:12]}"
+                if counted:
+                    try:
+                        os.rename(e.path, aside)
+                    except FileNotFoundError:
+                        continue
+                    target = aside
+                else:
+                    target = Path(e.path)
+                # rmtree does not follow symlinks (shutil.rmtree.avoids_symlink_attacks on
+                # Linux/macOS); a symlinked entry directory was excluded above.
+                shutil.rmtree(target, ignore_errors=True)
+                removed += int(counted)
+            try:
+                ns_path.rmdir()  # only if now empty
+            except OSError:
+                pass
+        return removed
+
+
+# --------------------------------------------------------------------------------------
+# Checkpoints
+# --------------------------------------------------------------------------------------
+
+
+class Checkpoint:
+    """The latest state of a long, resumable computation (e.g. an iterative crafting loop).
+
+    Stored as one file ``<root>/<namespace>/<hash20>.ckpt/checkpoint.pt``, replaced
+    atomically by each :meth:`save`. Loaded with ``weights_only=True`` only. Obtain one from
+    :meth:`Cache.checkpoint`. With a disabled cache, saves are no-ops and loads return None;
+    under ``UBW_NO_CACHE`` loads return None (start over) but saves still write.
+    """
+
+    def __init__(self, cache: Cache, key: _Key) -> None:
+        self._cache = cache
+        self._key = key
+        self.path: Path = cache.root / key.namespace / f"{key.short}.ckpt"
+
+    @property
+    def file(self) -> Path:
+        """The checkpoint file."""
+        return self.path / _CKPT_FILE
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.path)!r})"
+
+    def load(self) -> CheckpointState | None:
+        """``(step, tensors, data)`` of the last save, or None (none saved, reads disabled,
+        or damaged: then the file is deleted with a :class:`CacheCorruptionWarning`)."""
+        if not self._cache.reads_enabled:
+            return None
+        f = self.file
+        try:
+            raw = f.read_bytes()
+        except FileNotFoundError:
+            return None
+        try:
+            obj = torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+            if not isinstance(obj, dict) or obj.get("format") != _FORMAT:
+                raise _Corrupt("unknown checkpoint format")
+            if obj.get("hash") != self._key.full:
+                raise _Corrupt("checkpoint belongs to another key")
+            step = obj.get("step")
+            tensors = obj.get("tensors")
+            if not isinstance(step, int) or isinstance(step, bool):
+                raise _Corrupt("bad step")
+            if not isinstance(tensors, dict) or not all(
+                isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()
+            ):
+                raise _Corrupt("bad tensors")
+            data_json = obj.get("data_json")
+            if not isinstance(data_json, str) or _sha256(data_json.encode("utf-8")) != obj.get("data_sha256"):
+                raise _Corrupt("bad data")
+            data = json.loads(data_json)
+        except Exception as exc:  # _Corrupt, UnpicklingError, RuntimeError, ValueError, ...
+            f.unlink(missing_ok=True)
+            warnings.warn(
+                f"ubwlib cache: discarded damaged checkpoint {f} ({exc}); starting over",
+                CacheCorruptionWarning,
+                stacklevel=2,
+            )
+            return None
+        return CheckpointState(step, tensors, data)
+
+    def save(self, step: int, tensors: Mapping[str, torch.Tensor] | None = None, data: Any = None) -> None:
+        """Atomically replace the checkpoint with ``(step, tensors, data)``."""
+        if not isinstance(step, int) or isinstance(step, bool):
+            raise TypeError(f"step must be int, got {_type_name(step)}")
+        tensors_c = _prepare_tensors(tensors)
+        data_raw, _ = _encode_data(data)
+        data_json = data_raw.decode("utf-8")
+        if not self._cache.enabled:
+            return
+        payload = {
+            "format": _FORMAT,
+            "hash": self._key.full,
+            "namespace": self._key.namespace,
+            "version": self._key.version,
+            "step": int(step),
+            "tensors": tensors_c,
+            "data_json": data_json,
+            "data_sha256": _sha256(data_raw),
+            "saved": datetime.now(timezone.utc).isoformat(),
+        }
+        raw = _save_tensors(payload)  # type: ignore[arg-type]
+        self._cache._ensure_root()
+        self.path.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{_CKPT_FILE}.tmp-", dir=self.path)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(raw)
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.file)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def clear(self) -> bool:
+        """Delete the checkpoint (e.g. once the final result is in the cache). True if one existed."""
+        if self.path.is_symlink():
+            self.path.unlink()
+            return True
+        if not self.path.is_dir():
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
+
+
+# --------------------------------------------------------------------------------------
+# Common payloads: tables and model weights
+# --------------------------------------------------------------------------------------
+
+
+def _scalar_to_json(x: Any) -> Any:
+    import pandas as pd
+
+    if x is None or (not isinstance(x, (list, tuple, dict)) and pd.isna(x) is True):
+        return None
+    if isinstance(x, np.generic):
+        return x.item()
+    if isinstance(x, (str, bool, int, float)):
+        return x
+    if isinstance(x, (list, tuple, dict)):
+        return json.loads(json.dumps(x, allow_nan=True, default=_json_default))
+    raise TypeError(f"table_to_data: cannot store a cell of type {_type_name(x)}")
+
+
+def _encode_series(values: Any) -> dict[str, Any]:
+    """Encode a Series or Index (one column / index level) as JSON data, dtype included."""
+    import pandas as pd
+
+    dtype = values.dtype
+    if isinstance(dtype, pd.CategoricalDtype):
+        cat = pd.Categorical(values)
+        return {
+            "dtype": "category",
+            "ordered": bool(cat.ordered),
+            "categories": _encode_series(cat.categories),
+            "codes": [int(c) for c in cat.codes],
+        }
+    if isinstance(dtype, pd.DatetimeTZDtype):
+        utc = pd.DatetimeIndex(values).tz_convert("UTC")
+        return {"dtype": str(dtype), "tz": str(dtype.tz),
+                "values": [None if pd.isna(v) else v.isoformat() for v in utc]}
+    kind = getattr(dtype, "kind", "O")
+    if kind == "M":
+        return {"dtype": str(dtype), "values": [None if pd.isna(v) else v.isoformat() for v in pd.DatetimeIndex(values)]}
+    if kind == "m":
+        return {"dtype": str(dtype), "values": [None if pd.isna(v) else int(v.value) for v in pd.TimedeltaIndex(values)]}
+    if isinstance(dtype, np.dtype) and kind in "biuf":
+        # Python scalars: floats are written with repr(), i.e. bit-exact; NaN -> JSON NaN.
+        return {"dtype": str(dtype), "values": list(np.asarray(values).tolist())}
+    if kind == "c" or isinstance(dtype, (pd.PeriodDtype, pd.IntervalDtype, pd.SparseDtype)):
+        raise TypeError(f"table_to_data: unsupported dtype {dtype}")
+    return {"dtype": str(dtype), "values": [_scalar_to_json(v) for v in values]}
+
+
+def _decode_series(enc: Mapping[str, Any]) -> Any:
+    import pandas as pd
+
+    dtype = enc["dtype"]
+    if dtype == "category":
+        cats = pd.Index(_decode_series(enc["categories"]))
+        return pd.Series(pd.Categorical.from_codes(enc["codes"], categories=cats, ordered=enc["ordered"]))
+    target = pd.api.types.pandas_dtype(dtype)
+    vals = enc["values"]
+    if isinstance(target, pd.DatetimeTZDtype):
+        s = pd.Series(pd.to_datetime(pd.Series(vals, dtype=object), utc=True, format="ISO8601"))
+        return s.dt.tz_convert(enc["tz"]).astype(target)
+    kind = getattr(target, "kind", "O")
+    if kind == "M":
+        return pd.Series(pd.to_datetime(pd.Series(vals, dtype=object), format="ISO8601")).astype(target)
+    if kind == "m":
+        ns = [pd.NaT if v is None else pd.Timedelta(int(v), unit="ns") for v in vals]
+        return pd.Series(ns, dtype="timedelta64[ns]").astype(target)
+    if kind in "biuf" and isinstance(target, np.dtype):
+        return pd.Series(np.asarray(vals, dtype=target))
+    return pd.Series(vals, dtype=target)
+
+
+def _encode_index(index: pd.Index) -> dict[str, Any]:
+    import pandas as pd
+
+    if isinstance(index, pd.RangeIndex):
+        return {"kind": "range", "start": int(index.start), "stop": int(index.stop),
+                "step": int(index.step), "name": _scalar_to_json(index.name)}
+    if isinstance(index, pd.MultiIndex):
+        return {"kind": "multi", "names": [_scalar_to_json(n) for n in index.names],
+                "levels": [_encode_series(index.get_level_values(i)) for i in range(index.nlevels)]}
+    return {"kind": "index", "name": _scalar_to_json(index.name), "values": _encode_series(index)}
+
+
+def _decode_index(enc: Mapping[str, Any]) -> pd.Index:
+    import pandas as pd
+
+    kind = enc["kind"]
+    if kind == "range":
+        return pd.RangeIndex(enc["start"], enc["stop"], enc["step"], name=enc["name"])
+    if kind == "multi":
+        arrays = [pd.Index(_decode_series(level)) for level in enc["levels"]]
+        return pd.MultiIndex.from_arrays(arrays, names=enc["names"])
+    return pd.Index(_decode_series(enc["values"]), name=enc["name"])
+
+
+def table_to_data(df: pd.DataFrame) -> dict[str, Any]:
+    """Encode a DataFrame as JSON data for an entry's ``data`` (column-wise records).
+
+    Column order, column labels, the index (incl. RangeIndex/MultiIndex and names) and the
+    dtypes are preserved: numpy numeric/bool (floats bit-exact), str/object/string,
+    nullable (``Int64``, ``boolean``, ...), category, datetime (naive or tz-aware) and
+    timedelta. Other dtypes or non-JSON cells raise TypeError. Inverse: :func:`table_from_data`.
+    """
+    return {
+        "__ubw_table__": 1,
+        "nrows": int(len(df)),
+        "columns": _encode_index(df.columns),
+        "index": _encode_index(df.index),
+        "data": [_encode_series(df.iloc[:, i]) for i in range(df.shape[1])],
+    }
+
+
+def table_from_data(d: Mapping[str, Any]) -> pd.DataFrame:
+    """Rebuild the DataFrame encoded by :func:`table_to_data`."""
+    import pandas as pd
+
+    if not isinstance(d, Mapping) or d.get("__ubw_table__") != 1:
+        raise ValueError("table_from_data: not a table encoded by ubwlib.cache.table_to_data")
+    cols = [_decode_series(c) for c in d["data"]]
+    df = pd.DataFrame(dict(enumerate(cols)), index=pd.RangeIndex(d["nrows"]))
+    df.columns = _decode_index(d["columns"])
+    df.index = _decode_index(d["index"])
+    return df
+
+
+def state_dict_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """``model.state_dict()`` as detached, contiguous CPU clones (parameters and buffers)."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in model.state_dict().items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"state_dict entry {name!r} is a {_type_name(value)}, not a tensor")
+        out[name] = value.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def load_state_dict_tensors(
+    model: torch.nn.Module, tensors: Mapping[str, torch.Tensor], *, strict: bool = True
+) -> Any:
+    """Load ``tensors`` (from :func:`state_dict_tensors` / a cache entry) into ``model``,
+    copying onto the model's own devices and dtypes. Returns ``load_state_dict``'s result."""
+    return model.load_state_dict(dict(tensors), strict=strict)

@@ -1,0 +1,83 @@
+"""The ``ubw`` command.
+
+    ubw --version
+    ubw data [fashion-mnist|cifar10|imagefolder:PATH|imagenet50:PATH] [--root DIR] [--download] [--check]
+    ubw cache [info|clear] [--namespace NS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import __version__
+
+
+def _cmd_data(args: argparse.Namespace) -> int:
+    from .data import DataNotFoundError, describe_sources, load_dataset
+
+    if args.spec == "fashion-mnist" and not args.check:
+        print("Where ubwlib looks for Fashion-MNIST, in order:")
+        for label, path, exists in describe_sources(args.spec, args.root):
+            print(f"  {'found  ' if exists else 'missing'}  {label}: {path}")
+    try:
+        splits = load_dataset(args.spec, root=args.root, download=args.download)
+    except DataNotFoundError as exc:
+        print(f"ubw data: {exc}", file=sys.stderr)
+        return 1
+    for part in (splits.train, splits.test):
+        counts = part.class_counts().tolist()
+        print(f"{part.name}: {len(part)} images of shape {tuple(part.image_shape)}, {part.num_classes} classes, "
+              f"per class {min(counts)}..{max(counts)}")
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    from .cache import Cache
+
+    cache = Cache()
+    if args.action == "clear":
+        n = cache.clear(args.namespace)
+        print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
+        return 0
+    entries = cache.entries()
+    print(f"cache: {cache.root} ({len(entries)} entries, {cache.size_bytes() / 2**20:.1f} MiB)")
+    by_ns: dict[str, list] = {}
+    for e in entries:
+        by_ns.setdefault(e.namespace, []).append(e)
+    for ns, items in sorted(by_ns.items()):
+        print(f"  {ns}: {len(items)} entries, {sum(e.size_bytes for e in items) / 2**20:.1f} MiB")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="ubw", description="Untargeted Backdoor Watermarks (ubwlib).")
+    ap.add_argument("--version", action="version", version=f"ubwlib {__version__}")
+    sub = ap.add_subparsers(dest="command")
+
+    d = sub.add_parser("data", help="find (or download) a dataset and describe it")
+    d.add_argument("spec", nargs="?", default="fashion-mnist",
+                   help="fashion-mnist (default), cifar10, imagefolder:PATH or imagenet50:PATH")
+    d.add_argument("--root", default=None, help="look here first")
+    d.add_argument("--download", action="store_true", help="allow torchvision to download (needs internet)")
+    d.add_argument("--check", action="store_true", help="only report whether the dataset loads (exit 1 if not)")
+    d.set_defaults(func=_cmd_data)
+
+    c = sub.add_parser("cache", help="show or clear the cache of trained models and results")
+    c.add_argument("action", nargs="?", choices=["info", "clear"], default="info")
+    c.add_argument("--namespace", default=None, help="only this namespace (with clear)")
+    c.set_defaults(func=_cmd_cache)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 0
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,22 @@
+"""Experiments: profiles and the cached recipes behind each table and figure of the book.
+
+The book calls only this layer; it calls the methods (``watermarks``, ``verify``, ``defenses``), which
+call ``train``, which calls ``models`` and ``data``.
+"""
+
+from .core import VERSIONS, TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model
+from .profiles import PROFILES, Profile, get_profile, profile_names
+
+__all__ = [
+    "PROFILES",
+    "Profile",
+    "get_profile",
+    "profile_names",
+    "VERSIONS",
+    "TrainedModel",
+    "benign_model",
+    "default_cache",
+    "fingerprint",
+    "load_data",
+    "trained_model",
+]

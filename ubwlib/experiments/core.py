@@ -1,0 +1,120 @@
+"""Cached recipes shared by every chapter: the profile's data, and models trained on a given training set.
+
+A trained model is cached under a hash of everything that decides its weights: the model name, width,
+number of classes and channels, every ``TrainConfig`` field, the seed, the content of the training set
+(images and labels) and a version string that is bumped when the recipe changes. A rebuilt book with a
+warm cache therefore loads every model instead of retraining it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from dataclasses import dataclass
+from functools import lru_cache
+
+import pandas as pd
+import torch
+from torch import nn
+
+from ..cache import Cache, load_state_dict_tensors, state_dict_tensors, table_from_data, table_to_data
+from ..data import DatasetSplits, ImageDataset, load_dataset
+from ..models import build_model
+from ..train import resolve_device, train
+from .profiles import Profile
+
+__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache"]
+
+#: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
+VERSIONS = {
+    "model": "1",
+}
+
+
+def default_cache() -> Cache:
+    return Cache()
+
+
+def fingerprint(dataset: ImageDataset) -> str:
+    """sha256 of a dataset's images, labels and class names (its content, not its name)."""
+    h = hashlib.sha256()
+    h.update(str((tuple(dataset.images.shape), dataset.classes)).encode())
+    h.update(memoryview(dataset.images.contiguous().numpy()).cast("B"))
+    h.update(memoryview(dataset.labels.contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
+@lru_cache(maxsize=8)
+def _load_splits(spec: str, root: str | None) -> DatasetSplits:
+    return load_dataset(spec, root=root)
+
+
+def load_data(profile: Profile) -> DatasetSplits:
+    """The profile's train/test splits (stratified subsets of ``train_size``/``test_size``, seeded)."""
+    full = _load_splits(profile.dataset, profile.data_root)
+    tr, te = full.train, full.test
+    if profile.train_size is not None and profile.train_size < len(tr):
+        tr = tr.stratified_subset(profile.train_size, seed=profile.subset_seed)
+    if profile.test_size is not None and profile.test_size < len(te):
+        te = te.stratified_subset(profile.test_size, seed=profile.subset_seed + 1)
+    return DatasetSplits(tr, te)
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: nn.Module
+    history: pd.DataFrame
+    cached: bool
+    """True when the weights were loaded from the cache (no training happened)."""
+    key: str
+
+    @property
+    def train_seconds(self) -> float:
+        return float(self.history["seconds"].sum()) if "seconds" in self.history else 0.0
+
+
+def trained_model(
+    profile: Profile,
+    train_set: ImageDataset,
+    *,
+    seed: int | None = None,
+    cache: Cache | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainedModel:
+    """The profile's model trained on ``train_set`` with the profile's schedule (from the cache when possible)."""
+    cache = cache or default_cache()
+    seed = profile.seed if seed is None else seed
+    cfg = profile.train.replace(seed=seed)
+    settings = {
+        "model": profile.model,
+        "width": profile.width,
+        "num_classes": train_set.num_classes,
+        "in_channels": train_set.image_shape[0],
+        "train": dataclasses.asdict(cfg),
+        "data": fingerprint(train_set),
+    }
+
+    def make() -> nn.Module:
+        return build_model(profile.model, train_set.num_classes, train_set.image_shape[0], profile.width, seed=seed)
+
+    def compute():
+        model, hist = train(make(), train_set, cfg, progress=progress, desc=desc)
+        return state_dict_tensors(model), {"history": table_to_data(hist)}
+
+    entry = cache.get_or_compute("model", settings, VERSIONS["model"], compute)
+    model = make()
+    load_state_dict_tensors(model, entry.tensors)
+    model.to(resolve_device(None)).eval()
+    return TrainedModel(model, table_from_data(entry.data["history"]), entry.hit, entry.path.name)
+
+
+def benign_model(profile: Profile, seed: int | None = None, cache: Cache | None = None,
+                 progress: bool = True) -> TrainedModel:
+    """'No Attack': the profile's model trained on the benign training set."""
+    return trained_model(profile, load_data(profile).train, seed=seed, cache=cache, progress=progress,
+                         desc="benign")
+
+
+def as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)

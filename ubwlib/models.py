@@ -1,0 +1,157 @@
+"""Models: the ResNet-18 family (CIFAR and ImageNet stems) and a small fast net for smoke runs.
+
+Names say which is which:
+
+- ``resnet18-cifar``: 3x3 stride-1 stem, no max-pool (the paper's CIFAR-10 model).
+- ``resnet18-imagenet``: 7x7 stride-2 stem + 3x3 max-pool (the paper's ImageNet-subset model).
+- ``smallcnn``: three conv-BN-ReLU stages with max-pooling, for smoke tests.
+
+Every builder takes ``num_classes``, ``in_channels`` and a ``width`` multiplier (1.0 = the paper's
+64-128-256-512 channels). The classifier head is always ``model.fc`` and the last convolutional stage
+of the ResNets is ``model.layer4`` (the pruning defense of the book masks its channels).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+__all__ = ["BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters"]
+
+
+def _channels(base: int, width: float) -> int:
+    return max(1, int(round(base * width)))
+
+
+class BasicBlock(nn.Module):
+    """The two-conv residual block of ResNet-18 (He et al., 2016)."""
+
+    expansion = 1
+
+    def __init__(self, in_planes: int, planes: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(in_planes, planes, 1, stride, bias=False), nn.BatchNorm2d(planes)
+            )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18 with a selectable stem.
+
+    ``stem="cifar"``: conv3x3(stride 1) -> BN -> ReLU, no max-pool (32x32 inputs keep their resolution
+    until ``layer2``). ``stem="imagenet"``: conv7x7(stride 2) -> BN -> ReLU -> maxpool3x3(stride 2).
+    Global average pooling makes the head independent of the input size (for 32x32 CIFAR inputs it is
+    the 4x4 average pool of the reference code).
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        width: float = 1.0,
+        stem: str = "cifar",
+    ) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        if stem not in ("cifar", "imagenet"):
+            raise ValueError(f"stem must be 'cifar' or 'imagenet', got {stem!r}")
+        self.stem_kind = stem
+        c = [_channels(b, width) for b in (64, 128, 256, 512)]
+        if stem == "cifar":
+            self.conv1 = nn.Conv2d(in_channels, c[0], 3, 1, 1, bias=False)
+            self.maxpool: nn.Module = nn.Identity()
+        else:
+            self.conv1 = nn.Conv2d(in_channels, c[0], 7, 2, 3, bias=False)
+            self.maxpool = nn.MaxPool2d(3, 2, 1)
+        self.bn1 = nn.BatchNorm2d(c[0])
+        self.layer1 = self._stage(c[0], c[0], 1)
+        self.layer2 = self._stage(c[0], c[1], 2)
+        self.layer3 = self._stage(c[1], c[2], 2)
+        self.layer4 = self._stage(c[2], c[3], 2)
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c[3], num_classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    @staticmethod
+    def _stage(in_planes: int, planes: int, stride: int) -> nn.Sequential:
+        return nn.Sequential(BasicBlock(in_planes, planes, stride), BasicBlock(planes, planes, 1))
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Output of ``layer4`` (before pooling)."""
+        x = self.maxpool(torch.relu(self.bn1(self.conv1(x))))
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.features(x)), 1))
+
+
+class SmallCNN(nn.Module):
+    """A small, fast convnet: three conv-BN-ReLU-maxpool stages (32-64-128 channels x ``width``)."""
+
+    def __init__(self, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> None:
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if not width > 0:
+            raise ValueError(f"width must be > 0, got {width}")
+        c = [_channels(b, width) for b in (32, 64, 128)]
+        layers: list[nn.Module] = []
+        prev = in_channels
+        for ch in c:
+            layers += [nn.Conv2d(prev, ch, 3, 1, 1, bias=False), nn.BatchNorm2d(ch), nn.ReLU(inplace=True),
+                       nn.MaxPool2d(2, ceil_mode=True)]
+            prev = ch
+        self.layer4 = nn.Sequential(*layers)  # the last (and only) conv stack, named like the ResNets'
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(c[-1], num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(self.avgpool(self.layer4(x)), 1))
+
+
+_BUILDERS: dict[str, Callable[..., nn.Module]] = {
+    "resnet18-cifar": lambda **kw: ResNet18(stem="cifar", **kw),
+    "resnet18-imagenet": lambda **kw: ResNet18(stem="imagenet", **kw),
+    "smallcnn": lambda **kw: SmallCNN(**kw),
+}
+MODEL_NAMES = tuple(_BUILDERS)
+
+
+def build_model(
+    name: str, num_classes: int, in_channels: int, width: float = 1.0, seed: int | None = None
+) -> nn.Module:
+    """Build a model by name (see ``MODEL_NAMES``). With ``seed``, the initial weights are drawn from a
+    generator seeded with it (the global RNG state is left untouched), so equal seeds give equal models."""
+    try:
+        builder = _BUILDERS[name]
+    except KeyError:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODEL_NAMES)}") from None
+    if seed is None:
+        return builder(num_classes=num_classes, in_channels=in_channels, width=width)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return builder(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,350 @@
+"""A fast, seeded trainer for image classifiers (the one every method in ubwlib trains with).
+
+Design, after airbench: the whole uint8 dataset stays a tensor on the training device; a batch is drawn
+by indexing it with a seeded permutation; augmentation (random crop with zero padding, horizontal flip)
+runs on the whole batch on the device; there is no per-sample Python work and no DataLoader. On CUDA and on
+CPUs with native bfloat16 support the forward/backward pass runs under ``torch.autocast`` in bfloat16 with
+channels-last tensors; elsewhere in float32. ``TrainConfig.precision="fp32"`` (or ``UBW_PRECISION=fp32``)
+forces float32 everywhere.
+
+Every hyper-parameter is a field of :class:`TrainConfig`; its defaults are the paper's CIFAR-10 schedule
+(SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr x0.1 at epochs 150 and 180,
+random horizontal flip only, seed 666).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Iterator, NamedTuple
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .data import ImageDataset
+
+__all__ = [
+    "TrainConfig",
+    "TrainResult",
+    "train",
+    "predict_proba",
+    "predict",
+    "accuracy",
+    "augment_batch",
+    "resolve_device",
+    "resolve_precision",
+    "cpu_supports_bf16",
+    "autocast_context",
+    "to_model_input",
+]
+
+SCHEDULES = ("multistep", "onecycle", "constant")
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Training settings. Defaults: the paper's CIFAR-10 schedule (reference section 1)."""
+
+    epochs: int = 200
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    nesterov: bool = False
+    schedule: str = "multistep"
+    """``multistep`` (lr x ``lr_decay`` at each of ``milestones``), ``onecycle`` (linear warm-up for
+    ``warmup_fraction`` of the steps to ``lr``, then linear decay to 0; for short schedules) or ``constant``."""
+    milestones: tuple[int, ...] = (150, 180)
+    lr_decay: float = 0.1
+    warmup_fraction: float = 0.2
+    flip: bool = True
+    """Random horizontal flip (probability 1/2), batched on the device."""
+    crop_padding: int = 0
+    """Random crop with this much zero padding on each side (0 = off, the paper's setting)."""
+    label_smoothing: float = 0.0
+    precision: str = "auto"
+    """``auto``: bfloat16 autocast + channels-last where supported (CUDA, CPUs with bf16), else float32."""
+    seed: int = 666
+    drop_last: bool = False
+
+    def __post_init__(self) -> None:
+        if self.epochs < 0:
+            raise ValueError(f"epochs must be >= 0, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
+        if self.crop_padding < 0:
+            raise ValueError(f"crop_padding must be >= 0, got {self.crop_padding}")
+        if not 0 <= self.warmup_fraction < 1:
+            raise ValueError(f"warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+        if list(self.milestones) != sorted(self.milestones):
+            raise ValueError(f"milestones must be increasing, got {self.milestones}")
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+
+class TrainResult(NamedTuple):
+    model: nn.Module
+    history: pd.DataFrame
+
+
+# --------------------------------------------------------------------------- devices and precision
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """``None`` or ``"auto"``: CUDA when available, else CPU."""
+    if device is None or device == "auto":
+        device = os.environ.get("UBW_DEVICE") or ("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@lru_cache(maxsize=None)
+def cpu_supports_bf16() -> bool:
+    """True when this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX), where oneDNN runs bf16
+    convolutions fast. Without it, CPU bf16 is emulated and slower than float32."""
+    try:
+        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
+            flags = _cpu_flags()
+            return not flags or bool(flags & {"avx512_bf16", "amx_bf16"})
+    except (AttributeError, RuntimeError):
+        pass
+    return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu") -> str:
+    """``"bf16"`` or ``"fp32"``. ``UBW_PRECISION`` (auto/bf16/fp32) overrides ``"auto"``."""
+    if precision == "auto":
+        precision = os.environ.get("UBW_PRECISION", "auto").lower()
+        if precision not in PRECISIONS:
+            raise ValueError(f"UBW_PRECISION must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if cpu_supports_bf16() else "fp32"
+    return "fp32"
+
+
+def autocast_context(precision: str, device: torch.device):
+    """``torch.autocast`` in bfloat16 when ``precision == "bf16"``, else a no-op context."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def to_model_input(images: torch.Tensor, precision: str) -> torch.Tensor:
+    """uint8 images -> float32 in [0, 1] (float input is taken as already scaled), channels-last for bf16."""
+    x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
+    if precision == "bf16" and x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# --------------------------------------------------------------------------- augmentation
+def augment_batch(
+    images: torch.Tensor, *, flip: bool, crop_padding: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """Random crop (zero padding) and horizontal flip on a whole N x C x H x W batch, on its device.
+
+    Each sample gets its own offsets and flip coin from ``generator`` (a generator on the batch's device).
+    """
+    n, c, h, w = images.shape
+    dev = images.device
+    out = images
+    if crop_padding > 0:
+        p = crop_padding
+        padded = F.pad(out, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=dev)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=generator, device=dev)
+        rows = (dy[:, None] + torch.arange(h, device=dev)).view(n, 1, h, 1)
+        cols = (dx[:, None] + torch.arange(w, device=dev)).view(n, 1, 1, w)
+        bidx = torch.arange(n, device=dev).view(n, 1, 1, 1)
+        cidx = torch.arange(c, device=dev).view(1, c, 1, 1)
+        out = padded[bidx, cidx, rows, cols]
+    if flip:
+        coin = torch.rand(n, generator=generator, device=dev) < 0.5
+        out = torch.where(coin.view(n, 1, 1, 1), out.flip(3), out)
+    return out
+
+
+# --------------------------------------------------------------------------- training
+def _make_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    """Returns (scheduler, step_per_batch)."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        warm = max(1, int(round(cfg.warmup_fraction * total)))
+
+        def factor(step: int) -> float:
+            if step < warm:
+                return (step + 1) / warm
+            return max(0.0, (total - step) / max(1, total - warm))
+
+        return torch.optim.lr_scheduler.LambdaLR(opt, factor), True
+    if cfg.schedule == "multistep":
+        return torch.optim.lr_scheduler.MultiStepLR(opt, list(cfg.milestones), cfg.lr_decay), False
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0), False
+
+
+def _batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generator) -> Iterator[torch.Tensor]:
+    perm = torch.randperm(n, generator=generator)
+    stop = n - (n % batch_size) if drop_last and n >= batch_size else n
+    for start in range(0, stop, batch_size):
+        yield perm[start : start + batch_size]
+
+
+def train(
+    model: nn.Module,
+    dataset: ImageDataset,
+    config: TrainConfig = TrainConfig(),
+    *,
+    device: str | torch.device | None = None,
+    eval_set: ImageDataset | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> TrainResult:
+    """Train ``model`` on ``dataset`` with ``config``; returns ``(model, history)``.
+
+    ``history`` has one row per epoch: ``epoch, lr, loss, train_acc, seconds`` (+ ``eval_acc`` when an
+    ``eval_set`` is given). The model is trained in place, moved to ``device`` and left in eval mode.
+    Seeded: the data order and augmentation come from generators seeded with ``config.seed``; build the model
+    with ``ubwlib.models.build_model(..., seed=...)`` for reproducible initial weights. The same seed gives
+    the same weights on the same CPU.
+    """
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be an ubwlib.data.ImageDataset, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("cannot train on an empty dataset")
+    dev = resolve_device(device)
+    precision = resolve_precision(config.precision, dev)
+    model = model.to(dev)
+    if precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    images = dataset.images.to(dev)
+    labels = dataset.labels.to(dev)
+    n = len(dataset)
+    steps_per_epoch = (n // config.batch_size) if (config.drop_last and n >= config.batch_size) else math.ceil(
+        n / config.batch_size
+    )
+
+    order_gen = torch.Generator().manual_seed(config.seed)
+    aug_gen = torch.Generator(device=dev).manual_seed(config.seed + 1)
+    opt = torch.optim.SGD(
+        model.parameters(),
+        lr=config.lr,
+        momentum=config.momentum,
+        weight_decay=config.weight_decay,
+        nesterov=config.nesterov and config.momentum > 0,
+    )
+    sched, per_batch = _make_scheduler(opt, config, steps_per_epoch)
+    rows = []
+    bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
+    for epoch in bar:
+        model.train()
+        t0 = time.perf_counter()
+        lr_epoch = opt.param_groups[0]["lr"]
+        loss_sum = torch.zeros((), device=dev)
+        correct = torch.zeros((), device=dev, dtype=torch.long)
+        for idx in _batches(n, config.batch_size, config.drop_last, order_gen):
+            idx = idx.to(dev)
+            xb = augment_batch(images[idx], flip=config.flip, crop_padding=config.crop_padding, generator=aug_gen)
+            xb = to_model_input(xb, precision)
+            yb = labels[idx]
+            with autocast_context(precision, dev):
+                logits = model(xb)
+                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if per_batch:
+                sched.step()
+            loss_sum += loss.detach() * len(idx)
+            correct += (logits.detach().argmax(1) == yb).sum()
+        if not per_batch:
+            sched.step()
+        row = {
+            "epoch": epoch + 1,
+            "lr": lr_epoch,
+            "loss": float(loss_sum) / n,
+            "train_acc": float(correct) / n,
+            "seconds": time.perf_counter() - t0,
+        }
+        if eval_set is not None:
+            row["eval_acc"] = accuracy(model, eval_set, device=dev, precision=precision)
+        rows.append(row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
+    bar.close()
+    model.eval()
+    cols = ["epoch", "lr", "loss", "train_acc", "seconds"] + (["eval_acc"] if eval_set is not None else [])
+    return TrainResult(model, pd.DataFrame(rows, columns=cols))
+
+
+# --------------------------------------------------------------------------- inference
+@torch.inference_mode()
+def predict_proba(
+    model: nn.Module,
+    images: torch.Tensor | ImageDataset,
+    *,
+    batch_size: int = 1024,
+    device: str | torch.device | None = None,
+    precision: str = "auto",
+) -> torch.Tensor:
+    """Softmax probabilities (float32, CPU, N x K) of ``model`` on uint8 images (or float images in [0, 1]).
+
+    The model is put in eval mode and run on ``device`` (default: where its parameters are)."""
+    if isinstance(images, ImageDataset):
+        images = images.images
+    if images.dim() != 4:
+        raise ValueError(f"images must be N x C x H x W, got shape {tuple(images.shape)}")
+    if device is None:
+        p = next(model.parameters(), None)
+        dev = p.device if p is not None else resolve_device(None)
+    else:
+        dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model.eval()
+    model.to(dev)
+    out = []
+    for start in range(0, len(images), batch_size):
+        xb = to_model_input(images[start : start + batch_size].to(dev), prec)
+        with autocast_context(prec, dev):
+            logits = model(xb)
+        out.append(torch.softmax(logits.float(), dim=1).cpu())
+    if not out:
+        return torch.empty(0, 0)
+    return torch.cat(out)
+
+
+def predict(model: nn.Module, images: torch.Tensor | ImageDataset, **kwargs) -> torch.Tensor:
+    """Predicted class indices (int64, CPU)."""
+    return predict_proba(model, images, **kwargs).argmax(1)
+
+
+def accuracy(model: nn.Module, dataset: ImageDataset, **kwargs) -> float:
+    """Top-1 accuracy of ``model`` on ``dataset`` (0..1)."""
+    return float((predict(model, dataset.images, **kwargs) == dataset.labels).float().mean())
