@@ -37,8 +37,9 @@ def chapter_paths(book_dir: Path | str = BOOK_DIR) -> list[Path]:
         def walk(node):
             if isinstance(node, dict):
                 for key in ("root", "file"):
-                    if key in node:
-                        ordered.append(book_dir / (node[key] + ".md"))
+                    if key in node:  # sphinx-external-toc: "with or without the file extension"
+                        name = str(node[key])
+                        ordered.append(book_dir / (name if name.endswith(".md") else name + ".md"))
                 for v in node.values():
                     walk(v)
             elif isinstance(node, list):

@@ -14,7 +14,7 @@ from . import __version__
 
 
 def _cmd_data(args: argparse.Namespace) -> int:
-    from .data import DataNotFoundError, describe_sources, load_dataset
+    from .data import DataIntegrityError, DataNotFoundError, describe_sources, load_dataset
 
     if args.spec == "fashion-mnist" and not args.check:
         print("Where ubwlib looks for Fashion-MNIST, in order:")
@@ -22,7 +22,7 @@ def _cmd_data(args: argparse.Namespace) -> int:
             print(f"  {'found  ' if exists else 'missing'}  {label}: {path}")
     try:
         splits = load_dataset(args.spec, root=args.root, download=args.download)
-    except DataNotFoundError as exc:
+    except (DataNotFoundError, DataIntegrityError) as exc:
         print(f"ubw data: {exc}", file=sys.stderr)
         return 1
     for part in (splits.train, splits.test):

@@ -112,6 +112,8 @@ class SmallCNN(nn.Module):
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if in_channels < 1:
+            raise ValueError(f"in_channels must be >= 1, got {in_channels}")
         if not width > 0:
             raise ValueError(f"width must be > 0, got {width}")
         c = [_channels(b, width) for b in (32, 64, 128)]

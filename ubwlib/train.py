@@ -137,6 +137,8 @@ def _cpu_flags() -> set[str]:
 
 def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu") -> str:
     """``"bf16"`` or ``"fp32"``. ``UBW_PRECISION`` (auto/bf16/fp32) overrides ``"auto"``."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision == "auto":
         precision = os.environ.get("UBW_PRECISION", "auto").lower()
         if precision not in PRECISIONS:
@@ -270,6 +272,7 @@ def train(
         lr_epoch = opt.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=dev)
         correct = torch.zeros((), device=dev, dtype=torch.long)
+        seen = 0
         for idx in _batches(n, config.batch_size, config.drop_last, order_gen):
             idx = idx.to(dev)
             xb = augment_batch(images[idx], flip=config.flip, crop_padding=config.crop_padding, generator=aug_gen)
@@ -285,13 +288,14 @@ def train(
                 sched.step()
             loss_sum += loss.detach() * len(idx)
             correct += (logits.detach().argmax(1) == yb).sum()
+            seen += len(idx)
         if not per_batch:
             sched.step()
         row = {
             "epoch": epoch + 1,
             "lr": lr_epoch,
-            "loss": float(loss_sum) / n,
-            "train_acc": float(correct) / n,
+            "loss": float(loss_sum) / seen,
+            "train_acc": float(correct) / seen,
             "seconds": time.perf_counter() - t0,
         }
         if eval_set is not None:

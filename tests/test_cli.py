@@ -1,0 +1,206 @@
+"""Tests of the ``ubw`` command (through ``ubwlib.cli.main`` and one real subprocess)."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import ubwlib
+import ubwlib.data as data_mod
+from ubwlib.cache import CACHEDIR_TAG_NAME, Cache
+from ubwlib.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parent.parent
+IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def write_fashion_fixture(folder: Path, n_train: int = 200, n_test: int = 100, k: int = 10, magic: int = 2051) -> None:
+    """Gzip'd IDX files (magic 2051 images N x 28 x 28, 2049 labels), balanced classes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        labels = rng.permutation(np.arange(n) % k).astype(np.uint8)
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">IIII", magic, n, 28, 28) + images.tobytes())
+        )
+        (folder / f"{prefix}-labels-idx1-ubyte.gz").write_bytes(
+            gzip.compress(struct.pack(">II", 2049, n) + labels.tobytes())
+        )
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    monkeypatch.setenv("UBW_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("UBW_DATA", raising=False)
+    monkeypatch.delenv("UBW_NO_CACHE", raising=False)
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-package")
+    return tmp_path
+
+
+# --------------------------------------------------------------------------------------------------
+# version and help
+# --------------------------------------------------------------------------------------------------
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"ubwlib {ubwlib.__version__}"
+
+
+def test_version_subprocess(tmp_path):
+    env = {**os.environ, "UBW_CACHE": str(tmp_path / "cache")}
+    res = subprocess.run([sys.executable, "-m", "ubwlib.cli", "--version"], capture_output=True, text=True,
+                         timeout=60, cwd=tmp_path, env=env)
+    assert res.returncode == 0, res.stderr
+    assert res.stdout.strip() == f"ubwlib {ubwlib.__version__}"
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 0
+    out = capsys.readouterr().out
+    assert "data" in out and "cache" in out and out.startswith("usage: ubw")
+
+
+def test_bad_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["cache", "explode"])
+    assert exc.value.code == 2
+    assert "invalid choice" in capsys.readouterr().err
+
+
+def test_parser_defaults():
+    args = build_parser().parse_args(["data"])
+    assert args.spec == "fashion-mnist" and args.root is None and not args.download and not args.check
+    args = build_parser().parse_args(["cache"])
+    assert args.action == "info" and args.namespace is None
+
+
+# --------------------------------------------------------------------------------------------------
+# ubw data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_data_check_on_fixture(tmp_path, capsys):
+    root = tmp_path / "fmnist"
+    write_fashion_fixture(root)
+    assert main(["data", "fashion-mnist", "--root", str(root), "--check"]) == 0
+    out, err = capsys.readouterr()
+    assert "fashion-mnist/train: 200 images of shape (1, 28, 28), 10 classes, per class 20..20" in out
+    assert "fashion-mnist/test: 100 images of shape (1, 28, 28), 10 classes, per class 10..10" in out
+    assert "Where ubwlib looks" not in out  # --check only reports whether it loads
+    assert err == ""
+    assert list(root.iterdir()) and all(p.suffix == ".gz" for p in root.iterdir())  # nothing written there
+
+
+def test_data_without_check_lists_the_sources(tmp_path, capsys):
+    root = tmp_path / "fmnist"
+    write_fashion_fixture(root)
+    assert main(["data", "--root", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert "Where ubwlib looks for Fashion-MNIST" in out
+    assert f"found    root: {root}" in out
+    assert "fashion-mnist/train: 200 images" in out
+
+
+def test_data_from_ubw_data(tmp_path, monkeypatch, capsys):
+    root = tmp_path / "fmnist"
+    write_fashion_fixture(root, n_train=30, n_test=20)
+    monkeypatch.setenv("UBW_DATA", str(root))
+    assert main(["data", "fashion-mnist", "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "fashion-mnist/train: 30 images" in out and "fashion-mnist/test: 20 images" in out
+
+
+@pytest.mark.parametrize("make_dir", [True, False])
+def test_data_missing_names_the_three_ways(tmp_path, capsys, make_dir):
+    empty = tmp_path / "empty"
+    if make_dir:
+        empty.mkdir()
+    assert main(["data", "fashion-mnist", "--root", str(empty), "--check"]) == 1
+    out, err = capsys.readouterr()
+    assert "images of shape" not in out
+    assert err.startswith("ubw data: ")
+    assert "apt-get install dataset-fashion-mnist" in err
+    assert "UBW_DATA" in err and "root" in err and str(empty) in err
+    assert "--download" in err
+
+
+def test_data_missing_without_root(tmp_path, capsys):
+    assert main(["data", "fashion-mnist"]) == 1
+    out, err = capsys.readouterr()
+    assert "missing" in out and "system package dataset-fashion-mnist" in out
+    assert "apt-get install dataset-fashion-mnist" in err and "--download" in err
+
+
+def test_data_unreadable_files_exit_1(tmp_path, capsys):
+    root = tmp_path / "bad"
+    write_fashion_fixture(root, n_train=10, n_test=10, magic=1234)
+    assert main(["data", "fashion-mnist", "--root", str(root), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ubw data: ") and "2051" in err
+
+
+# --------------------------------------------------------------------------------------------------
+# ubw cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _one_entry(root: Path):
+    return Cache(root).put("model", {"name": "toy", "seed": 0}, "1",
+                           tensors={"w": torch.arange(1000, dtype=torch.float32)}, data={"acc": 0.5})
+
+
+def test_cache_info_and_clear(tmp_path, capsys):
+    root = tmp_path / "cache"
+    entry = _one_entry(root)
+    assert entry.path.is_dir() and entry.path.parent.name == "model"
+
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"cache: {Cache().root} (1 entries, ")
+    assert "  model: 1 entries" in out
+    assert main(["cache"]) == 0  # info is the default action
+    assert capsys.readouterr().out == out
+
+    assert main(["cache", "clear", "--namespace", "other"]) == 0
+    assert capsys.readouterr().out.startswith("removed 0 cache entries from ")
+    assert entry.path.is_dir()
+
+    assert main(["cache", "clear"]) == 0
+    assert capsys.readouterr().out.strip() == f"removed 1 cache entry from {Cache().root}"
+    assert not entry.path.exists()
+    assert Cache(root).entries() == []
+    assert (root / CACHEDIR_TAG_NAME).is_file()  # the marker stays: it is still a ubwlib cache
+
+    assert main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "(0 entries, " in out and "model:" not in out
+
+
+def test_cache_info_on_missing_root(tmp_path, capsys):
+    assert main(["cache"]) == 0
+    assert "(0 entries, 0.0 MiB)" in capsys.readouterr().out
+    assert main(["cache", "clear"]) == 0
+    assert "removed 0 cache entries" in capsys.readouterr().out
+    assert not (tmp_path / "cache").exists()
+
+
+def test_cache_clear_refuses_unmarked_folder(tmp_path, monkeypatch):
+    foreign = tmp_path / "foreign"
+    (foreign / "model" / ("a" * 20)).mkdir(parents=True)
+    (foreign / "notes.txt").write_text("mine")
+    monkeypatch.setenv("UBW_CACHE", str(foreign))
+    with pytest.raises(ValueError, match="CACHEDIR.TAG"):
+        main(["cache", "clear"])
+    assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "model" / ("a" * 20)).is_dir()

@@ -1,0 +1,463 @@
+"""Tests of ubwlib.experiments: profiles, the cached recipes of ``core`` and the dispersibility chapter.
+
+Everything runs on a tiny Fashion-MNIST fixture written in the real IDX format (gzip'd) with the smoke
+profile's small CNN, and on a private cache folder per test.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import ubwlib.data as data_mod
+import ubwlib.experiments.core as core
+from ubwlib.cache import Cache, CacheCorruptionWarning
+from ubwlib.data import ImageDataset
+from ubwlib.experiments import (
+    PROFILES,
+    VERSIONS,
+    Profile,
+    benign_model,
+    fingerprint,
+    get_profile,
+    load_data,
+    profile_names,
+    trained_model,
+)
+from ubwlib.experiments.dispersibility import (
+    lemma1_table,
+    model_dispersibility,
+    random_probability_sets,
+    worked_examples,
+)
+from ubwlib.train import TrainConfig, predict_proba
+
+N_TRAIN, N_TEST, K = 200, 100, 10
+
+
+# --------------------------------------------------------------------------------------------------
+# fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+def _idx_images(arr: np.ndarray) -> bytes:
+    n, h, w = arr.shape
+    return struct.pack(">IIII", 2051, n, h, w) + arr.astype(np.uint8).tobytes()
+
+
+def _idx_labels(arr: np.ndarray) -> bytes:
+    return struct.pack(">II", 2049, len(arr)) + arr.astype(np.uint8).tobytes()
+
+
+def _pattern_images(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Noise plus a bright horizontal band whose row depends on the class (invariant under h-flips)."""
+    x = rng.integers(0, 60, (len(labels), 28, 28), dtype=np.uint8)
+    for i, y in enumerate(labels):
+        x[i, 4 + 2 * y : 6 + 2 * y, 3:25] = 230
+    return x
+
+
+def write_fashion_fixture(folder: Path, n_train: int = N_TRAIN, n_test: int = N_TEST, seed: int = 0) -> dict:
+    """The four gzip'd IDX files of a balanced, learnable 10-class Fashion-MNIST look-alike."""
+    rng = np.random.default_rng(seed)
+    ytr = rng.permutation(np.arange(n_train) % K).astype(np.uint8)
+    yte = rng.permutation(np.arange(n_test) % K).astype(np.uint8)
+    arrays = {"train_x": _pattern_images(ytr, rng), "train_y": ytr, "test_x": _pattern_images(yte, rng), "test_y": yte}
+    blobs = {
+        "train-images-idx3-ubyte": _idx_images(arrays["train_x"]),
+        "train-labels-idx1-ubyte": _idx_labels(arrays["train_y"]),
+        "t10k-images-idx3-ubyte": _idx_images(arrays["test_x"]),
+        "t10k-labels-idx1-ubyte": _idx_labels(arrays["test_y"]),
+    }
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, blob in blobs.items():
+        (folder / f"{name}.gz").write_bytes(gzip.compress(blob))
+    return arrays
+
+
+@pytest.fixture(autouse=True)
+def isolated(tmp_path, monkeypatch):
+    """A private cache, no $UBW_DATA / $UBW_PROFILE / $UBW_NO_CACHE, no system dataset, fresh split cache."""
+    monkeypatch.setenv("UBW_CACHE", str(tmp_path / "cache"))
+    for var in ("UBW_DATA", "UBW_PROFILE", "UBW_NO_CACHE"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-package")
+    core._load_splits.cache_clear()
+    yield tmp_path
+    core._load_splits.cache_clear()
+
+
+@pytest.fixture
+def fixture_root(tmp_path) -> Path:
+    root = tmp_path / "fmnist"
+    write_fashion_fixture(root)
+    return root
+
+
+@pytest.fixture
+def tiny(fixture_root) -> Profile:
+    """The smoke profile on the fixture: all 200/100 images, 1 epoch."""
+    return get_profile("smoke", train={"epochs": 1}).replace(
+        data_root=str(fixture_root), train_size=None, test_size=None
+    )
+
+
+def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert wa[k].dtype == wb[k].dtype and torch.equal(wa[k], wb[k]), k
+
+
+# --------------------------------------------------------------------------------------------------
+# profiles
+# --------------------------------------------------------------------------------------------------
+
+
+def test_three_profiles_with_documented_datasets_and_models():
+    assert profile_names() == ("smoke", "default", "paper")
+    assert set(PROFILES) == {"smoke", "default", "paper"}
+    for name, prof in PROFILES.items():
+        assert prof.name == name and isinstance(prof.train, TrainConfig) and prof.description
+    smoke, default, paper = PROFILES["smoke"], PROFILES["default"], PROFILES["paper"]
+    assert (smoke.dataset, smoke.model) == ("fashion-mnist", "smallcnn")
+    assert (default.dataset, default.model) == ("fashion-mnist", "resnet18-cifar")
+    assert smoke.train.epochs <= 2 and smoke.train_size < default.train_size
+    assert (paper.dataset, paper.model, paper.width) == ("cifar10", "resnet18-cifar", 1.0)
+    assert paper.train_size is None and paper.test_size is None  # the full CIFAR-10 splits
+    assert paper.seed == 666 and paper.seeds[0] == 666
+
+
+def test_paper_schedule_is_the_traincofig_default():
+    t = PROFILES["paper"].train
+    assert t == dataclasses.replace(TrainConfig(), seed=666)
+    d = TrainConfig()
+    assert (d.lr, d.momentum, d.weight_decay, d.batch_size, d.epochs) == (0.1, 0.9, 5e-4, 128, 200)
+    assert d.schedule == "multistep" and tuple(d.milestones) == (150, 180) and d.lr_decay == 0.1
+    assert d.seed == 666 and t.seed == 666
+
+
+def test_get_profile_reads_env_and_falls_back_to_default(monkeypatch):
+    assert get_profile(None) is PROFILES["default"]
+    assert get_profile() is PROFILES["default"]
+    monkeypatch.setenv("UBW_PROFILE", "")
+    assert get_profile(None).name == "default"
+    monkeypatch.setenv("UBW_PROFILE", "smoke")
+    assert get_profile(None) is PROFILES["smoke"]
+    assert get_profile("paper").name == "paper"  # an explicit name wins over the environment
+    monkeypatch.setenv("UBW_PROFILE", "nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        get_profile(None)
+
+
+def test_unknown_profile_lists_the_choices():
+    with pytest.raises(ValueError) as exc:
+        get_profile("huge")
+    msg = str(exc.value)
+    assert "huge" in msg
+    for name in ("smoke", "default", "paper"):
+        assert name in msg
+
+
+def test_overrides_including_train_dict():
+    p = get_profile("smoke", train={"epochs": 1}, train_size=100, seeds=(5, 6))
+    assert p.train.epochs == 1 and p.train_size == 100 and p.seed == 5
+    # the other train settings are kept
+    assert p.train == PROFILES["smoke"].train.replace(epochs=1)
+    # the registered profile is untouched
+    assert PROFILES["smoke"].train.epochs == 2 and PROFILES["smoke"].train_size == 2000
+    # a TrainConfig works too, and a Profile can be passed in place of a name
+    q = get_profile(p, train=TrainConfig(epochs=3))
+    assert q.train == TrainConfig(epochs=3) and q.train_size == 100
+    assert get_profile(p) is p
+    with pytest.raises(ValueError, match="bogus"):
+        get_profile("smoke", bogus=1)
+
+
+def test_profiles_are_frozen():
+    p = PROFILES["smoke"]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.epochs = 3  # type: ignore[attr-defined]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.train_size = 3  # type: ignore[misc]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        p.train.epochs = 3  # type: ignore[misc]
+    r = p.replace(train_size=10)
+    assert r.train_size == 10 and p.train_size == 2000
+
+
+def test_data_root_is_not_part_of_equality():
+    p = PROFILES["smoke"]
+    assert p.replace(data_root="/somewhere") == p
+
+
+def test_summary_is_flat_with_train_keys():
+    s = PROFILES["paper"].summary()
+    assert s["name"] == "paper" and s["dataset"] == "cifar10" and s["model"] == "resnet18-cifar"
+    assert "train" not in s and "description" not in s and "data_root" not in s
+    for f in dataclasses.fields(TrainConfig):
+        assert f"train.{f.name}" in s
+    assert s["train.epochs"] == 200 and s["train.lr"] == 0.1 and s["train.seed"] == 666
+    assert all(not isinstance(v, (dict, TrainConfig)) for v in s.values())
+
+
+# --------------------------------------------------------------------------------------------------
+# core: data
+# --------------------------------------------------------------------------------------------------
+
+
+def test_load_data_full_fixture(tiny):
+    splits = load_data(tiny)
+    assert len(splits.train) == N_TRAIN and len(splits.test) == N_TEST
+    assert splits.train.image_shape == (1, 28, 28) and splits.num_classes == K
+    assert splits.train.class_counts().tolist() == [N_TRAIN // K] * K
+
+
+@pytest.mark.parametrize("train_size,test_size", [(50, 30), (55, 23)])
+def test_load_data_stratified_subsets(tiny, train_size, test_size):
+    p = tiny.replace(train_size=train_size, test_size=test_size)
+    splits = load_data(p)
+    assert len(splits.train) == train_size and len(splits.test) == test_size
+    for part in (splits.train, splits.test):
+        counts = part.class_counts().tolist()
+        assert len(counts) == K and max(counts) - min(counts) <= 1 and min(counts) >= 1
+    if train_size % K == 0:
+        assert splits.train.class_counts().tolist() == [train_size // K] * K
+    # deterministic, and the subset seed matters
+    again = load_data(p)
+    assert torch.equal(again.train.images, splits.train.images) and torch.equal(again.test.labels, splits.test.labels)
+    other = load_data(p.replace(subset_seed=7))
+    assert not torch.equal(other.train.images, splits.train.images)
+
+
+def test_load_data_sizes_at_least_the_split_keep_everything(tiny):
+    splits = load_data(tiny.replace(train_size=N_TRAIN, test_size=10 * N_TEST))
+    assert len(splits.train) == N_TRAIN and len(splits.test) == N_TEST
+
+
+# --------------------------------------------------------------------------------------------------
+# core: fingerprint
+# --------------------------------------------------------------------------------------------------
+
+
+def _toy(seed: int = 0, name: str = "toy/train") -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (12, 1, 6, 6), dtype=torch.uint8, generator=g)
+    labels = torch.arange(12) % 3
+    return ImageDataset(images, labels, ("a", "b", "c"), name)
+
+
+def test_fingerprint_is_content():
+    a, b = _toy(), _toy(name="another name")
+    assert fingerprint(a) == fingerprint(b) == fingerprint(a.replace(images=a.images.clone()))
+    assert len(fingerprint(a)) == 64
+    px = a.images.clone()
+    px[3, 0, 2, 4] ^= 1
+    assert fingerprint(a.replace(images=px)) != fingerprint(a)
+    lab = a.labels.clone()
+    lab[5] = (lab[5] + 1) % 3
+    assert fingerprint(a.replace(labels=lab)) != fingerprint(a)
+    assert fingerprint(a.replace(classes=("a", "b", "z"))) != fingerprint(a)
+    # same bytes, different shape
+    assert fingerprint(a.replace(images=a.images.reshape(12, 1, 3, 12))) != fingerprint(a)
+
+
+# --------------------------------------------------------------------------------------------------
+# core: trained_model and its cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _counting_train(monkeypatch):
+    calls = []
+    real = core.train
+
+    def counting(*args, **kwargs):
+        calls.append(args[2] if len(args) > 2 else kwargs.get("config"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(core, "train", counting)
+    return calls
+
+
+def _forbid_train(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("trained although the model is in the cache")
+
+    monkeypatch.setattr(core, "train", boom)
+
+
+def test_trained_model_cold_then_warm(tiny, tmp_path, monkeypatch):
+    calls = _counting_train(monkeypatch)
+    train_set = load_data(tiny).train
+    root = tmp_path / "models"
+    first = trained_model(tiny, train_set, cache=Cache(root), progress=False)
+    assert first.cached is False and len(calls) == 1
+    assert calls[0] == tiny.train.replace(seed=tiny.seed)
+    assert list(first.history["epoch"]) == [1] and first.train_seconds > 0
+    assert (root / "model" / first.key / "tensors.pt").is_file()
+    assert not first.model.training
+
+    _forbid_train(monkeypatch)
+    second = trained_model(tiny, train_set, cache=Cache(root), progress=False)  # a new Cache object
+    assert second.cached is True and second.key == first.key
+    _assert_same_weights(first.model, second.model)
+    pd.testing.assert_frame_equal(first.history, second.history)
+    test = load_data(tiny).test
+    assert torch.equal(predict_proba(first.model, test.images), predict_proba(second.model, test.images))
+
+
+def test_default_cache_follows_ubw_cache(tiny, tmp_path, monkeypatch):
+    calls = _counting_train(monkeypatch)
+    a = benign_model(tiny, progress=False)
+    assert a.cached is False and len(calls) == 1
+    assert (tmp_path / "cache" / "model" / a.key).is_dir()
+    b = benign_model(tiny, progress=False)
+    assert b.cached is True and len(calls) == 1 and b.key == a.key
+
+
+def test_key_changes_with_seed_config_and_labels(tiny, tmp_path, monkeypatch):
+    calls = _counting_train(monkeypatch)
+    cache = Cache(tmp_path / "models")
+    train_set = load_data(tiny).train
+    base = trained_model(tiny, train_set, cache=cache, progress=False)
+    assert not base.cached and len(calls) == 1
+
+    variants = {
+        "seed": lambda: trained_model(tiny, train_set, seed=tiny.seed + 1, cache=cache, progress=False),
+        "lr": lambda: trained_model(get_profile(tiny, train={"lr": 0.04}), train_set, cache=cache, progress=False),
+        "batch": lambda: trained_model(tiny.replace(train=tiny.train.replace(batch_size=64)), train_set,
+                                       cache=cache, progress=False),
+    }
+    flipped = train_set.labels.clone()
+    flipped[0] = (flipped[0] + 1) % K
+    variants["one label"] = lambda: trained_model(tiny, train_set.replace(labels=flipped), cache=cache,
+                                                  progress=False)
+    keys = {base.key}
+    for name, run in variants.items():
+        n = len(calls)
+        res = run()
+        assert res.cached is False, name
+        assert len(calls) == n + 1, name
+        assert res.key not in keys, name
+        keys.add(res.key)
+    assert calls[1].seed == tiny.seed + 1
+
+    # the unchanged settings still hit; data_root is not part of the key
+    n = len(calls)
+    again = trained_model(tiny.replace(data_root="/elsewhere"), train_set, cache=cache, progress=False)
+    assert again.cached is True and again.key == base.key and len(calls) == n
+    # the recipe version is part of the key
+    monkeypatch.setitem(VERSIONS, "model", VERSIONS["model"] + "-test")
+    bumped = trained_model(tiny, train_set, cache=cache, progress=False)
+    assert bumped.cached is False and bumped.key != base.key and len(calls) == n + 1
+
+
+def test_corrupted_entry_is_detected_and_retrained(tiny, tmp_path, monkeypatch):
+    calls = _counting_train(monkeypatch)
+    root = tmp_path / "models"
+    train_set = load_data(tiny).train
+    first = trained_model(tiny, train_set, cache=Cache(root), progress=False)
+    tensors = root / "model" / first.key / "tensors.pt"
+    size = tensors.stat().st_size
+    with open(tensors, "r+b") as fh:
+        fh.truncate(size // 2)
+
+    with pytest.warns(CacheCorruptionWarning, match="tensors.pt"):
+        second = trained_model(tiny, train_set, cache=Cache(root), progress=False)
+    assert second.cached is False and len(calls) == 2 and second.key == first.key
+    _assert_same_weights(first.model, second.model)  # same seed, same CPU: same weights
+    assert tensors.stat().st_size == size  # the entry was rewritten whole
+
+    _forbid_train(monkeypatch)
+    third = trained_model(tiny, train_set, cache=Cache(root), progress=False)
+    assert third.cached is True
+    _assert_same_weights(second.model, third.model)
+
+
+# --------------------------------------------------------------------------------------------------
+# dispersibility recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_worked_examples_values():
+    ex = worked_examples(num_classes=10, per_class=100)
+    assert len(ex) == 4
+    expected = [0.0, 0.0, 0.9 * math.log(2), math.log(10)]
+    assert np.allclose(ex["D_p"], expected, atol=1e-12, rtol=0)
+    assert np.allclose(ex["D_p / ln K"], np.array(expected) / math.log(10), atol=1e-12, rtol=0)
+    # ASR-A: every triggered image misclassified except those already of class 1 / kept correct
+    assert np.allclose(ex["ASR-A"], [0.9, 1.0, 0.45, 0.9], atol=1e-12)
+    with pytest.raises(ValueError, match="per_class"):
+        worked_examples(num_classes=10, per_class=15)
+
+
+def test_worked_examples_other_k():
+    ex = worked_examples(num_classes=4, per_class=8)
+    assert np.allclose(ex["D_p"], [0.0, 0.0, 0.75 * math.log(2), math.log(4)], atol=1e-12)
+
+
+def test_lemma1_table_holds_and_is_deterministic():
+    t = lemma1_table(n_sets=200, seed=3)
+    assert len(t) == 200
+    assert set(t["kind"]) == {"dirichlet", "one-hot", "sparse", "equal within class"}
+    assert (t["gap"] >= -1e-12).all()
+    assert (t["D_s"] <= t["D_c"] + 1e-12).all()
+    assert np.allclose(t["gap"], t["D_c"] - t["D_s"], atol=1e-9)
+    equal = t["kind"] == "equal within class"
+    assert equal.sum() == 50
+    assert (t.loc[equal, "gap"].abs() < 1e-12).all()
+    assert (t["D_c"] <= np.log(t["K"]) + 1e-12).all() and (t["D_s"] >= -1e-12).all()
+    pd.testing.assert_frame_equal(t, lemma1_table(n_sets=200, seed=3))
+    assert not t[["D_s", "D_c"]].equals(lemma1_table(n_sets=200, seed=4)[["D_s", "D_c"]])
+
+
+def test_random_probability_sets_are_valid():
+    for kind, probs, labels in random_probability_sets(n_sets=40, seed=1):
+        assert probs.ndim == 2 and probs.shape[0] == len(labels) >= 1 and probs.shape[1] >= 2
+        assert (probs >= 0).all() and np.allclose(probs.sum(1), 1.0)
+        assert labels.min() >= 0 and labels.max() < probs.shape[1]
+        if kind == "one-hot":
+            assert set(np.unique(probs)) <= {0.0, 1.0}
+
+
+def test_model_dispersibility_on_fixture(tiny, tmp_path, monkeypatch):
+    p = tiny.replace(train=tiny.train.replace(epochs=2), train_size=150, test_size=60)
+    cache = Cache(tmp_path / "models")
+    report = model_dispersibility(p, cache=cache, progress=False)
+    assert set(report) == {"trained", "summary", "per_class", "entropies"}
+    assert report["trained"].cached is False
+    s = report["summary"]
+    assert len(s) == 1
+    row = s.iloc[0]
+    assert 0.0 <= row["BA"] <= 1.0
+    assert row["D_s"] <= row["D_c"] + 1e-12 and row["D_c - D_s"] >= -1e-12
+    assert math.isclose(row["D_c - D_s"], row["D_c"] - row["D_s"], abs_tol=1e-9)
+    assert 0.0 <= row["D_p (clean predictions)"] <= math.log(K) + 1e-12
+    assert row["ln K"] == pytest.approx(math.log(K))
+    per_class = report["per_class"]
+    assert len(per_class) == K
+    assert list(per_class["class"]) == list(load_data(p).test.classes)
+    assert (per_class["mean H(f(x)) (sample-wise)"] <= per_class["H(mean f(x)) (class-wise)"] + 1e-12).all()
+    assert per_class["accuracy"].between(0, 1).all()
+    assert report["entropies"].shape == (60,)
+    # the class-size-weighted mean of the per-class entropies is the summary's D_s (balanced: plain mean)
+    assert per_class["mean H(f(x)) (sample-wise)"].mean() == pytest.approx(row["D_s"], abs=1e-9)
+
+    # a second report loads the model and reproduces the numbers exactly
+    _forbid_train(monkeypatch)
+    again = model_dispersibility(p, cache=Cache(tmp_path / "models"), progress=False)
+    assert again["trained"].cached is True
+    pd.testing.assert_frame_equal(again["summary"], s)
+    pd.testing.assert_frame_equal(again["per_class"], per_class)

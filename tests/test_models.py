@@ -1,0 +1,199 @@
+"""Tests of ubwlib.models: shapes, stems, parameter counts, seeding and argument validation."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from ubwlib.models import MODEL_NAMES, ResNet18, SmallCNN, build_model, count_parameters
+
+TINY_WIDTH = {"smallcnn": 0.25, "resnet18-cifar": 0.0625, "resnet18-imagenet": 0.0625}
+
+# (in_channels, num_classes, input size): 1-channel 28x28 (Fashion-MNIST), 3-channel 32x32 (CIFAR-10),
+# 3-channel 64x64 (the ImageNet subset at reduced size), plus a tiny odd size.
+SHAPE_CASES = [(1, 10, 28), (3, 10, 32), (3, 5, 64), (1, 2, 13)]
+
+
+def test_model_names():
+    assert set(MODEL_NAMES) == {"resnet18-cifar", "resnet18-imagenet", "smallcnn"}
+    assert len(MODEL_NAMES) == len(set(MODEL_NAMES))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("in_channels,num_classes,size", SHAPE_CASES)
+def test_logits_shape(name, in_channels, num_classes, size):
+    model = build_model(name, num_classes, in_channels, width=TINY_WIDTH[name], seed=0)
+    x = torch.rand(3, in_channels, size, size)
+    model.eval()
+    with torch.no_grad():
+        out = model(x)
+    assert out.shape == (3, num_classes)
+    assert out.dtype == torch.float32
+    assert torch.isfinite(out).all()
+    # train mode too (batch statistics), and the head is model.fc with num_classes outputs
+    model.train()
+    out_train = model(x)
+    assert out_train.shape == (3, num_classes)
+    assert isinstance(model.fc, nn.Linear) and model.fc.out_features == num_classes
+    out_train.sum().backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("width", [0.0625, 0.3])
+def test_width_multiplier_sets_head_width(name, width):
+    model = build_model(name, 4, 3, width=width, seed=0)
+    last = 512 if name.startswith("resnet") else 128
+    assert model.fc.in_features == max(1, round(last * width))
+    with torch.no_grad():
+        assert model.eval()(torch.rand(2, 3, 16, 16)).shape == (2, 4)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_fc_and_layer4_exist(name):
+    model = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=0)
+    assert isinstance(model.fc, nn.Linear)
+    assert isinstance(model.layer4, nn.Module)
+    assert any(isinstance(m, nn.Conv2d) for m in model.layer4.modules())
+    # layer4 is the last conv stage: its output channels feed the head
+    last_conv = [m for m in model.layer4.modules() if isinstance(m, nn.Conv2d)][-1]
+    assert last_conv.out_channels == model.fc.in_features
+
+
+def _after_stem(model: ResNet18, x: torch.Tensor) -> torch.Tensor:
+    return model.maxpool(torch.relu(model.bn1(model.conv1(x))))
+
+
+def test_resnet18_cifar_stem_keeps_resolution():
+    model = build_model("resnet18-cifar", 10, 3, width=0.0625, seed=0).eval()
+    assert model.conv1.kernel_size == (3, 3)
+    assert model.conv1.stride == (1, 1)
+    assert model.conv1.padding == (1, 1)
+    assert isinstance(model.maxpool, nn.Identity)
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert _after_stem(model, x).shape[-2:] == (32, 32)
+        assert model.layer1(_after_stem(model, x)).shape[-2:] == (32, 32)
+        # layer2..4 halve: 32 -> 16 -> 8 -> 4 (the reference code's 4x4 final map)
+        assert model.features(x).shape == (2, model.fc.in_features, 4, 4)
+
+
+def test_resnet18_imagenet_stem_downsamples_4x():
+    model = build_model("resnet18-imagenet", 10, 3, width=0.0625, seed=0).eval()
+    assert model.conv1.kernel_size == (7, 7)
+    assert model.conv1.stride == (2, 2)
+    assert model.conv1.padding == (3, 3)
+    assert isinstance(model.maxpool, nn.MaxPool2d)
+    assert model.maxpool.kernel_size == 3 and model.maxpool.stride == 2
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        assert _after_stem(model, x).shape[-2:] == (16, 16)
+        assert model.features(x).shape == (2, model.fc.in_features, 2, 2)
+
+
+def test_resnet18_cifar_parameter_count():
+    # the well-known count of the CIFAR ResNet-18 (kuangliu/pytorch-cifar) for 10 classes, 3 channels
+    model = build_model("resnet18-cifar", 10, 3, width=1.0, seed=0)
+    assert count_parameters(model) == 11_173_962
+    assert count_parameters(model) == sum(p.numel() for p in model.parameters())
+    # layer widths 64-128-256-512
+    assert model.conv1.out_channels == 64 and model.fc.in_features == 512
+
+
+def test_resnet18_imagenet_parameter_count():
+    # torchvision's resnet18 has 11,689,512 parameters with its 1000-class head (512*1000 + 1000);
+    # with a 10-class head that is 11,689,512 - 990*513 = 11,181,642
+    model = build_model("resnet18-imagenet", 10, 3, width=1.0, seed=0)
+    assert count_parameters(model) == 11_689_512 - 990 * 513 == 11_181_642
+    # the two stems differ only in conv1: 7x7 vs 3x3 kernels over 3 -> 64 channels
+    cifar = count_parameters(build_model("resnet18-cifar", 10, 3, seed=0))
+    assert count_parameters(model) - cifar == 64 * 3 * (49 - 9)
+
+
+def test_count_parameters_small():
+    lin = nn.Linear(3, 2)
+    assert count_parameters(lin) == 3 * 2 + 2
+
+
+def _assert_state_dicts_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_same_seed_same_weights_and_global_rng_untouched(name):
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    m1 = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=7)
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.manual_seed(999)  # a different global state must not matter
+    m2 = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=7)
+    _assert_state_dicts_equal(m1.state_dict(), m2.state_dict())
+    # the global stream continues where it was
+    torch.manual_seed(5)
+    ref = torch.rand(4)
+    torch.manual_seed(5)
+    build_model(name, 10, 3, width=TINY_WIDTH[name], seed=1)
+    assert torch.equal(torch.rand(4), ref)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_different_seeds_differ(name):
+    m1 = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=0)
+    m2 = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=1)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert not torch.equal(s1["fc.weight"], s2["fc.weight"])
+    conv_keys = [k for k, v in s1.items() if v.dim() == 4]
+    assert conv_keys and all(not torch.equal(s1[k], s2[k]) for k in conv_keys)
+
+
+def test_unseeded_builds_use_global_rng():
+    torch.manual_seed(3)
+    a = build_model("smallcnn", 10, 3, width=0.25)
+    torch.manual_seed(3)
+    b = build_model("smallcnn", 10, 3, width=0.25)
+    _assert_state_dicts_equal(a.state_dict(), b.state_dict())
+
+
+def test_unknown_name_lists_choices():
+    with pytest.raises(ValueError) as exc:
+        build_model("resnet50", 10, 3)
+    msg = str(exc.value)
+    assert "resnet50" in msg
+    for name in MODEL_NAMES:
+        assert name in msg
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("num_classes", [1, 0, -3])
+def test_bad_num_classes(name, num_classes):
+    with pytest.raises(ValueError, match=r"num_classes must be >= 2"):
+        build_model(name, num_classes, 3, width=TINY_WIDTH[name])
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+@pytest.mark.parametrize("width", [0.0, -0.5, math.nan])
+def test_bad_width(name, width):
+    with pytest.raises(ValueError, match=r"width must be > 0"):
+        build_model(name, 10, 3, width=width)
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_bad_in_channels(name):
+    with pytest.raises(ValueError, match=r"in_channels must be >= 1"):
+        build_model(name, 10, 0, width=TINY_WIDTH[name])
+
+
+def test_resnet_bad_stem():
+    with pytest.raises(ValueError, match=r"'cifar' or 'imagenet'"):
+        ResNet18(stem="tiny")
+
+
+def test_classes_are_exported():
+    assert isinstance(build_model("smallcnn", 3, 1, width=0.25), SmallCNN)
+    assert isinstance(build_model("resnet18-cifar", 3, 1, width=0.0625), ResNet18)
+    assert build_model("resnet18-imagenet", 3, 1, width=0.0625).stem_kind == "imagenet"
