@@ -140,7 +140,7 @@ def test_three_profiles_with_documented_datasets_and_models():
     assert paper.seed == 666 and paper.seeds[0] == 666
 
 
-def test_paper_schedule_is_the_traincofig_default():
+def test_paper_schedule_is_the_trainconfig_default():
     t = PROFILES["paper"].train
     assert t == dataclasses.replace(TrainConfig(), seed=666)
     d = TrainConfig()
@@ -184,6 +184,8 @@ def test_overrides_including_train_dict():
     assert get_profile(p) is p
     with pytest.raises(ValueError, match="bogus"):
         get_profile("smoke", bogus=1)
+    with pytest.raises(ValueError, match="unknown train setting.*bogus"):
+        get_profile("smoke", train={"bogus": 1})
 
 
 def test_profiles_are_frozen():

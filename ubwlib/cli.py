@@ -37,16 +37,22 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     cache = Cache()
     if args.action == "clear":
-        n = cache.clear(args.namespace)
+        try:
+            n = cache.clear(args.namespace)
+        except ValueError as exc:
+            print(f"ubw cache: {exc}", file=sys.stderr)
+            return 1
         print(f"removed {n} cache entr{'y' if n == 1 else 'ies'} from {cache.root}")
         return 0
     entries = cache.entries()
-    print(f"cache: {cache.root} ({len(entries)} entries, {cache.size_bytes() / 2**20:.1f} MiB)")
+    plural = "entry" if len(entries) == 1 else "entries"
+    print(f"cache: {cache.root} ({len(entries)} {plural}, {cache.size_bytes() / 2**20:.1f} MiB)")
     by_ns: dict[str, list] = {}
     for e in entries:
         by_ns.setdefault(e.namespace, []).append(e)
     for ns, items in sorted(by_ns.items()):
-        print(f"  {ns}: {len(items)} entries, {sum(e.size_bytes for e in items) / 2**20:.1f} MiB")
+        word = "entry" if len(items) == 1 else "entries"
+        print(f"  {ns}: {len(items)} {word}, {sum(e.size_bytes for e in items) / 2**20:.1f} MiB")
     return 0
 
 

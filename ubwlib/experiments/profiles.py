@@ -113,6 +113,10 @@ def get_profile(name: str | Profile | None = None, **overrides) -> Profile:
         except KeyError:
             raise ValueError(f"unknown profile {key!r}; choose one of {', '.join(PROFILES)}") from None
     if "train" in overrides and isinstance(overrides["train"], dict):
+        valid = {f.name for f in dataclasses.fields(TrainConfig)}
+        bad_train = set(overrides["train"]) - valid
+        if bad_train:
+            raise ValueError(f"unknown train setting(s) {sorted(bad_train)}; valid: {sorted(valid)}")
         overrides["train"] = prof.train.replace(**overrides["train"])
     bad = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if bad:

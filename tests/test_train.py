@@ -1,0 +1,521 @@
+"""Tests of ubwlib.train: augmentation, the trainer (history, seeding, schedules, validation), precision
+selection and inference helpers. Everything runs on the CPU with tiny models and images."""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+import pytest
+import torch
+from torch import nn
+
+import ubwlib.train as train_mod
+from ubwlib.data import ImageDataset
+from ubwlib.models import build_model
+from ubwlib.train import (
+    TrainConfig,
+    accuracy,
+    augment_batch,
+    cpu_supports_bf16,
+    predict,
+    predict_proba,
+    resolve_precision,
+    to_model_input,
+    train,
+)
+
+BASE_COLS = ["epoch", "lr", "loss", "train_acc", "seconds"]
+
+
+@pytest.fixture(autouse=True)
+def no_env_overrides(monkeypatch):
+    monkeypatch.delenv("UBW_PRECISION", raising=False)
+    monkeypatch.delenv("UBW_DEVICE", raising=False)
+
+
+# --------------------------------------------------------------------------- helpers
+def quadrant_dataset(n: int = 320, size: int = 12, seed: int = 0) -> ImageDataset:
+    """1 x size x size images; class k = which quadrant (TL, TR, BL, BR) is bright. Noisy background."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, 4, (n,), generator=g)
+    images = torch.randint(0, 60, (n, 1, size, size), generator=g, dtype=torch.uint8)
+    h = size // 2
+    for k, (r, c) in enumerate([(0, 0), (0, h), (h, 0), (h, h)]):
+        sel = labels == k
+        bright = torch.randint(180, 256, (int(sel.sum()), 1, h, h), generator=g, dtype=torch.uint8)
+        images[sel, :, r : r + h, c : c + h] = bright
+    return ImageDataset(images, labels, ("tl", "tr", "bl", "br"), "quadrants")
+
+
+def random_dataset(n: int = 40, shape=(1, 8, 8), k: int = 3, seed: int = 0) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    labels = torch.randint(0, k, (n,), generator=g)
+    return ImageDataset(images, labels, tuple(f"c{i}" for i in range(k)), "random")
+
+
+def tiny_cnn(in_channels: int = 1, num_classes: int = 4, seed: int = 0) -> nn.Module:
+    return build_model("smallcnn", num_classes, in_channels, width=0.25, seed=seed)
+
+
+def run(model, ds, **cfg):
+    kw = dict(epochs=2, batch_size=16, lr=0.05, milestones=(), flip=False)
+    kw.update(cfg)
+    return train(model, ds, TrainConfig(**kw), device="cpu", progress=False)
+
+
+def assert_same_state(a: nn.Module, b: nn.Module) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        assert torch.equal(sa[key], sb[key]), key
+
+
+def states_differ(a: nn.Module, b: nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return any(not torch.equal(sa[k], sb[k]) for k in sa if sa[k].is_floating_point())
+
+
+# --------------------------------------------------------------------------- augment_batch
+def distinct_batch(n: int = 48, c: int = 2, h: int = 5, w: int = 6) -> torch.Tensor:
+    """uint8 batch whose pixels within each image are distinct and nonzero (zero = padding)."""
+    base = torch.arange(1, c * h * w + 1, dtype=torch.int64).view(1, c, h, w)
+    shift = torch.arange(n).view(n, 1, 1, 1) % (255 - c * h * w)
+    return (base + shift).to(torch.uint8)
+
+
+def window_offsets(out_i: torch.Tensor, padded_i: torch.Tensor, p: int) -> list[tuple[int, int]]:
+    h, w = out_i.shape[-2:]
+    return [
+        (dy, dx)
+        for dy in range(2 * p + 1)
+        for dx in range(2 * p + 1)
+        if torch.equal(out_i, padded_i[:, dy : dy + h, dx : dx + w])
+    ]
+
+
+@pytest.mark.parametrize("p", [1, 2])
+def test_crop_is_a_window_of_the_zero_padded_input(p):
+    x = distinct_batch()
+    n, c, h, w = x.shape
+    out = augment_batch(x, flip=False, crop_padding=p, generator=torch.Generator().manual_seed(0))
+    assert out.shape == x.shape and out.dtype == torch.uint8
+    padded = torch.zeros(n, c, h + 2 * p, w + 2 * p, dtype=x.dtype)
+    padded[:, :, p : p + h, p : p + w] = x
+    offsets = []
+    for i in range(n):
+        found = window_offsets(out[i], padded[i], p)
+        assert len(found) == 1, (i, found)  # distinct pixels: exactly one window matches
+        offsets.append(found[0])
+    # the offsets are per sample and cover the whole range [0, 2p] in both directions
+    assert {dy for dy, _ in offsets} == set(range(2 * p + 1))
+    assert {dx for _, dx in offsets} == set(range(2 * p + 1))
+    assert any(o != (p, p) for o in offsets)
+
+
+def test_crop_and_flip_is_a_possibly_mirrored_window():
+    p = 2
+    x = distinct_batch(n=64)
+    n, c, h, w = x.shape
+    out = augment_batch(x, flip=True, crop_padding=p, generator=torch.Generator().manual_seed(1))
+    padded = torch.nn.functional.pad(x, (p, p, p, p))
+    mirrored = 0
+    for i in range(n):
+        plain = window_offsets(out[i], padded[i], p)
+        flipped = window_offsets(out[i].flip(-1), padded[i], p)
+        assert len(plain) + len(flipped) == 1, i
+        mirrored += len(flipped)
+    assert 0 < mirrored < n
+
+
+def test_flip_only_is_identity_or_exact_mirror_about_half_the_time():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2000, 3, 4, 5), generator=g, dtype=torch.uint8)
+    assert not (x == x.flip(3)).flatten(1).all(1).any()  # no image is its own mirror
+    out = augment_batch(x, flip=True, crop_padding=0, generator=torch.Generator().manual_seed(1))
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    same = (out == x).flatten(1).all(1)
+    mirror = (out == x.flip(3)).flatten(1).all(1)
+    assert (same ^ mirror).all()  # every sample is exactly one of the two
+    frac = mirror.float().mean().item()
+    assert 0.45 < frac < 0.55
+    # flip mirrors the width axis only (not height)
+    assert torch.equal(out[mirror], x[mirror].flip(3))
+
+
+@pytest.mark.parametrize("flip,pad", [(True, 0), (False, 3), (True, 2)])
+def test_augment_preserves_dtype_and_is_seeded(flip, pad):
+    x = torch.randint(0, 256, (32, 3, 6, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    x0 = x.clone()
+    a = augment_batch(x, flip=flip, crop_padding=pad, generator=torch.Generator().manual_seed(5))
+    b = augment_batch(x, flip=flip, crop_padding=pad, generator=torch.Generator().manual_seed(5))
+    c = augment_batch(x, flip=flip, crop_padding=pad, generator=torch.Generator().manual_seed(6))
+    assert a.dtype == torch.uint8 and a.shape == x.shape
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+    assert torch.equal(x, x0)  # input untouched
+
+
+def test_augment_preserves_float_dtype():
+    x = torch.rand(4, 1, 5, 5)
+    out = augment_batch(x, flip=True, crop_padding=1, generator=torch.Generator().manual_seed(0))
+    assert out.dtype == torch.float32 and out.shape == x.shape
+
+
+def test_no_augmentation_is_identity():
+    x = torch.randint(0, 256, (16, 3, 6, 6), dtype=torch.uint8)
+    g = torch.Generator().manual_seed(0)
+    state = g.get_state()
+    out = augment_batch(x, flip=False, crop_padding=0, generator=g)
+    assert torch.equal(out, x) and out.dtype == torch.uint8
+    assert torch.equal(g.get_state(), state)  # nothing drawn
+
+
+# --------------------------------------------------------------------------- train: history
+def test_history_columns_and_rows():
+    ds = random_dataset(n=40)
+    model = tiny_cnn(num_classes=3)
+    model0 = model
+    res = run(model, ds, epochs=3, precision="fp32")
+    assert res.model is model0
+    h = res.history
+    assert isinstance(h, pd.DataFrame)
+    assert list(h.columns) == BASE_COLS
+    assert len(h) == 3
+    assert h["epoch"].tolist() == [1, 2, 3]
+    assert (h["lr"] == 0.05).all()
+    assert ((h["train_acc"] >= 0) & (h["train_acc"] <= 1)).all()
+    assert (h["loss"] > 0).all() and (h["seconds"] >= 0).all()
+    assert not res.model.training  # left in eval mode
+
+
+def test_history_with_eval_set():
+    ds, ev = random_dataset(n=40, seed=0), random_dataset(n=25, seed=1)
+    res = train(tiny_cnn(num_classes=3), ds, TrainConfig(epochs=2, batch_size=16, precision="fp32"),
+                device="cpu", eval_set=ev, progress=False)
+    h = res.history
+    assert list(h.columns) == BASE_COLS + ["eval_acc"]
+    assert len(h) == 2
+    assert ((h["eval_acc"] >= 0) & (h["eval_acc"] <= 1)).all()
+    # the last eval_acc is the accuracy of the returned model on the eval set
+    assert h["eval_acc"].iloc[-1] == accuracy(res.model, ev, precision="fp32")
+    # a multiple of 1/25
+    assert (h["eval_acc"] * 25 - (h["eval_acc"] * 25).round()).abs().max() < 1e-5
+
+
+def test_zero_epochs_gives_empty_history_and_untouched_model():
+    ds = random_dataset(n=20)
+    model = tiny_cnn(num_classes=3, seed=4)
+    ref = tiny_cnn(num_classes=3, seed=4)
+    res = run(model, ds, epochs=0)
+    assert list(res.history.columns) == BASE_COLS and len(res.history) == 0
+    assert_same_state(res.model, ref)
+    assert not res.model.training
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_loss_and_accuracy_are_means_over_the_samples_seen(drop_last):
+    # zero-initialised linear model, all labels 0: every logit ties at 0 (argmax 0 = correct) and the
+    # cross-entropy is log(2) per sample; with lr ~ 0 nothing moves. With drop_last (40 samples, batches
+    # of 16) only 32 samples are seen per epoch: the means must be over those 32, not over 40.
+    ds = ImageDataset(torch.randint(0, 256, (40, 1, 4, 4), dtype=torch.uint8), torch.zeros(40, dtype=torch.long),
+                      ("a", "b"), "zeros")
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    nn.init.zeros_(model[1].weight)
+    nn.init.zeros_(model[1].bias)
+    res = run(model, ds, epochs=2, batch_size=16, lr=1e-12, momentum=0.0, weight_decay=0.0,
+              drop_last=drop_last, precision="fp32")
+    h = res.history
+    assert (h["train_acc"] == 1.0).all()
+    assert h["loss"].tolist() == pytest.approx([math.log(2)] * 2, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- train: reproducibility
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_same_seeds_give_bit_identical_weights(precision):
+    ds = random_dataset(n=48, shape=(3, 8, 8), k=3)
+    cfg = dict(epochs=2, batch_size=16, flip=True, crop_padding=2, precision=precision, seed=11)
+    r1 = run(build_model("smallcnn", 3, 3, width=0.25, seed=3), ds, **cfg)
+    r2 = run(build_model("smallcnn", 3, 3, width=0.25, seed=3), ds, **cfg)
+    assert_same_state(r1.model, r2.model)
+    pd.testing.assert_frame_equal(r1.history.drop(columns="seconds"), r2.history.drop(columns="seconds"))
+    # and training did change the weights
+    assert states_differ(r1.model, build_model("smallcnn", 3, 3, width=0.25, seed=3))
+
+
+def test_different_seeds_give_different_weights():
+    ds = random_dataset(n=48, shape=(3, 8, 8), k=3)
+    cfg = dict(epochs=1, batch_size=16, flip=True, crop_padding=1, precision="fp32")
+    base = run(build_model("smallcnn", 3, 3, width=0.25, seed=3), ds, seed=1, **cfg).model
+    other_train_seed = run(build_model("smallcnn", 3, 3, width=0.25, seed=3), ds, seed=2, **cfg).model
+    other_build_seed = run(build_model("smallcnn", 3, 3, width=0.25, seed=4), ds, seed=1, **cfg).model
+    assert states_differ(base, other_train_seed)
+    assert states_differ(base, other_build_seed)
+
+
+def test_auto_precision_uses_the_resolved_precision(monkeypatch):
+    seen = []
+    real = train_mod.to_model_input
+
+    def spy(images, precision):
+        seen.append(precision)
+        return real(images, precision)
+
+    monkeypatch.setattr(train_mod, "to_model_input", spy)
+    run(tiny_cnn(num_classes=3), random_dataset(n=16), epochs=1, precision="auto")
+    assert set(seen) == {resolve_precision("auto", "cpu")}
+    seen.clear()
+    monkeypatch.setenv("UBW_PRECISION", "fp32")
+    run(tiny_cnn(num_classes=3), random_dataset(n=16), epochs=1, precision="auto")
+    assert set(seen) == {"fp32"}
+
+
+# --------------------------------------------------------------------------- train: learning
+def test_learns_an_easy_separable_problem():
+    ds, fresh = quadrant_dataset(n=320), quadrant_dataset(n=200, seed=1)
+    model = tiny_cnn(num_classes=4, seed=0)
+    assert accuracy(model, fresh, precision="fp32") < 0.6  # not solved before training
+    res = run(model, ds, epochs=4, batch_size=32, lr=0.05, schedule="onecycle", precision="fp32")
+    h = res.history
+    assert h["loss"].is_monotonic_decreasing
+    assert h["loss"].iloc[-1] < 0.5 * h["loss"].iloc[0]
+    assert h["train_acc"].iloc[-1] > 0.9
+    # and it generalises to fresh samples of the same problem
+    assert accuracy(res.model, fresh) > 0.9
+
+
+# --------------------------------------------------------------------------- train: schedules
+def test_multistep_lr_column():
+    ds = random_dataset(n=32)
+    lr, decay, milestones = 0.1, 0.5, (2, 4, 5)
+    h = run(tiny_cnn(num_classes=3), ds, epochs=7, batch_size=16, lr=lr, lr_decay=decay,
+            schedule="multistep", milestones=milestones).history
+    # epoch e (1-based) trains after e-1 scheduler steps: milestones m <= e-1 have passed
+    expected = [lr * decay ** sum(m < e for m in milestones) for e in h["epoch"]]
+    assert expected == [0.1, 0.1, 0.05, 0.05, 0.025, 0.0125, 0.0125]
+    assert h["lr"].tolist() == expected
+
+
+def test_constant_schedule():
+    h = run(tiny_cnn(num_classes=3), random_dataset(n=32), epochs=3, schedule="constant",
+            milestones=(1,), lr=0.07).history
+    assert h["lr"].tolist() == [0.07] * 3
+
+
+class RecordingSGD(torch.optim.SGD):
+    """SGD that records the learning rate of every step (to check the schedule independently)."""
+
+    instances: list = []
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lrs: list[float] = []
+        RecordingSGD.instances.append(self)
+
+    def step(self, closure=None):
+        self.lrs.append(self.param_groups[0]["lr"])
+        return super().step(closure)
+
+
+def onecycle_lr(step: int, total: int, warm: int, peak: float) -> float:
+    """Linear warm-up over ``warm`` steps to ``peak`` (reached at step warm-1), then linear to 0 at ``total``."""
+    if step < warm:
+        return peak * (step + 1) / warm
+    return peak * (total - step) / (total - warm)
+
+
+def test_onecycle_warms_up_then_decays_to_zero(monkeypatch):
+    RecordingSGD.instances.clear()
+    monkeypatch.setattr(torch.optim, "SGD", RecordingSGD)
+    ds = random_dataset(n=40)
+    epochs, bs, lr = 5, 10, 0.1  # 4 steps per epoch, 20 steps, 4 warm-up steps
+    h = run(tiny_cnn(num_classes=3), ds, epochs=epochs, batch_size=bs, lr=lr,
+            schedule="onecycle", warmup_fraction=0.2).history
+    (opt,) = RecordingSGD.instances
+    total, warm = 20, 4
+    expected = [onecycle_lr(s, total, warm, lr) for s in range(total)]
+    assert opt.lrs == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    # history's lr is the lr of each epoch's first step
+    assert h["lr"].tolist() == pytest.approx([expected[e * 4] for e in range(epochs)], rel=1e-12)
+    assert h["lr"].tolist() == pytest.approx([0.025, 0.1, 0.075, 0.05, 0.025], rel=1e-12)
+    # shape: strictly rising during warm-up, peak = lr, then non-increasing down to ~0
+    assert all(a < b for a, b in zip(opt.lrs[:warm - 1], opt.lrs[1:warm]))
+    assert max(opt.lrs) == pytest.approx(lr)
+    assert all(a >= b for a, b in zip(opt.lrs[warm - 1 :], opt.lrs[warm:]))
+    assert opt.lrs[-1] == pytest.approx(lr / (total - warm))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-12)  # after the last step
+
+
+# --------------------------------------------------------------------------- train: validation
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(schedule="cosine"), "schedule"),
+        (dict(precision="fp16"), "precision"),
+        (dict(epochs=-1), "epochs"),
+        (dict(batch_size=0), "batch_size"),
+        (dict(lr=0.0), "lr"),
+        (dict(crop_padding=-1), "crop_padding"),
+        (dict(warmup_fraction=1.0), "warmup_fraction"),
+        (dict(milestones=(5, 3)), "milestones"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_config_defaults_and_replace():
+    cfg = TrainConfig()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay) == (200, 128, 0.1, 0.9, 5e-4)
+    assert cfg.milestones == (150, 180) and cfg.flip and cfg.crop_padding == 0 and cfg.seed == 666
+    assert cfg.replace(epochs=3).epochs == 3 and cfg.epochs == 200
+    with pytest.raises(ValueError, match="milestones"):
+        cfg.replace(milestones=(3, 1))
+
+
+def test_train_rejects_non_image_dataset():
+    ds = random_dataset(n=8)
+    with pytest.raises(TypeError, match="ImageDataset"):
+        train(tiny_cnn(num_classes=3), torch.utils.data.TensorDataset(ds.images, ds.labels),
+              TrainConfig(epochs=1), device="cpu", progress=False)
+    with pytest.raises(TypeError, match="ImageDataset"):
+        train(tiny_cnn(num_classes=3), (ds.images, ds.labels), TrainConfig(epochs=1), device="cpu", progress=False)
+
+
+def test_train_rejects_empty_dataset():
+    empty = random_dataset(n=8).subset([])
+    with pytest.raises(ValueError, match="empty"):
+        run(tiny_cnn(num_classes=3), empty)
+
+
+def test_train_does_not_modify_the_dataset():
+    ds = random_dataset(n=40, shape=(3, 8, 8))
+    images, labels = ds.images.clone(), ds.labels.clone()
+    run(tiny_cnn(in_channels=3, num_classes=3), ds, epochs=2, flip=True, crop_padding=2)
+    assert torch.equal(ds.images, images) and ds.images.dtype == torch.uint8
+    assert torch.equal(ds.labels, labels)
+
+
+# --------------------------------------------------------------------------- precision
+def test_resolve_precision_explicit(monkeypatch):
+    assert resolve_precision("fp32", "cpu") == "fp32"
+    assert resolve_precision("bf16", "cpu") == "bf16"
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+    monkeypatch.setenv("UBW_PRECISION", "bf16")
+    assert resolve_precision("fp32", "cpu") == "fp32"  # the environment overrides only "auto"
+    monkeypatch.setenv("UBW_PRECISION", "fp32")
+    assert resolve_precision("bf16", "cpu") == "bf16"
+
+
+def test_resolve_precision_auto_on_cpu():
+    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    assert resolve_precision("auto", "cpu") == expected
+    assert resolve_precision(device="cpu") == expected
+    assert isinstance(cpu_supports_bf16(), bool)
+
+
+def test_resolve_precision_env(monkeypatch):
+    monkeypatch.setenv("UBW_PRECISION", "fp32")
+    assert resolve_precision("auto", "cpu") == "fp32"
+    monkeypatch.setenv("UBW_PRECISION", "BF16")
+    assert resolve_precision("auto", "cpu") == "bf16"
+    monkeypatch.setenv("UBW_PRECISION", "auto")
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
+    monkeypatch.setenv("UBW_PRECISION", "fp16")
+    with pytest.raises(ValueError, match="UBW_PRECISION"):
+        resolve_precision("auto", "cpu")
+
+
+@pytest.mark.parametrize("bad", ["fp16", "float32", "BF16", ""])
+def test_resolve_precision_rejects_unknown_values(bad):
+    with pytest.raises(ValueError, match="precision"):
+        resolve_precision(bad, "cpu")
+
+
+def test_to_model_input():
+    x = torch.arange(256, dtype=torch.uint8).view(4, 1, 8, 8)
+    x0 = x.clone()
+    out = to_model_input(x, "fp32")
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    assert torch.equal(out, x.to(torch.float32) / 255)
+    assert out.min() == 0 and out.max() == 1
+    assert torch.equal(x, x0)
+    out_bf16 = to_model_input(x, "bf16")
+    assert out_bf16.dtype == torch.float32 and torch.equal(out_bf16, out)
+    assert out_bf16.is_contiguous(memory_format=torch.channels_last)
+    f = torch.rand(2, 3, 4, 4)
+    assert torch.equal(to_model_input(f, "fp32"), f)  # float input is taken as already scaled
+    assert torch.equal(to_model_input(f.double(), "fp32"), f.double().float())
+
+
+# --------------------------------------------------------------------------- inference
+@pytest.fixture
+def infer_setup():
+    ds = random_dataset(n=37, shape=(1, 12, 12), k=5, seed=2)
+    model = build_model("smallcnn", 5, 1, width=0.25, seed=0)
+    model.train()
+    return model, ds
+
+
+@pytest.mark.parametrize("precision", ["fp32", "auto"])
+def test_predict_proba_basic(infer_setup, precision):
+    model, ds = infer_setup
+    p = predict_proba(model, ds, precision=precision)
+    assert p.shape == (37, 5)
+    assert p.dtype == torch.float32 and p.device.type == "cpu"
+    assert (p >= 0).all()
+    torch.testing.assert_close(p.sum(1), torch.ones(37), atol=1e-5, rtol=0)
+    assert not model.training
+
+
+def test_predict_proba_on_dataset_raw_and_float_inputs(infer_setup):
+    model, ds = infer_setup
+    p_ds = predict_proba(model, ds, precision="fp32")
+    p_raw = predict_proba(model, ds.images, precision="fp32")
+    p_float = predict_proba(model, ds.images.float() / 255, precision="fp32")
+    assert torch.equal(p_ds, p_raw)
+    torch.testing.assert_close(p_float, p_raw, atol=1e-6, rtol=0)
+    # the model's own softmax in eval mode
+    with torch.no_grad():
+        ref = torch.softmax(model.eval()(ds.images.float() / 255), 1)
+    torch.testing.assert_close(p_raw, ref, atol=1e-6, rtol=0)
+
+
+def test_predict_proba_batch_size_invariant(infer_setup):
+    model, ds = infer_setup
+    small = predict_proba(model, ds, batch_size=7, precision="fp32")
+    big = predict_proba(model, ds, batch_size=1000, precision="fp32")
+    torch.testing.assert_close(small, big, atol=1e-6, rtol=0)
+    assert torch.equal(predict(model, ds, batch_size=7, precision="fp32"), small.argmax(1))
+
+
+def test_predict_and_accuracy(infer_setup):
+    model, ds = infer_setup
+    pred = predict(model, ds, precision="fp32")
+    assert pred.dtype == torch.int64 and pred.shape == (37,)
+    assert torch.equal(pred, predict_proba(model, ds, precision="fp32").argmax(1))
+    acc = accuracy(model, ds, precision="fp32")
+    assert isinstance(acc, float)
+    assert acc == pytest.approx((pred == ds.labels).float().mean().item())
+    # labels equal to the predictions give accuracy 1
+    perfect = ds.replace(labels=pred.clone())
+    assert accuracy(model, perfect, precision="fp32") == 1.0
+    assert not model.training
+
+
+def test_predict_proba_rejects_3d_input(infer_setup):
+    model, ds = infer_setup
+    with pytest.raises(ValueError, match="N x C x H x W"):
+        predict_proba(model, ds.images[0])
+    with pytest.raises(ValueError):
+        predict(model, ds.images[:, 0])
+
+
+def test_predict_proba_does_not_change_the_weights(infer_setup):
+    model, ds = infer_setup
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    predict_proba(model, ds)  # eval mode: BatchNorm running stats are not updated
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
