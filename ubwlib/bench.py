@@ -147,22 +147,27 @@ def main(argv: list[str] | None = None) -> int:
     def model(name: str, width: float, kk: int, cc: int):
         return build_model(name, kk, cc, width, seed=0)
 
+    fp32 = cfg.replace(precision="fp32")
     ours = bench_ubwlib(model(prof.model, prof.width, k, c), data, cfg, args.steps, 3, dev)
+    ours32 = bench_ubwlib(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3, dev)
     plain = bench_plain(model(prof.model, prof.width, k, c), data, cfg, args.plain_steps, 2, dev)
     rows.append((f"{prof.name}: {prof.model} x{prof.width}, {tuple(data.image_shape)}, batch {cfg.batch_size}",
-                 ours, plain))
+                 ours, ours32, plain))
     if args.cifar_steps > 0:
         ccfg = get_profile("paper").train
         cdata = _cifar_shape((args.cifar_steps + 2) * ccfg.batch_size)
-        ours_c = bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, args.cifar_steps, 1, dev)
-        plain_c = bench_plain(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, max(2, args.cifar_steps // 2), 1, dev)
-        rows.append((f"paper: resnet18-cifar x1.0, (3, 32, 32), batch {ccfg.batch_size}", ours_c, plain_c))
+        cm = lambda: model("resnet18-cifar", 1.0, 10, 3)  # noqa: E731
+        ours_c = bench_ubwlib(cm(), cdata, ccfg, args.cifar_steps, 1, dev)
+        ours_c32 = bench_ubwlib(cm(), cdata, ccfg.replace(precision="fp32"), max(2, args.cifar_steps // 2), 1, dev)
+        plain_c = bench_plain(cm(), cdata, ccfg, max(2, args.cifar_steps // 2), 1, dev)
+        rows.append((f"paper: resnet18-cifar x1.0, (3, 32, 32), batch {ccfg.batch_size}", ours_c, ours_c32, plain_c))
 
     print(f"data: {origin}")
     w = max(len(r[0]) for r in rows)
-    print(f"{'model / data':<{w}}  {'ubwlib img/s':>13}  {'plain img/s':>12}  {'ratio':>6}")
-    for name, o, p in rows:
-        print(f"{name:<{w}}  {o:>13,.0f}  {p:>12,.0f}  {o / p:>5.1f}x")
+    print(f"{'model / data':<{w}}  {'ubwlib img/s':>13}  {'ubwlib fp32':>12}  {'plain img/s':>12}  {'ratio':>6}")
+    for name, o, o32, p in rows:
+        print(f"{name:<{w}}  {o:>13,.0f}  {o32:>12,.0f}  {p:>12,.0f}  {o / p:>5.1f}x")
+    print("ratio = ubwlib (auto precision) / plain loop; 'ubwlib fp32' is ubwlib's trainer forced to float32")
     return 0
 
 
