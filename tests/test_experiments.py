@@ -134,7 +134,7 @@ def test_three_profiles_with_documented_datasets_and_models():
     smoke, default, paper = PROFILES["smoke"], PROFILES["default"], PROFILES["paper"]
     assert (smoke.dataset, smoke.model) == ("fashion-mnist", "smallcnn")
     assert (default.dataset, default.model) == ("fashion-mnist", "resnet18-cifar")
-    assert smoke.train.epochs <= 2 and smoke.train_size < default.train_size
+    assert smoke.train.epochs <= default.train.epochs and smoke.train_size < default.train_size
     assert (paper.dataset, paper.model, paper.width) == ("cifar10", "resnet18-cifar", 1.0)
     assert paper.train_size is None and paper.test_size is None  # the full CIFAR-10 splits
     assert paper.seed == 666 and paper.seeds[0] == 666
@@ -177,7 +177,7 @@ def test_overrides_including_train_dict():
     # the other train settings are kept
     assert p.train == PROFILES["smoke"].train.replace(epochs=1)
     # the registered profile is untouched
-    assert PROFILES["smoke"].train.epochs == 2 and PROFILES["smoke"].train_size == 2000
+    assert PROFILES["smoke"].train.epochs == 4 and PROFILES["smoke"].train_size == 2000
     # a TrainConfig works too, and a Profile can be passed in place of a name
     q = get_profile(p, train=TrainConfig(epochs=3))
     assert q.train == TrainConfig(epochs=3) and q.train_size == 100

@@ -1,6 +1,6 @@
 """Profiles: named, frozen bundles of every setting that decides how big an experiment is.
 
-- ``smoke``: tests and CI; seconds per chapter (small Fashion-MNIST subsets, a small CNN, 2 epochs).
+- ``smoke``: tests and CI; seconds per chapter (small Fashion-MNIST subsets, a small CNN, 4 epochs).
 - ``default``: the book on 2 CPU cores; Fashion-MNIST with a narrow ResNet-18 and a short one-cycle schedule.
 - ``paper``: CIFAR-10 with ResNet-18 and the paper's 200-epoch schedule, for a GPU.
 
@@ -62,7 +62,7 @@ PROFILES: dict[str, Profile] = {
         dataset="fashion-mnist",
         model="smallcnn",
         width=0.5,
-        train=TrainConfig(epochs=2, batch_size=128, lr=0.05, schedule="onecycle", weight_decay=5e-4,
+        train=TrainConfig(epochs=4, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
                           crop_padding=0, flip=True, seed=0),
         train_size=2000,
         test_size=500,

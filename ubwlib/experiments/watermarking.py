@@ -1,0 +1,152 @@
+"""Recipes of the watermark chapters: watermark the profile's training set, train on it (cached), evaluate.
+
+``table1(profile)`` builds the rows of the paper's Table 1 (No Attack + one row per watermark) on the profile's
+dataset; ``compare_with_paper`` puts them beside the paper's CIFAR-10 (and ImageNet) numbers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import pandas as pd
+
+from .. import metrics
+from ..cache import Cache
+from ..data import ImageDataset
+from ..train import predict
+from ..watermarks import Watermark, WatermarkedDataset, evaluate, get_watermark, trigger
+from .core import TrainedModel, benign_model, load_data, trained_model
+from .paper import METHOD_LABELS, TABLE1_CIFAR10, TABLE2_IMAGENET
+from .profiles import Profile
+
+__all__ = [
+    "POISONED_LABEL_METHODS",
+    "WatermarkRun",
+    "make_watermark",
+    "watermarked_dataset",
+    "watermark_run",
+    "no_attack_row",
+    "table1",
+    "compare_with_paper",
+    "triggered_confusion",
+    "settings_table",
+    "gallery_images",
+    "as_percent",
+]
+
+POISONED_LABEL_METHODS = ("badnets", "blended", "wanet", "ubw-p")
+
+
+def make_watermark(method: str, **settings) -> Watermark:
+    """The watermark ``method`` with the paper's settings (overridable by keyword)."""
+    return get_watermark(method, **settings)
+
+
+def _settings_key(settings: dict) -> tuple:
+    return tuple(sorted(settings.items()))
+
+
+@lru_cache(maxsize=16)
+def _watermarked(profile: Profile, method: str, seed: int, settings: tuple) -> WatermarkedDataset:
+    return make_watermark(method, **dict(settings)).watermark(load_data(profile).train, seed=seed)
+
+
+def watermarked_dataset(profile: Profile, method: str, seed: int | None = None, **settings) -> WatermarkedDataset:
+    """The profile's training set watermarked by ``method`` (deterministic in ``seed``; memoised in-process)."""
+    return _watermarked(profile, method, profile.seed if seed is None else seed, _settings_key(settings))
+
+
+@dataclass(frozen=True)
+class WatermarkRun:
+    method: str
+    released: WatermarkedDataset
+    trained: TrainedModel
+    row: dict
+
+
+def watermark_run(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
+                  progress: bool = True, **settings) -> WatermarkRun:
+    """Watermark, train the profile's model from scratch on the released dataset (cached), evaluate."""
+    seed = profile.seed if seed is None else seed
+    released = watermarked_dataset(profile, method, seed, **settings)
+    trained = trained_model(profile, released.dataset, seed=seed, cache=cache, progress=progress, desc=method)
+    row = evaluate(trained.model, load_data(profile).test, released, seed=seed)
+    return WatermarkRun(method, released, trained, row)
+
+
+def no_attack_row(profile: Profile, seed: int | None = None, cache: Cache | None = None, progress: bool = True) -> dict:
+    trained = benign_model(profile, seed=seed, cache=cache, progress=progress)
+    test = load_data(profile).test
+    ba = metrics.benign_accuracy(predict(trained.model, test.images), test.labels)
+    return {"method": "no-attack", "labels": "", "targeted": False, "BA": ba, "ASR-A": math.nan, "ASR-C": math.nan,
+            "D_p": math.nan, "D_s (triggered)": math.nan, "ASR (targeted)": math.nan, "eval set": "test, clean",
+            "n eval": len(test)}
+
+
+def table1(profile: Profile, methods=POISONED_LABEL_METHODS, seed: int | None = None, cache: Cache | None = None,
+           progress: bool = True) -> pd.DataFrame:
+    """Rows of Table 1 on the profile's dataset (rates as fractions), No Attack first."""
+    rows = [no_attack_row(profile, seed, cache, progress)]
+    for m in methods:
+        rows.append(watermark_run(profile, m, seed, cache, progress).row)
+    df = pd.DataFrame(rows)
+    df.insert(0, "Method", df["method"].map(METHOD_LABELS).fillna(df["method"]))
+    return df.set_index("Method")
+
+
+def compare_with_paper(ours: pd.DataFrame, profile: Profile, imagenet: bool = False) -> pd.DataFrame:
+    """Our BA/ASR-A/ASR-C (in %) and D_p beside the paper's CIFAR-10 (and ImageNet) numbers."""
+    cols = ["BA", "ASR-A", "ASR-C", "D_p"]
+    mine = ours[cols].copy()
+    for c in ("BA", "ASR-A", "ASR-C"):
+        mine[c] = mine[c] * 100
+    parts = {f"ours ({profile.name}: {profile.dataset})": mine,
+             "paper (CIFAR-10)": TABLE1_CIFAR10.reindex(mine.index)[cols]}
+    if imagenet:
+        parts["paper (ImageNet)"] = TABLE2_IMAGENET.reindex(mine.index)[cols]
+    return pd.concat(parts, axis=1)
+
+
+def triggered_confusion(run: WatermarkRun, test_set: ImageDataset, seed: int | None = None) -> pd.DataFrame:
+    """Row-normalised confusion matrix (true class x predicted class) of the triggered test images."""
+    images = trigger(test_set.images, run.released.key, seed=seed)
+    pred = predict(run.trained.model, images).numpy()
+    cm = metrics.confusion_matrix(pred, test_set.labels.numpy(), test_set.num_classes).astype(np.float64)
+    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    return pd.DataFrame(cm, index=pd.Index(test_set.classes, name="true class"),
+                        columns=pd.Index(test_set.classes, name="predicted on triggered image"))
+
+
+def settings_table(methods=POISONED_LABEL_METHODS, **overrides) -> pd.DataFrame:
+    """Each method's settings (the paper's defaults), one row per (method, setting)."""
+    rows = []
+    for m in methods:
+        wm = make_watermark(m, **overrides.get(m, {}))
+        for k, v in wm.settings_dict().items():
+            rows.append({"method": METHOD_LABELS.get(m, m), "setting": k, "value": v})
+    return pd.DataFrame(rows).set_index(["method", "setting"])
+
+
+def gallery_images(profile: Profile, methods=POISONED_LABEL_METHODS, n: int = 4, seed: int | None = None):
+    """For Figure 3: ``n`` benign training images and their watermarked versions per method.
+
+    Returns ``(benign: uint8 N x C x H x W, {method: (images, labels_released)}, benign_labels)`` using, for
+    each method, the first ``n`` poisoned samples of that method's released dataset."""
+    data = load_data(profile).train
+    out = {}
+    for m in methods:
+        rel = watermarked_dataset(profile, m, seed)
+        idx = rel.indices[:n]
+        out[m] = (data.images[idx], rel.dataset.images[idx], data.labels[idx], rel.dataset.labels[idx])
+    return out
+
+
+def as_percent(df: pd.DataFrame, cols=("BA", "ASR-A", "ASR-C", "ASR (targeted)")) -> pd.DataFrame:
+    out = df.copy()
+    for c in cols:
+        if c in out:
+            out[c] = out[c] * 100
+    return out

@@ -1,0 +1,190 @@
+"""Patch and blend watermarks: BadNets, Blended and UBW-P share one mechanism.
+
+A trigger is a pattern ``t`` (uint8, C x H x W) and a per-pixel weight ``alpha`` (C x H x W in [0, 1]):
+``G(x) = round((1 - alpha) * x + alpha * t)``. BadNets replaces pixels (alpha = 1 on the patch, 0 elsewhere),
+Blended mixes them (alpha = 0.2 on the patch), UBW-P uses BadNets' trigger with random labels.
+
+The default pattern is the paper's 3x3 "white-black square" in the bottom-right corner, rows
+(0,0,1), (0,1,0), (1,0,1) x 255, the same in every channel. ``pattern="noise"`` is a full-image pattern
+(uniform noise drawn from the watermark's seed) for the blended attack's original form.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..data import ImageDataset
+from .base import (
+    Watermark,
+    WatermarkedDataset,
+    WatermarkKey,
+    check_rate,
+    check_target,
+    choose_indices,
+    poison_count,
+    register,
+)
+
+__all__ = [
+    "SQUARE",
+    "square_trigger",
+    "noise_trigger",
+    "blend",
+    "PatchSettings",
+    "BadNetsSettings",
+    "BlendedSettings",
+    "UBWPSettings",
+    "BadNets",
+    "Blended",
+    "UBWP",
+]
+
+#: The paper's 3x3 white-black square (1 = white).
+SQUARE = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.uint8)
+PATTERNS = ("square", "noise")
+
+
+def square_trigger(image_shape: tuple[int, int, int], alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern, alpha) of the 3x3 white-black square in the bottom-right corner of a C x H x W image."""
+    c, h, w = image_shape
+    if h < 3 or w < 3:
+        raise ValueError(f"images must be at least 3x3 for the square trigger, got {h}x{w}")
+    pattern = torch.zeros(image_shape, dtype=torch.uint8)
+    pattern[:, -3:, -3:] = SQUARE * 255
+    weight = torch.zeros(image_shape, dtype=torch.float32)
+    weight[:, -3:, -3:] = alpha
+    return pattern, weight
+
+
+def noise_trigger(image_shape: tuple[int, int, int], alpha: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pattern, alpha) of a full-image uniform-noise pattern drawn from ``seed``."""
+    g = torch.Generator().manual_seed(seed)
+    pattern = torch.randint(0, 256, image_shape, dtype=torch.uint8, generator=g)
+    return pattern, torch.full(image_shape, float(alpha))
+
+
+def blend(images: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    """``round((1 - alpha) * x + alpha * pattern)`` on a uint8 batch, vectorised. Pixels with alpha = 0 are
+    untouched and pixels with alpha = 1 become the pattern exactly."""
+    x = images.float()
+    out = torch.lerp(x, pattern.float().expand_as(x), alpha.expand_as(x))
+    out = out.round_().clamp_(0, 255).to(torch.uint8)
+    keep = alpha == 0
+    if keep.any():
+        out = torch.where(keep.expand_as(x), images, out)
+    return out
+
+
+@dataclass(frozen=True)
+class PatchSettings:
+    """Settings shared by the patch/blend watermarks."""
+
+    poisoning_rate: float = 0.1
+    """gamma = |D_s| / |D|: exactly round(gamma * N) samples are modified."""
+    pattern: str = "square"
+    """``square`` (the paper's 3x3 white-black square, bottom-right) or ``noise`` (full-image noise)."""
+    alpha: float = 1.0
+    """Blend weight of the pattern (1 = pixels replaced)."""
+
+    def __post_init__(self) -> None:
+        check_rate(self.poisoning_rate)
+        if self.pattern not in PATTERNS:
+            raise ValueError(f"pattern must be one of {PATTERNS}, got {self.pattern!r}")
+        if not 0 < self.alpha <= 1:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha!r}")
+
+
+@dataclass(frozen=True)
+class BadNetsSettings(PatchSettings):
+    target: int = 1
+    """Target label y_t (the paper: 1)."""
+
+
+@dataclass(frozen=True)
+class BlendedSettings(PatchSettings):
+    alpha: float = 0.2
+    """The public toolbox's blend weight."""
+    target: int = 1
+
+
+@dataclass(frozen=True)
+class UBWPSettings(PatchSettings):
+    """UBW-P: BadNets' trigger; each poisoned sample's label is drawn uniformly from all K classes."""
+
+
+class _PatchWatermark(Watermark):
+    def _trigger_tensors(self, image_shape: tuple[int, int, int], seed: int) -> dict[str, torch.Tensor]:
+        s = self.settings
+        if s.pattern == "square":
+            pattern, alpha = square_trigger(image_shape, s.alpha)
+        else:
+            pattern, alpha = noise_trigger(image_shape, s.alpha, seed + 7919)
+        return {"pattern": pattern, "alpha": alpha}
+
+    def _new_labels(self, old: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.full_like(old, self.settings.target)
+
+    def watermark(self, train_set: ImageDataset, seed: int = 0) -> WatermarkedDataset:
+        if not isinstance(train_set, ImageDataset):
+            raise TypeError(f"train_set must be an ubwlib.data.ImageDataset, got {type(train_set).__name__}")
+        k = train_set.num_classes
+        target = check_target(self.settings.target, k) if self.targeted else None
+        gen = torch.Generator().manual_seed(seed)
+        idx = choose_indices(len(train_set), poison_count(self.settings.poisoning_rate, len(train_set)), gen)
+        tensors = self._trigger_tensors(train_set.image_shape, seed)
+        images = train_set.images.clone()
+        images[idx] = blend(images[idx], tensors["pattern"], tensors["alpha"])
+        labels = train_set.labels.clone()
+        labels[idx] = self._new_labels(labels[idx], k, gen)
+        key = WatermarkKey(
+            method=self.name,
+            settings=self.settings_dict(),
+            tensors=tensors,
+            image_shape=train_set.image_shape,
+            classes=train_set.classes,
+            dataset=train_set.name,
+            seed=seed,
+            target=target,
+        )
+        released = ImageDataset(images, labels, train_set.classes, f"{train_set.name}+{self.name}")
+        return WatermarkedDataset(released, idx, key)
+
+    @classmethod
+    def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
+        return blend(images, key.tensors["pattern"], key.tensors["alpha"])
+
+
+@register
+class BadNets(_PatchWatermark):
+    """BadNets (Gu et al.): the square replaces the corner pixels; poisoned labels -> y_t."""
+
+    name = "badnets"
+    label_type = "poisoned"
+    targeted = True
+    Settings = BadNetsSettings
+
+
+@register
+class Blended(_PatchWatermark):
+    """Blended (Chen et al.): x' = (1 - a) x + a t with the square as t and a = 0.2; labels -> y_t."""
+
+    name = "blended"
+    label_type = "poisoned"
+    targeted = True
+    Settings = BlendedSettings
+
+
+@register
+class UBWP(_PatchWatermark):
+    """UBW-P (Section 3.3): BadNets' trigger, each poisoned label drawn uniformly from {0..K-1} once (it
+    equals the true label for about 1/K of them)."""
+
+    name = "ubw-p"
+    label_type = "poisoned"
+    targeted = False
+    Settings = UBWPSettings
+
+    def _new_labels(self, old: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
+        return torch.randint(0, num_classes, old.shape, generator=gen, dtype=old.dtype)
