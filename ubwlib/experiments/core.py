@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import pandas as pd
-import torch
 from torch import nn
 
 from ..cache import Cache, load_state_dict_tensors, state_dict_tensors, table_from_data, table_to_data
@@ -114,7 +113,3 @@ def benign_model(profile: Profile, seed: int | None = None, cache: Cache | None 
     """'No Attack': the profile's model trained on the benign training set."""
     return trained_model(profile, load_data(profile).train, seed=seed, cache=cache, progress=progress,
                          desc="benign")
-
-
-def as_tensor(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.as_tensor(x)

@@ -252,6 +252,39 @@ class Watermark:
     def settings_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self.settings))
 
+    @staticmethod
+    def _check_train_set(train_set: ImageDataset) -> ImageDataset:
+        if not isinstance(train_set, ImageDataset):
+            raise TypeError(f"train_set must be an ubwlib.data.ImageDataset, got {type(train_set).__name__}")
+        return train_set
+
+    def _release(
+        self,
+        train_set: ImageDataset,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        indices: torch.Tensor,
+        tensors: dict[str, torch.Tensor],
+        seed: int,
+        target: int | None,
+        noise_indices: torch.Tensor | None = None,
+    ) -> WatermarkedDataset:
+        """Bundle the released images/labels with the key (shared by every watermark)."""
+        key = WatermarkKey(
+            method=self.name,
+            settings=self.settings_dict(),
+            tensors=tensors,
+            image_shape=train_set.image_shape,
+            classes=train_set.classes,
+            dataset=train_set.name,
+            seed=seed,
+            target=target,
+        )
+        released = ImageDataset(images, labels, train_set.classes, f"{train_set.name}+{self.name}")
+        if noise_indices is None:
+            return WatermarkedDataset(released, indices, key)
+        return WatermarkedDataset(released, indices, key, noise_indices)
+
 
 def _jsonable(d: dict) -> dict:
     out = {}

@@ -127,8 +127,7 @@ class _PatchWatermark(Watermark):
         return torch.full_like(old, self.settings.target)
 
     def watermark(self, train_set: ImageDataset, seed: int = 0) -> WatermarkedDataset:
-        if not isinstance(train_set, ImageDataset):
-            raise TypeError(f"train_set must be an ubwlib.data.ImageDataset, got {type(train_set).__name__}")
+        self._check_train_set(train_set)
         k = train_set.num_classes
         target = check_target(self.settings.target, k) if self.targeted else None
         gen = torch.Generator().manual_seed(seed)
@@ -138,18 +137,7 @@ class _PatchWatermark(Watermark):
         images[idx] = blend(images[idx], tensors["pattern"], tensors["alpha"])
         labels = train_set.labels.clone()
         labels[idx] = self._new_labels(labels[idx], k, gen)
-        key = WatermarkKey(
-            method=self.name,
-            settings=self.settings_dict(),
-            tensors=tensors,
-            image_shape=train_set.image_shape,
-            classes=train_set.classes,
-            dataset=train_set.name,
-            seed=seed,
-            target=target,
-        )
-        released = ImageDataset(images, labels, train_set.classes, f"{train_set.name}+{self.name}")
-        return WatermarkedDataset(released, idx, key)
+        return self._release(train_set, images, labels, idx, tensors, seed, target)
 
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -88,8 +88,7 @@ class WaNet(Watermark):
     Settings = WaNetSettings
 
     def watermark(self, train_set: ImageDataset, seed: int = 0) -> WatermarkedDataset:
-        if not isinstance(train_set, ImageDataset):
-            raise TypeError(f"train_set must be an ubwlib.data.ImageDataset, got {type(train_set).__name__}")
+        self._check_train_set(train_set)
         s = self.settings
         target = check_target(s.target, train_set.num_classes)
         n = len(train_set)
@@ -109,18 +108,7 @@ class WaNet(Watermark):
             noise_idx = order[n_poison : n_poison + n_noise].sort().values
             jitter = (torch.rand(len(noise_idx), h, w, 2, generator=gen) * 2 - 1) / h
             images[noise_idx] = warp(images[noise_idx], torch.clamp(grid + jitter, -1, 1))
-        key = WatermarkKey(
-            method=self.name,
-            settings=self.settings_dict(),
-            tensors={"grid": grid},
-            image_shape=train_set.image_shape,
-            classes=train_set.classes,
-            dataset=train_set.name,
-            seed=seed,
-            target=target,
-        )
-        released = ImageDataset(images, labels, train_set.classes, f"{train_set.name}+{self.name}")
-        return WatermarkedDataset(released, idx, key, noise_idx)
+        return self._release(train_set, images, labels, idx, {"grid": grid}, seed, target, noise_idx)
 
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
