@@ -204,3 +204,40 @@ def test_cache_clear_refuses_unmarked_folder(tmp_path, monkeypatch, capsys):
     assert main(["cache", "clear"]) == 1
     assert "CACHEDIR.TAG" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "model" / ("a" * 20)).is_dir()
+
+
+def test_watermark_writes_release_and_key(tmp_path, capsys):
+    import torch
+
+    from ubwlib.data import load_dataset
+    from ubwlib.watermarks import WatermarkedDataset, trigger
+
+    root = tmp_path / "fm"
+    write_fashion_fixture(root, n_train=50, n_test=10)
+    before = sorted((p.name, p.read_bytes()) for p in root.iterdir())
+    out = tmp_path / "release" / "ubwp.pt"
+    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--rate", "0.1", "--seed", "3"]) == 0
+    text = capsys.readouterr().out
+    assert "5 of 50 training samples watermarked" in text and str(out) + ".key" in text
+    released = WatermarkedDataset.load(out)
+    assert len(released.indices) == 5 and released.key.method == "ubw-p" and released.key.seed == 3
+    benign = load_dataset("fashion-mnist", root=root).train
+    assert torch.equal(released.dataset.images[released.indices], trigger(benign.images[released.indices], released.key))
+    # the user's dataset folder is untouched, and an existing release is not overwritten without --force
+    assert sorted((p.name, p.read_bytes()) for p in root.iterdir()) == before
+    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out)]) == 1
+    assert "--force" in capsys.readouterr().err
+    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--force", "--seed", "4"]) == 0
+
+
+def test_watermark_bad_input_exits_1(tmp_path, capsys):
+    root = tmp_path / "fm"
+    write_fashion_fixture(root, n_train=20, n_test=10)
+    out = tmp_path / "x.pt"
+    assert main(["watermark", "badnets", "--root", str(root), "--out", str(out), "--rate", "1.5"]) == 1
+    assert "(0, 1]" in capsys.readouterr().err
+    assert main(["watermark", "badnets", "--root", str(root), "--out", str(out), "--target", "10"]) == 1
+    assert "target label" in capsys.readouterr().err
+    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--target", "2"]) == 1
+    assert "untargeted" in capsys.readouterr().err
+    assert not out.exists()

@@ -3,6 +3,7 @@
     ubw --version
     ubw data [fashion-mnist|cifar10|imagefolder:PATH|imagenet50:PATH] [--root DIR] [--download] [--check]
     ubw cache [info|clear] [--namespace NS]
+    ubw watermark METHOD --out FILE [--data SPEC] [--root DIR] [--rate G] [--seed S] [--target T]
 """
 
 from __future__ import annotations
@@ -56,6 +57,36 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_watermark(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from .data import DataIntegrityError, DataNotFoundError, load_dataset
+    from .watermarks import REGISTRY, get_watermark
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        print(f"ubw watermark: {out} exists; pass --force to overwrite it", file=sys.stderr)
+        return 1
+    settings = {"poisoning_rate": args.rate}
+    if args.target is not None:
+        if not REGISTRY[args.method].targeted:
+            print(f"ubw watermark: {args.method} is untargeted and takes no --target", file=sys.stderr)
+            return 1
+        settings["target"] = args.target
+    try:
+        wm = get_watermark(args.method, **settings)
+        data = load_dataset(args.data, root=args.root)
+        released = wm.watermark(data.train, seed=args.seed)
+    except (DataNotFoundError, DataIntegrityError, ValueError) as exc:
+        print(f"ubw watermark: {exc}", file=sys.stderr)
+        return 1
+    released.save(out)
+    print(f"{args.method}: {len(released.indices)} of {len(released)} training samples watermarked "
+          f"(gamma = {released.poisoning_rate:.4f}, seed {args.seed})")
+    print(f"released dataset: {out}\nkey (keep it private, needed to verify): {out}.key")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ubw", description="Untargeted Backdoor Watermarks (ubwlib).")
     ap.add_argument("--version", action="version", version=f"ubwlib {__version__}")
@@ -73,6 +104,19 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", nargs="?", choices=["info", "clear"], default="info")
     c.add_argument("--namespace", default=None, help="only this namespace (with clear)")
     c.set_defaults(func=_cmd_cache)
+
+    from .watermarks import REGISTRY
+
+    w = sub.add_parser("watermark", help="watermark a dataset's training split and save the release and its key")
+    w.add_argument("method", choices=sorted(REGISTRY), help="the watermark")
+    w.add_argument("--out", required=True, help="file for the released dataset (the key goes to FILE.key)")
+    w.add_argument("--data", default="fashion-mnist", help="dataset spec (default: %(default)s)")
+    w.add_argument("--root", default=None, help="dataset folder")
+    w.add_argument("--rate", type=float, default=0.1, help="poisoning rate gamma (default: %(default)s)")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--target", type=int, default=None, help="target label of targeted watermarks (default 1)")
+    w.add_argument("--force", action="store_true", help="overwrite --out")
+    w.set_defaults(func=_cmd_watermark)
     return ap
 
 

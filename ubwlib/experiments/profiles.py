@@ -74,7 +74,7 @@ PROFILES: dict[str, Profile] = {
         dataset="fashion-mnist",
         model="resnet18-cifar",
         width=0.125,
-        train=TrainConfig(epochs=4, batch_size=256, lr=0.2, schedule="onecycle", weight_decay=5e-4,
+        train=TrainConfig(epochs=4, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
                           crop_padding=0, flip=True, seed=0),
         train_size=30000,
         test_size=10000,

@@ -177,6 +177,7 @@ class WatermarkedDataset:
             "noise_indices": self.noise_indices,
         }
         _atomic_save(payload, path)
+        os.chmod(path, 0o644)  # the release is public; the key (below) stays private (0600)
         key_path = path.with_name(path.name + ".key")
         self.key.save(key_path)
         return path
