@@ -211,3 +211,20 @@ def test_toc_root_and_chapters_exist():
     assert toc["format"] == "jb-book" and toc["root"] == "intro"
     for f in _toc_files(toc):
         assert (BOOK_DIR / (f if f.endswith(".md") else f + ".md")).is_file(), f
+
+
+def test_papermill_run_of_a_chapter(tmp_path):
+    """The documented papermill path (jupytext.read -> papermill) runs a chapter with injected parameters."""
+    import nbformat
+
+    from ubwlib.book import run_chapters
+
+    timings = run_chapters("smoke", tmp_path, chapters=["dispersibility"], extra_parameters={"n_random_sets": 40})
+    assert [name for name, _ in timings] == ["dispersibility"]
+    nb = nbformat.read(str(tmp_path / "dispersibility.ipynb"), as_version=4)
+    injected = [c for c in nb.cells if "injected-parameters" in c.metadata.get("tags", [])]
+    assert len(injected) == 1 and "profile = \"smoke\"" in injected[0].source.replace("'", '"')
+    assert "n_random_sets = 40" in injected[0].source
+    errors = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []) if o.output_type == "error"]
+    assert not errors
+    assert not (tmp_path / "dispersibility.input.ipynb").exists()

@@ -463,3 +463,52 @@ def test_model_dispersibility_on_fixture(tiny, tmp_path, monkeypatch):
     assert again["trained"].cached is True
     pd.testing.assert_frame_equal(again["summary"], s)
     pd.testing.assert_frame_equal(again["per_class"], per_class)
+
+
+# --------------------------------------------------------------------------------------------------
+# watermark recipes (Table 1)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_table1_rows_and_paper_comparison(tiny):
+    from ubwlib.experiments.paper import TABLE1_CIFAR10
+    from ubwlib.experiments.watermarking import compare_with_paper, table1, watermark_run
+
+    t1 = table1(tiny, ("badnets", "ubw-p"), progress=False)
+    assert list(t1.index) == ["No Attack", "BadNets", "UBW-P"]
+    for col in ("BA", "ASR-A", "ASR-C"):
+        vals = t1[col].dropna()
+        assert ((vals >= 0) & (vals <= 1)).all()
+    assert t1.loc["BadNets", "eval set"].startswith("test, non-target classes")
+    assert t1.loc["BadNets", "n eval"] == int((load_data(tiny).test.labels != 1).sum())
+    assert t1.loc["UBW-P", "eval set"] == "test, all classes" and math.isnan(t1.loc["UBW-P", "ASR (targeted)"])
+    # the watermarked models are cached like any other: a second table loads them
+    run = watermark_run(tiny, "badnets", progress=False)
+    assert run.trained.cached
+    both = compare_with_paper(t1, tiny)
+    paper = both["paper (CIFAR-10)"]
+    assert paper.loc["UBW-P", "D_p"] == TABLE1_CIFAR10.loc["UBW-P", "D_p"] == 2.2548
+    assert both[both.columns[0][0]].loc["BadNets", "BA"] == pytest.approx(100 * t1.loc["BadNets", "BA"])
+
+
+def test_triggered_confusion_rows_are_distributions(tiny):
+    from ubwlib.experiments.watermarking import triggered_confusion, watermark_run
+
+    run = watermark_run(tiny, "ubw-p", progress=False)
+    test = load_data(tiny).test
+    cm = triggered_confusion(run, test)
+    assert cm.shape == (10, 10)
+    np.testing.assert_allclose(cm.sum(1).to_numpy(), 1.0)
+    assert list(cm.index) == list(test.classes)
+
+
+def test_watermarked_dataset_is_deterministic_and_exact(tiny):
+    from ubwlib.experiments.watermarking import settings_table, watermarked_dataset
+
+    a = watermarked_dataset(tiny, "blended", seed=3)
+    b = watermarked_dataset(tiny, "blended", seed=3)
+    assert torch.equal(a.dataset.images, b.dataset.images) and len(a.indices) == 20  # round(0.1 * 200)
+    c = watermarked_dataset(tiny, "blended", seed=3, poisoning_rate=0.05)
+    assert len(c.indices) == 10
+    st = settings_table(("badnets", "blended"))
+    assert st.loc[("Blended", "alpha"), "value"] == 0.2 and st.loc[("BadNets", "target"), "value"] == 1
