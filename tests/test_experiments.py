@@ -498,7 +498,7 @@ def test_triggered_confusion_rows_are_distributions(tiny):
     test = load_data(tiny).test
     cm = triggered_confusion(run, test)
     assert cm.shape == (10, 10)
-    np.testing.assert_allclose(cm.sum(1).to_numpy(), 1.0)
+    np.testing.assert_allclose(cm.sum(axis=1).to_numpy(), 1.0)
     assert list(cm.index) == list(test.classes)
 
 
