@@ -17,7 +17,11 @@ from .base import (
     trigger,
 )
 from .evaluate import evaluate, evaluation_mask
+from .label_consistent import LabelConsistent, LabelConsistentSettings, pgd_perturb
 from .patch import UBWP, BadNets, BadNetsSettings, Blended, BlendedSettings, UBWPSettings, blend, square_trigger
+from .gradient_matching import GradientMatchingSettings
+from .sleeper_agent import SleeperAgent, SleeperAgentSettings
+from .ubw_c import UBWC, UBWCSettings
 from .wanet import WaNet, WaNetSettings, warp, warp_field
 
 __all__ = [
@@ -37,8 +41,16 @@ __all__ = [
     "BlendedSettings",
     "UBWP",
     "UBWPSettings",
+    "GradientMatchingSettings",
+    "SleeperAgent",
+    "SleeperAgentSettings",
+    "UBWC",
+    "UBWCSettings",
     "WaNet",
     "WaNetSettings",
+    "LabelConsistent",
+    "LabelConsistentSettings",
+    "pgd_perturb",
     "blend",
     "square_trigger",
     "warp",

@@ -35,6 +35,7 @@ __all__ = [
     "get_watermark",
     "trigger",
     "poison_count",
+    "class_capped_count",
     "choose_indices",
     "check_rate",
     "check_target",
@@ -59,6 +60,29 @@ def check_target(target: int, num_classes: int) -> int:
 def poison_count(rate: float, n: int) -> int:
     """``round(gamma * N)`` (half away from zero), at least 1."""
     return max(1, int(math.floor(check_rate(rate) * n + 0.5)))
+
+
+def class_capped_count(train_set: ImageDataset, cls: int, rate: float, method: str) -> tuple[torch.Tensor, int, int]:
+    """For watermarks that can only poison samples of one class (Label-Consistent, Sleeper Agent): the indices of
+    that class, the requested count ``round(gamma * N)`` and the count used, capped at the class size (with a
+    ``UserWarning`` that names both counts and the largest possible gamma)."""
+    import warnings
+
+    n = len(train_set)
+    pool = torch.nonzero(train_set.labels.cpu() == cls).flatten()
+    if len(pool) == 0:
+        raise ValueError(f"class {cls} ({train_set.classes[cls]!r}) has no samples in {train_set.name}; {method} "
+                         "can only poison samples of that class")
+    requested = poison_count(rate, n)
+    used = min(requested, len(pool))
+    if used < requested:
+        warnings.warn(
+            f"{method}: gamma = {rate} requests {requested} poisons but only the {len(pool)} samples of class "
+            f"{cls} can be poisoned; using {used} (maximum gamma = {len(pool)}/{n} = {len(pool) / n:.4g})",
+            UserWarning,
+            stacklevel=3,
+        )
+    return pool, requested, used
 
 
 def choose_indices(n: int, count: int, generator: torch.Generator, pool: torch.Tensor | None = None) -> torch.Tensor:
@@ -153,6 +177,8 @@ class WatermarkedDataset:
     indices: torch.Tensor
     key: WatermarkKey
     noise_indices: torch.Tensor = field(default_factory=lambda: torch.empty(0, dtype=torch.long))
+    report: dict = field(default_factory=dict, repr=False)
+    """Method-specific diagnostics of how the release was made (e.g. crafting curves); not saved."""
 
     @property
     def modified(self) -> torch.Tensor:

@@ -32,6 +32,8 @@ __all__ = [
     "square_trigger",
     "noise_trigger",
     "blend",
+    "resized_square",
+    "paste_random",
     "PatchSettings",
     "BadNetsSettings",
     "BlendedSettings",
@@ -74,6 +76,30 @@ def blend(images: torch.Tensor, pattern: torch.Tensor, alpha: torch.Tensor) -> t
     keep = alpha == 0
     if keep.any():
         out = torch.where(keep.expand_as(x), images, out)
+    return out
+
+
+def resized_square(channels: int, size: int = 8) -> torch.Tensor:
+    """The white-black square resized to ``size`` x ``size`` (bilinear), uint8, C x size x size (UBW-C's trigger)."""
+    sq = torch.nn.functional.interpolate(SQUARE.float()[None, None] * 255, size=(size, size), mode="bilinear",
+                                         align_corners=False)
+    return sq[0].round().clamp(0, 255).to(torch.uint8).expand(channels, size, size).contiguous()
+
+
+def paste_random(images: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Paste ``patch`` (uint8, C x p x q) at a random position (fully inside, drawn per image from
+    ``generator``) into each uint8 image; vectorised, returns a new tensor."""
+    n, c, h, w = images.shape
+    p, q = patch.shape[-2:]
+    if p > h or q > w:
+        raise ValueError(f"a {p}x{q} patch does not fit into {h}x{w} images")
+    ys = torch.randint(0, h - p + 1, (n,), generator=generator).to(images.device)
+    xs = torch.randint(0, w - q + 1, (n,), generator=generator).to(images.device)
+    rows = (ys[:, None] + torch.arange(p, device=images.device)).view(n, 1, p, 1)
+    cols = (xs[:, None] + torch.arange(q, device=images.device)).view(n, 1, 1, q)
+    out = images.clone()
+    out[torch.arange(n, device=images.device).view(n, 1, 1, 1), torch.arange(c, device=images.device).view(1, c, 1, 1),
+        rows, cols] = patch.to(images.device).expand(n, c, p, q)
     return out
 
 

@@ -1,0 +1,539 @@
+"""Gradient matching (Geiping et al.'s Witches' Brew, as used by Sleeper Agent and UBW-C), written once.
+
+Sample-specific perturbations ``delta_i`` (``|delta_i|_inf <= eps``) are crafted on a fixed set of poisons so
+that the parameter gradient of the ordinary training loss on the poisons points where a *target gradient*
+``g_t`` points:
+
+    passenger loss = 1 - cos( grad_w sum_i CE(f(aug(x_i + delta_i)), y_i),  g_t )
+
+(labels unchanged). Sleeper Agent's ``g_t`` pushes patched source images to the target class; UBW-C's
+ascends the cross-entropy on the true label plus lambda times the prediction entropy (Eqs. 6-7). The loop:
+
+- the surrogate ``f`` starts from a benign model (given, or trained from scratch by ``ubwlib.train``);
+- each step visits every poison batch once, back-propagates the passenger loss through the double-backward
+  graph (``create_graph=True``) to ``delta``, and takes one Adam step on the *signs* of the gradients
+  (lr x0.1 at the milestones), then projects ``delta`` to the eps-ball and ``x + delta`` to [0, 1];
+- ``aug`` is a differentiable random shift (up to ``max_shift * H`` pixels) and horizontal flip, via
+  ``grid_sample``;
+- every ``retrain_every`` steps the surrogate is retrained *from scratch* on the current poisoned dataset and
+  the target gradient is recomputed (the bi-level problem's lower level);
+- with a :class:`ubwlib.cache.Checkpoint`, the state is saved every ``checkpoint_every`` steps and an
+  interrupted run resumes from its last saved step to the same result.
+
+Poisons are chosen by the largest per-sample gradient norm (``torch.func`` vmap over samples).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..data import ImageDataset
+from ..models import build_model
+from ..train import (
+    TrainConfig,
+    accuracy,
+    autocast_context,
+    resolve_device,
+    resolve_precision,
+    train,
+)
+from .base import Watermark, WatermarkedDataset, WatermarkKey, check_target, choose_indices
+from .patch import paste_random
+
+__all__ = [
+    "GradientMatchingWatermark",
+    "GradientMatchingSettings",
+    "CraftResult",
+    "differentiable_augment",
+    "per_sample_grad_norms",
+    "per_sample_grad_norms_func",
+    "select_by_grad_norm",
+    "passenger_loss",
+    "apply_delta",
+    "craft",
+]
+
+
+@dataclass(frozen=True)
+class GradientMatchingSettings:
+    """Budgets and hyper-parameters of gradient matching (defaults: the public code's)."""
+
+    eps: float = 16 / 255
+    """L_inf budget of the perturbations (images in [0, 1])."""
+    steps: int = 250
+    """Crafting steps (each visits every poison once)."""
+    lr: float = 0.025
+    """Adam learning rate on the signed gradients."""
+    lr_milestones: tuple[float, ...] = (0.375, 0.625, 0.875)
+    """Fractions of ``steps`` where lr is multiplied by ``lr_decay`` (93, 156, 218 of 250)."""
+    lr_decay: float = 0.1
+    retrain_every: int = 50
+    """Retrain the surrogate from scratch every this many steps (0: never)."""
+    batch_size: int = 128
+    """Poisons per batch of the passenger loss."""
+    augment: bool = True
+    """Differentiable random shift + flip while crafting."""
+    max_shift: float = 0.125
+    """Largest shift, as a fraction of the image size (about H/8)."""
+    init: str = "uniform"
+    """Initial perturbation: ``uniform`` in the eps-ball (seeded) or ``zero``."""
+    model: str = "resnet18-cifar"
+    width: float = 1.0
+    pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, milestones=(50, 75)))
+    """Schedule of the surrogate trained from scratch when none is given."""
+    retrain: TrainConfig = field(
+        default_factory=lambda: TrainConfig(epochs=40, lr=0.1, momentum=0.0, weight_decay=1e-4, milestones=(20, 30))
+    )
+    """Schedule of each retraining of the surrogate (public code: 40 epochs, lr 0.1, no momentum, wd 1e-4)."""
+    checkpoint_every: int = 10
+    precision: str = "fp32"
+    """Precision of the double-backward passes (``fp32`` or ``auto``)."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eps <= 1:
+            raise ValueError(f"eps must be in (0, 1] (images in [0, 1]; 16/255 = {16 / 255:.4f}), got {self.eps}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.retrain_every < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
+            raise ValueError("retrain_every must be >= 0, batch_size and checkpoint_every >= 1")
+        if self.init not in ("uniform", "zero"):
+            raise ValueError(f"init must be 'uniform' or 'zero', got {self.init!r}")
+        if not 0 <= self.max_shift < 0.5:
+            raise ValueError(f"max_shift must be in [0, 0.5), got {self.max_shift}")
+
+    def lr_at(self, step: int) -> float:
+        passed = sum(step >= int(round(m * self.steps)) for m in self.lr_milestones)
+        return self.lr * self.lr_decay**passed
+
+
+@dataclass(frozen=True)
+class CraftResult:
+    images: torch.Tensor
+    """The released poisons (uint8), in the order of ``indices``."""
+    delta: torch.Tensor
+    """The final float perturbations (N_poison x C x H x W, in [-eps, eps])."""
+    history: pd.DataFrame
+    """One row per step: step, lr, passenger loss, seconds."""
+    retrains: pd.DataFrame
+    """One row per (re)trained surrogate: step, and what ``monitor`` returned (accuracy, D_s, ...)."""
+    surrogate: nn.Module
+    resumed_from: int
+    """Step the run resumed from (0: it started fresh)."""
+
+
+# --------------------------------------------------------------------------- building blocks
+def differentiable_augment(x: torch.Tensor, generator: torch.Generator, max_shift: float = 0.125,
+                           flip: bool = True) -> torch.Tensor:
+    """Random shift (up to ``max_shift`` of the size, zero fill) and horizontal flip of a float batch,
+    differentiable with respect to ``x`` (``F.grid_sample`` on an affine grid)."""
+    n = x.shape[0]
+    dev = x.device
+    shift = (torch.rand(n, 2, generator=generator, device=generator.device) * 2 - 1) * (2 * max_shift)
+    sign = torch.ones(n, device=generator.device)
+    if flip:
+        sign = torch.where(torch.rand(n, generator=generator, device=generator.device) < 0.5, -sign, sign)
+    theta = torch.zeros(n, 2, 3, device=generator.device)
+    theta[:, 0, 0] = sign
+    theta[:, 1, 1] = 1.0
+    theta[:, :, 2] = shift
+    grid = F.affine_grid(theta.to(dev, x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def _params(model: nn.Module) -> list[torch.Tensor]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def passenger_loss(grads: list[torch.Tensor], target: list[torch.Tensor], target_norm: torch.Tensor) -> torch.Tensor:
+    """``1 - cos(g, g_t)`` over all parameters (one flattened vector)."""
+    dot = sum((g * t).sum() for g, t in zip(grads, target))
+    norm = torch.sqrt(sum((g * g).sum() for g in grads))
+    return 1 - dot / (norm * target_norm + 1e-12)
+
+
+def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *, batch_size: int = 256,
+                          device: torch.device | None = None) -> torch.Tensor:
+    """L2 norm of the parameter gradient of each sample's cross-entropy (model in eval mode); float32, CPU.
+
+    Vectorised without a per-sample loop: one forward/backward per batch, with hooks that keep each layer's
+    input and output gradient and form the per-sample gradients of every ``Conv2d`` (im2col + einsum),
+    ``BatchNorm2d`` (eval mode: an affine map per channel) and ``Linear`` layer. A model with other
+    parameterised layers raises ``NotImplementedError`` (use :func:`per_sample_grad_norms_func`)."""
+    dev = device or next(model.parameters()).device
+    model.eval()
+    supported = (nn.Conv2d, nn.BatchNorm2d, nn.Linear)
+    for mod in model.modules():
+        if any(True for _ in mod.parameters(recurse=False)) and not isinstance(mod, supported):
+            raise NotImplementedError(f"per-sample gradient norms: unsupported layer {type(mod).__name__}")
+    store: dict[nn.Module, list] = {}
+
+    def fwd_hook(mod, inp, out):
+        rec = [inp[0].detach(), None, out.detach()]
+        store[mod] = rec
+
+        def grab(g, rec=rec):
+            rec[1] = g.detach()
+
+        out.register_hook(grab)
+
+    handles = [m.register_forward_hook(fwd_hook) for m in model.modules() if isinstance(m, supported)]
+    norms = []
+    try:
+        for start in range(0, len(images), batch_size):
+            store.clear()
+            x = images[start : start + batch_size].to(dev).float().div_(255)
+            y = labels[start : start + batch_size].to(dev)
+            with torch.enable_grad():
+                # gradients w.r.t. the input only: autograd then skips the weight gradients, which the
+                # per-sample formulas below rebuild from the hooked activations and output gradients
+                x.requires_grad_(True)
+                loss = F.cross_entropy(model(x), y, reduction="sum")
+                torch.autograd.grad(loss, x)
+            sq = torch.zeros(len(x), device=dev)
+            with torch.no_grad():
+                for mod, (a, g, out) in store.items():
+                    sq += _layer_sq_norms(mod, a, g, out)
+            norms.append(sq.sqrt().cpu())
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.cat(norms) if norms else torch.empty(0)
+
+
+def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    n = a.shape[0]
+    total = torch.zeros(n, device=a.device)
+    if isinstance(mod, nn.Linear):
+        if mod.weight.requires_grad:
+            total += g.pow(2).sum(1) * a.pow(2).sum(1)
+        if mod.bias is not None and mod.bias.requires_grad:
+            total += g.pow(2).sum(1)
+    elif isinstance(mod, nn.Conv2d):
+        if mod.groups != 1:
+            raise NotImplementedError("per-sample gradient norms: grouped convolutions are not supported")
+        if mod.weight.requires_grad:
+            cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+            gw = torch.einsum("nop,nkp->nok", g.flatten(2), cols)
+            total += gw.pow(2).flatten(1).sum(1)
+        if mod.bias is not None and mod.bias.requires_grad:
+            total += g.sum((2, 3)).pow(2).sum(1)
+    elif isinstance(mod, nn.BatchNorm2d):
+        if mod.weight is not None and mod.weight.requires_grad:
+            xhat = (out - mod.bias.view(1, -1, 1, 1)) / mod.weight.view(1, -1, 1, 1)
+            total += (g * xhat).sum((2, 3)).pow(2).sum(1)
+        if mod.bias is not None and mod.bias.requires_grad:
+            total += g.sum((2, 3)).pow(2).sum(1)
+    return total
+
+
+def per_sample_grad_norms_func(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
+                               batch_size: int = 64) -> torch.Tensor:
+    """Reference implementation with ``torch.func`` (vmap of grad; any layer type, much slower on CPU)."""
+    from torch.func import functional_call, grad, vmap
+
+    dev = next(model.parameters()).device
+    model.eval()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.detach() for k, v in model.named_buffers()}
+
+    def loss_one(p, x, y):
+        return F.cross_entropy(functional_call(model, (p, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    g_fn = vmap(grad(loss_one), in_dims=(None, 0, 0))
+    norms = []
+    for start in range(0, len(images), batch_size):
+        gs = g_fn(params, images[start : start + batch_size].to(dev).float().div_(255),
+                  labels[start : start + batch_size].to(dev))
+        norms.append(sum(v.flatten(1).pow(2).sum(1) for v in gs.values()).sqrt().cpu())
+    return torch.cat(norms) if norms else torch.empty(0)
+
+
+def select_by_grad_norm(model: nn.Module, dataset: ImageDataset, count: int, pool: torch.Tensor | None = None,
+                        batch_size: int = 256) -> torch.Tensor:
+    """Indices (sorted) of the ``count`` samples of ``pool`` (default: all) with the largest gradient norm."""
+    pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(pool, dtype=torch.long)
+    if count > len(pool):
+        raise ValueError(f"cannot select {count} poisons from {len(pool)} candidates")
+    norms = per_sample_grad_norms(model, dataset.images[pool], dataset.labels[pool], batch_size=batch_size)
+    top = torch.topk(norms, count, largest=True, sorted=False).indices
+    return pool[top].sort().values
+
+
+def apply_delta(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """uint8 images + float perturbation (in [0, 1] units) -> uint8, rounded and clipped."""
+    return (images.float() + delta.float() * 255).round_().clamp_(0, 255).to(torch.uint8)
+
+
+def _project(delta: torch.Tensor, base: torch.Tensor, eps: float) -> None:
+    """In place: |delta| <= eps and base + delta in [0, 1]."""
+    delta.clamp_(-eps, eps)
+    torch.maximum(delta, -base, out=delta)
+    torch.minimum(delta, 1 - base, out=delta)
+
+
+# --------------------------------------------------------------------------- the crafting loop
+def craft(
+    train_set: ImageDataset,
+    indices: torch.Tensor,
+    target_gradient: Callable[[nn.Module], list[torch.Tensor]],
+    settings: GradientMatchingSettings,
+    *,
+    seed: int = 0,
+    surrogate: nn.Module | None = None,
+    monitor: Callable[[nn.Module], dict] | None = None,
+    checkpoint=None,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "crafting",
+) -> CraftResult:
+    """Craft perturbations for ``train_set[indices]`` by gradient matching (see the module docstring).
+
+    ``target_gradient(model)`` returns the target gradient (one tensor per trainable parameter) for the
+    current surrogate; ``monitor(model)`` returns numbers logged after each (re)training of the surrogate.
+    ``checkpoint`` (a :class:`ubwlib.cache.Checkpoint`) makes the run resumable.
+    """
+    s = settings
+    dev = resolve_device(device)
+    indices = torch.as_tensor(indices, dtype=torch.long)
+    base_u8 = train_set.images[indices]
+    labels = train_set.labels[indices].to(dev)
+    base = base_u8.to(dev).float().div_(255)
+    n = len(indices)
+    k, c = train_set.num_classes, train_set.image_shape[0]
+
+    def fresh_model() -> nn.Module:
+        return build_model(s.model, k, c, s.width, seed=seed)
+
+    def poisoned_set(delta: torch.Tensor) -> ImageDataset:
+        images = train_set.images.clone()
+        images[indices] = apply_delta(base_u8, delta.cpu())
+        return train_set.replace(images=images, name=f"{train_set.name}+crafting")
+
+    gen_order = torch.Generator().manual_seed(seed + 101)
+    gen_aug = torch.Generator(device=dev).manual_seed(seed + 202)
+    delta = torch.zeros_like(base)
+    if s.init == "uniform":
+        g0 = torch.Generator().manual_seed(seed + 303)
+        delta = ((torch.rand(base.shape, generator=g0) * 2 - 1) * s.eps).to(dev)
+    _project(delta, base, s.eps)
+    delta.requires_grad_(True)
+    opt = torch.optim.Adam([delta], lr=s.lr)
+
+    start_step = 0
+    history: list[dict] = []
+    retrains: list[dict] = []
+    model: nn.Module | None = None
+    state = checkpoint.load() if checkpoint is not None else None
+    if state is not None:
+        start_step = int(state.step)
+        t = state.tensors
+        with torch.no_grad():
+            delta.copy_(t["delta"].to(dev))
+        if "adam.exp_avg" in t:
+            opt.state[delta] = {"step": t["adam.step"].clone(), "exp_avg": t["adam.exp_avg"].to(dev),
+                                "exp_avg_sq": t["adam.exp_avg_sq"].to(dev)}
+        gen_order.set_state(t["gen_order"])
+        gen_aug.set_state(t["gen_aug"].to(gen_aug.get_state().device) if t["gen_aug"].device.type != "cpu"
+                          else t["gen_aug"])
+        model = fresh_model()
+        model.load_state_dict({k2[6:]: v for k2, v in t.items() if k2.startswith("model.")})
+        model.to(dev)
+        history = list(state.data.get("history", []))
+        retrains = list(state.data.get("retrains", []))
+
+    def log_retrain(step: int, m: nn.Module, seconds: float) -> None:
+        row = {"step": step, "train seconds": seconds}
+        if monitor is not None:
+            row.update(monitor(m))
+        retrains.append(row)
+
+    if model is None:
+        t0 = time.perf_counter()
+        if surrogate is not None:
+            model = surrogate
+        else:
+            model, _ = train(fresh_model(), train_set, s.pretrain, device=dev, progress=progress, desc="surrogate")
+        log_retrain(0, model, time.perf_counter() - t0)
+    model.to(dev).eval()
+    for p in model.parameters():
+        p.requires_grad_(True)
+
+    def compute_target(m: nn.Module):
+        m.eval()
+        g = [t.detach() for t in target_gradient(m)]
+        return g, torch.sqrt(sum((t * t).sum() for t in g))
+
+    tgt, tgt_norm = compute_target(model)
+    prec = resolve_precision(s.precision, dev)
+    bar = tqdm(range(start_step, s.steps), desc=desc, disable=not progress, leave=False, unit="step")
+    for step in bar:
+        if s.retrain_every and step > 0 and step % s.retrain_every == 0 and (
+            not retrains or retrains[-1]["step"] != step
+        ):
+            t0 = time.perf_counter()
+            model, _ = train(fresh_model(), poisoned_set(delta.detach()), s.retrain, device=dev, progress=progress,
+                             desc="retrain surrogate")
+            model.eval()
+            log_retrain(step, model, time.perf_counter() - t0)
+            tgt, tgt_norm = compute_target(model)
+        t0 = time.perf_counter()
+        lr = s.lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        grad_sign = torch.zeros_like(delta)
+        losses = []
+        params = _params(model)
+        order = torch.randperm(n, generator=gen_order)
+        for b in range(0, n, s.batch_size):
+            idx = order[b : b + s.batch_size].to(dev)
+            d = delta[idx].detach().requires_grad_(True)
+            x = base[idx] + d
+            if s.augment:
+                x = differentiable_augment(x, gen_aug, s.max_shift, flip=True)
+            with autocast_context(prec, dev):
+                out = model(x)
+            loss = F.cross_entropy(out.float(), labels[idx])
+            grads = torch.autograd.grad(loss, params, create_graph=True)
+            p_loss = passenger_loss(grads, tgt, tgt_norm)
+            (g_d,) = torch.autograd.grad(p_loss, d)
+            grad_sign[idx] = g_d.sign()
+            losses.append(float(p_loss.detach()) * len(idx))
+        delta.grad = grad_sign
+        opt.step()
+        with torch.no_grad():
+            _project(delta, base, s.eps)
+        history.append({"step": step + 1, "lr": lr, "passenger loss": sum(losses) / n,
+                        "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{history[-1]['passenger loss']:.4f}")
+        if checkpoint is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
+            st = opt.state.get(delta, {})
+            tensors = {"delta": delta.detach().cpu(), "gen_order": gen_order.get_state(),
+                       "gen_aug": gen_aug.get_state().cpu(),
+                       **{f"model.{k2}": v.detach().cpu() for k2, v in model.state_dict().items()}}
+            if st:
+                tensors.update({"adam.step": torch.as_tensor(st["step"]).detach().cpu().clone(),
+                                "adam.exp_avg": st["exp_avg"].detach().cpu(),
+                                "adam.exp_avg_sq": st["exp_avg_sq"].detach().cpu()})
+            checkpoint.save(step + 1, tensors, {"history": history, "retrains": retrains})
+    bar.close()
+    final = delta.detach().cpu()
+    return CraftResult(
+        images=apply_delta(base_u8, final),
+        delta=final,
+        history=pd.DataFrame(history, columns=["step", "lr", "passenger loss", "seconds"]),
+        retrains=pd.DataFrame(retrains),
+        surrogate=model,
+        resumed_from=start_step,
+    )
+
+
+# --------------------------------------------------------------------------- the watermarks built on it
+class GradientMatchingWatermark(Watermark):
+    """Shared by Sleeper Agent and UBW-C: choose poisons, craft them by :func:`craft`, release (labels kept).
+
+    Subclasses define :meth:`_pool` (which samples may be poisoned), :meth:`_patch` (the test-time patch),
+    :meth:`_target_loss` (the loss whose parameter gradient is the target gradient) and ``_target_label``."""
+
+    label_type = "clean"
+
+    def _pool(self, train_set: ImageDataset) -> tuple[torch.Tensor | None, int]:  # pragma: no cover
+        raise NotImplementedError
+
+    def _patch(self, channels: int, generator: torch.Generator) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    def _target_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # pragma: no cover
+        raise NotImplementedError
+
+    _target_label: int | None = None
+
+    def watermark(self, train_set: ImageDataset, seed: int = 0, *, surrogate: nn.Module | None = None,
+                  checkpoint=None, monitor_set: ImageDataset | None = None, device=None,
+                  progress: bool = True) -> WatermarkedDataset:
+        """Craft and release. ``surrogate``: a trained benign model to start from (else one is trained with
+        ``crafting.pretrain``); ``checkpoint``: a :class:`ubwlib.cache.Checkpoint` for resumable crafting;
+        ``monitor_set``: a test set on which each (re)trained surrogate is measured (crafting curves). The
+        crafting report is in ``released.report``."""
+        self._check_train_set(train_set)
+        s = self.settings
+        gm: GradientMatchingSettings = s.crafting
+        dev = resolve_device(device)
+        source = check_target(s.source, train_set.num_classes)
+        pool, count = self._pool(train_set)
+        gen = torch.Generator().manual_seed(seed)
+        patch = self._patch(train_set.image_shape[0], gen)
+        t0 = time.perf_counter()
+        if surrogate is None:
+            model = build_model(gm.model, train_set.num_classes, train_set.image_shape[0], gm.width, seed=seed)
+            surrogate, _ = train(model, train_set, gm.pretrain, device=dev, progress=progress, desc="surrogate")
+        surrogate.to(dev)
+        t_pre = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        idx = select_by_grad_norm(surrogate, train_set, count, pool)
+        t_sel = time.perf_counter() - t0
+
+        src_all = torch.nonzero(train_set.labels == source).flatten()
+        if s.n_source is not None and s.n_source < len(src_all):
+            src_all = choose_indices(len(train_set), s.n_source, gen, pool=src_all)
+        src_images = train_set.images[src_all]
+        src_labels = train_set.labels[src_all] if self._target_label is None else torch.full_like(
+            train_set.labels[src_all], self._target_label)
+        tgt_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+
+        def target_gradient(model: nn.Module) -> list[torch.Tensor]:
+            g_pos = torch.Generator().manual_seed(tgt_seed)
+            params = _params(model)
+            total = [torch.zeros_like(p) for p in params]
+            for b in range(0, len(src_images), 256):
+                x = paste_random(src_images[b : b + 256], patch, g_pos).to(dev).float().div_(255)
+                loss = self._target_loss(model(x).float(), src_labels[b : b + 256].to(dev)) * (len(x) / len(src_images))
+                for t, g in zip(total, torch.autograd.grad(loss, params)):
+                    t += g
+            return total
+
+        monitor = None
+        if monitor_set is not None:
+            mon_src = monitor_set.images[monitor_set.labels == source]
+            mon_y = monitor_set.labels[monitor_set.labels == source]
+
+            def monitor(model: nn.Module) -> dict:
+                from .. import metrics
+                from ..train import predict_proba
+
+                probs = predict_proba(model, paste_random(mon_src, patch, torch.Generator().manual_seed(seed)))
+                pred = probs.argmax(1)
+                out = {"surrogate accuracy": accuracy(model, monitor_set),
+                       "D_s (triggered source)": metrics.sample_dispersibility(probs.double().numpy()),
+                       "ASR-A (triggered source)": metrics.asr_all(pred.numpy(), mon_y.numpy())}
+                if self._target_label is not None:
+                    out["ASR (triggered source)"] = float((pred == self._target_label).float().mean())
+                return out
+
+        result = craft(train_set, idx, target_gradient, gm, seed=seed, surrogate=surrogate, monitor=monitor,
+                       checkpoint=checkpoint, device=dev, progress=progress, desc=f"{self.name} crafting")
+        images = train_set.images.clone()
+        images[idx] = result.images
+        released = self._release(train_set, images, train_set.labels.clone(), idx, {"patch": patch}, seed,
+                                 self._target_label)
+        report = {"history": result.history, "retrains": result.retrains, "resumed_from": result.resumed_from,
+                  "seconds": {"surrogate": t_pre, "selection": t_sel,
+                              "crafting": float(result.history["seconds"].sum()) if len(result.history) else 0.0,
+                              "retraining": float(result.retrains["train seconds"].iloc[1:].sum())
+                              if len(result.retrains) > 1 else 0.0},
+                  "delta": result.delta}
+        return dataclasses.replace(released, report=report)
+
+    @classmethod
+    def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
+        return paste_random(images, key.tensors["patch"], generator or torch.Generator().manual_seed(key.seed))
