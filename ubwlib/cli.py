@@ -108,7 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     from .watermarks import REGISTRY
 
     w = sub.add_parser("watermark", help="watermark a dataset's training split and save the release and its key")
-    w.add_argument("method", choices=sorted(REGISTRY), help="the watermark")
+    # clean-label watermarks train a surrogate first (hours on a CPU with the paper's schedule): Python API only
+    w.add_argument("method", choices=sorted(k for k, v in REGISTRY.items() if v.label_type == "poisoned"),
+                   help="the watermark (poisoned-label methods; the clean-label ones need a trained surrogate: "
+                        "use ubwlib.watermarks from Python)")
     w.add_argument("--out", required=True, help="file for the released dataset (the key goes to FILE.key)")
     w.add_argument("--data", default="fashion-mnist", help="dataset spec (default: %(default)s)")
     w.add_argument("--root", default=None, help="dataset folder")

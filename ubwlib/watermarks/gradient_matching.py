@@ -113,7 +113,8 @@ class GradientMatchingSettings:
             raise ValueError(f"max_shift must be in [0, 0.5), got {self.max_shift}")
 
     def lr_at(self, step: int) -> float:
-        passed = sum(step >= int(round(m * self.steps)) for m in self.lr_milestones)
+        # floor, like the public code's ``steps // 2.667`` etc.: 93, 156, 218 of 250 (rounding gave 94 and 219)
+        passed = sum(step >= int(m * self.steps) for m in self.lr_milestones)
         return self.lr * self.lr_decay**passed
 
 
@@ -176,6 +177,9 @@ def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, labels: torch.
     for mod in model.modules():
         if any(True for _ in mod.parameters(recurse=False)) and not isinstance(mod, supported):
             raise NotImplementedError(f"per-sample gradient norms: unsupported layer {type(mod).__name__}")
+        if isinstance(mod, nn.BatchNorm2d) and mod.running_mean is None:
+            raise NotImplementedError("per-sample gradient norms: BatchNorm2d without running statistics "
+                                      "(batch statistics couple the samples)")
     store: dict[nn.Module, list] = {}
 
     def fwd_hook(mod, inp, out):
@@ -230,7 +234,8 @@ def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch
             total += g.sum((2, 3)).pow(2).sum(1)
     elif isinstance(mod, nn.BatchNorm2d):
         if mod.weight is not None and mod.weight.requires_grad:
-            xhat = (out - mod.bias.view(1, -1, 1, 1)) / mod.weight.view(1, -1, 1, 1)
+            # the normalised input from the running statistics (not (out - beta) / gamma: NaN where gamma == 0)
+            xhat = (a - mod.running_mean.view(1, -1, 1, 1)) * torch.rsqrt(mod.running_var.view(1, -1, 1, 1) + mod.eps)
             total += (g * xhat).sum((2, 3)).pow(2).sum(1)
         if mod.bias is not None and mod.bias.requires_grad:
             total += g.sum((2, 3)).pow(2).sum(1)

@@ -1,0 +1,653 @@
+"""Tests of gradient matching (ubwlib.watermarks.gradient_matching) and the two watermarks built on it,
+Sleeper Agent and UBW-C, plus the patch helpers they use (resized_square, paste_random).
+
+Everything runs on tiny synthetic datasets (160 images of 3x12x12 or 1x12x12, 4 classes, each class a bright
+region in its own quadrant) with tiny models trained for one epoch. Expected values come from independent
+computations: a per-sample Python loop of ``torch.autograd.grad`` for the gradient norms, ``torch.topk`` for the
+selection, hand-written formulas for the losses.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import ubwlib.watermarks.gradient_matching as gm
+from ubwlib.cache import Cache
+from ubwlib.data import ImageDataset
+from ubwlib.models import build_model
+from ubwlib.train import TrainConfig, train
+from ubwlib.watermarks import REGISTRY, UBWC, SleeperAgent, trigger
+from ubwlib.watermarks.gradient_matching import (
+    GradientMatchingSettings,
+    apply_delta,
+    craft,
+    differentiable_augment,
+    passenger_loss,
+    per_sample_grad_norms,
+    per_sample_grad_norms_func,
+    select_by_grad_norm,
+)
+from ubwlib.watermarks.patch import SQUARE, paste_random, resized_square
+from ubwlib.watermarks.sleeper_agent import SleeperAgentSettings
+from ubwlib.watermarks.ubw_c import UBWCSettings
+
+K = 4
+SIZE = 12
+EPS = 16 / 255
+TINY = TrainConfig(epochs=1, batch_size=32, lr=0.05, schedule="onecycle", flip=False, precision="fp32")
+MODELS = [("smallcnn", 0.25), ("resnet18-cifar", 0.0625)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared, busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def make_dataset(n: int = 160, channels: int = 3, seed: int = 0, name: str = "quadrants") -> ImageDataset:
+    """Dark noise plus a bright 4x4 square in the quadrant of the class (learnable in one epoch)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = (torch.arange(n) % K)[torch.randperm(n, generator=g)]
+    images = torch.randint(0, 90, (n, channels, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    for i, y in enumerate(labels.tolist()):
+        r, c = 1 + 6 * (y // 2), 1 + 6 * (y % 2)
+        images[i, :, r : r + 4, c : c + 4] = torch.randint(170, 256, (channels, 4, 4), dtype=torch.uint8, generator=g)
+    return ImageDataset(images, labels, tuple(f"c{i}" for i in range(K)), name)
+
+
+def settings(**kw) -> GradientMatchingSettings:
+    base = dict(steps=4, retrain_every=0, batch_size=16, model="smallcnn", width=0.25, pretrain=TINY, retrain=TINY,
+                precision="fp32", eps=EPS)
+    base.update(kw)
+    return GradientMatchingSettings(**base)
+
+
+@pytest.fixture(scope="module")
+def ds() -> ImageDataset:
+    return make_dataset()
+
+
+@pytest.fixture(scope="module")
+def trained(ds):
+    """{model name: a benign model trained one epoch on ``ds``} (copy before use if it may be modified)."""
+    out = {}
+    for name, width in MODELS:
+        model, _ = train(build_model(name, K, 3, width, seed=0), ds, TINY, device="cpu", progress=False)
+        out[name] = model.eval()
+    return out
+
+
+def loop_norms(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Reference: one autograd.grad per sample over all parameters, eval mode, float64 accumulation."""
+    model.eval()
+    params = list(model.parameters())
+    out = []
+    for i in range(len(images)):
+        loss = F.cross_entropy(model(images[i : i + 1].float() / 255), labels[i : i + 1])
+        grads = torch.autograd.grad(loss, params)
+        out.append(torch.sqrt(sum(g.double().pow(2).sum() for g in grads)))
+    return torch.stack(out).float()
+
+
+def no_hooks_left(model: nn.Module) -> bool:
+    return all(not m._forward_hooks and not m._forward_pre_hooks and not m._backward_hooks for m in model.modules())
+
+
+def _perturb_bn(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Non-trivial BatchNorm statistics and affine parameters (one gamma exactly 0)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                c = m.num_features
+                m.running_mean.copy_(torch.rand(c, generator=g) - 0.5)
+                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
+                m.weight.copy_(0.5 + torch.rand(c, generator=g))
+                m.bias.copy_(torch.rand(c, generator=g) - 0.5)
+        first_bn = next(m for m in model.modules() if isinstance(m, nn.BatchNorm2d))
+        first_bn.weight[0] = 0.0  # (out - beta) / gamma would divide by zero here
+    return model
+
+
+# --------------------------------------------------------------------------- per-sample gradient norms
+@pytest.mark.parametrize("name,width", MODELS)
+def test_per_sample_grad_norms_match_loop_and_func(ds, trained, name, width):
+    model = copy.deepcopy(trained[name])
+    model.zero_grad(set_to_none=True)
+    x, y = ds.images[:12], ds.labels[:12]
+    ref = loop_norms(model, x, y)
+    got = per_sample_grad_norms(model, x, y, batch_size=5)
+    assert got.dtype == torch.float32 and got.shape == (12,)
+    torch.testing.assert_close(got, ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(per_sample_grad_norms_func(model, x, y, batch_size=5), ref, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(per_sample_grad_norms(model, x, y, batch_size=64), got, rtol=1e-5, atol=1e-7)
+    assert no_hooks_left(model)
+    assert all(p.grad is None for p in model.parameters())  # nothing accumulated into .grad
+
+
+@pytest.mark.parametrize("name,width", MODELS)
+def test_per_sample_grad_norms_batchnorm_zero_gamma(ds, name, width):
+    """Eval-mode BatchNorm with arbitrary running statistics, including a channel with gamma == 0."""
+    model = _perturb_bn(build_model(name, K, 3, width, seed=1))
+    x, y = ds.images[20:28], ds.labels[20:28]
+    got = per_sample_grad_norms(model, x, y, batch_size=3)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got, loop_norms(model, x, y), rtol=1e-4, atol=1e-6)
+
+
+class _BiasNet(nn.Module):
+    """Conv with bias, stride and padding; BatchNorm without affine; Linear with bias; a residual add."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 4, 3, stride=2, padding=1, bias=True)
+        self.bn = nn.BatchNorm2d(4, affine=False)
+        self.conv2 = nn.Conv2d(4, 4, 1, bias=True)
+        self.fc = nn.Linear(4 * 6 * 6, K)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = h + torch.tanh(self.conv2(h))
+        return self.fc(h.flatten(1))
+
+
+def test_per_sample_grad_norms_bias_layers_and_1_channel():
+    ds1 = make_dataset(20, channels=1, seed=3)
+    torch.manual_seed(0)
+    model = _BiasNet()
+    with torch.no_grad():
+        model.bn.running_mean.uniform_(-0.2, 0.2)
+        model.bn.running_var.uniform_(0.5, 2.0)
+    ref = loop_norms(model, ds1.images, ds1.labels)
+    torch.testing.assert_close(per_sample_grad_norms(model, ds1.images, ds1.labels, batch_size=7), ref,
+                               rtol=1e-4, atol=1e-6)
+    # frozen parameters are left out of the norm (the layer's other parameters still count)
+    model.conv.weight.requires_grad_(False)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = []
+    for i in range(len(ds1)):
+        loss = F.cross_entropy(model(ds1.images[i : i + 1].float() / 255), ds1.labels[i : i + 1])
+        expected.append(torch.sqrt(sum(g.double().pow(2).sum() for g in torch.autograd.grad(loss, params))))
+    torch.testing.assert_close(per_sample_grad_norms(model, ds1.images, ds1.labels),
+                               torch.stack(expected).float(), rtol=1e-4, atol=1e-6)
+    assert no_hooks_left(model)
+
+
+@pytest.mark.parametrize("layer", [nn.LayerNorm(8), nn.GroupNorm(2, 8)])
+def test_per_sample_grad_norms_unsupported_layer(ds, layer):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer if isinstance(layer, nn.GroupNorm) else nn.Identity(),
+                          nn.Flatten(), nn.Linear(8 * SIZE * SIZE, 8),
+                          layer if isinstance(layer, nn.LayerNorm) else nn.Identity(), nn.Linear(8, K))
+    x, y = ds.images[:4], ds.labels[:4]
+    with pytest.raises(NotImplementedError, match=type(layer).__name__):
+        per_sample_grad_norms(model, x, y)
+    assert no_hooks_left(model)
+    # the torch.func reference handles any layer
+    torch.testing.assert_close(per_sample_grad_norms_func(model, x, y), loop_norms(model, x, y), rtol=1e-4, atol=1e-6)
+
+
+def test_per_sample_grad_norms_no_hooks_left_after_error_in_forward(ds):
+    """Hooks are removed even when the forward pass itself fails."""
+    model = nn.Sequential(nn.Flatten(), nn.Linear(3 * SIZE * SIZE, 8), nn.Linear(7, K))  # shape mismatch
+    with pytest.raises(RuntimeError):
+        per_sample_grad_norms(model, ds.images[:4], ds.labels[:4])
+    assert no_hooks_left(model)
+
+
+def test_per_sample_grad_norms_empty(trained):
+    out = per_sample_grad_norms(trained["smallcnn"], torch.zeros(0, 3, SIZE, SIZE, dtype=torch.uint8),
+                                torch.zeros(0, dtype=torch.long))
+    assert out.shape == (0,)
+
+
+# --------------------------------------------------------------------------- selection
+def test_select_by_grad_norm_top_count(ds, trained):
+    model = trained["smallcnn"]
+    ref = loop_norms(model, ds.images, ds.labels)
+    got = select_by_grad_norm(model, ds, 16, batch_size=50)
+    assert got.dtype == torch.long
+    assert torch.equal(got, got.sort().values)
+    assert torch.equal(got, torch.topk(ref, 16).indices.sort().values)
+
+
+def test_select_by_grad_norm_pool(ds, trained):
+    model = trained["smallcnn"]
+    pool = torch.nonzero(ds.labels == 2).flatten()
+    ref = loop_norms(model, ds.images[pool], ds.labels[pool])
+    got = select_by_grad_norm(model, ds, 7, pool=pool)
+    assert set(got.tolist()) <= set(pool.tolist())
+    assert torch.equal(got, pool[torch.topk(ref, 7).indices].sort().values)
+    assert torch.equal(select_by_grad_norm(model, ds, len(pool), pool=pool), pool.sort().values)
+    with pytest.raises(ValueError, match="cannot select"):
+        select_by_grad_norm(model, ds, len(pool) + 1, pool=pool)
+    with pytest.raises(ValueError):
+        select_by_grad_norm(model, ds, len(ds) + 1)
+
+
+# --------------------------------------------------------------------------- building blocks
+def test_differentiable_augment():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(10, 3, SIZE, SIZE, generator=g)
+    xr = x.clone().requires_grad_(True)
+    out = differentiable_augment(xr, torch.Generator().manual_seed(1), 0.125, flip=True)
+    assert out.shape == x.shape
+    out.pow(2).sum().backward()
+    assert xr.grad is not None and xr.grad.abs().sum() > 0
+    # identity without shift and flip
+    torch.testing.assert_close(differentiable_augment(x, torch.Generator().manual_seed(2), 0.0, flip=False), x,
+                               rtol=0, atol=1e-6)
+    # flip only: every sample is x or its mirror image, and both occur
+    x = torch.rand(40, 3, SIZE, SIZE, generator=g)
+    out = differentiable_augment(x, torch.Generator().manual_seed(3), 0.0, flip=True)
+    kinds = []
+    for a, b in zip(out, x):
+        same, mirrored = torch.allclose(a, b, atol=1e-6), torch.allclose(a, b.flip(-1), atol=1e-6)
+        assert same or mirrored
+        kinds.append(mirrored)
+    assert any(kinds) and not all(kinds)
+    # seeded
+    a = differentiable_augment(x, torch.Generator().manual_seed(4), 0.125)
+    b = differentiable_augment(x, torch.Generator().manual_seed(4), 0.125)
+    c = differentiable_augment(x, torch.Generator().manual_seed(5), 0.125)
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_differentiable_augment_integer_shift():
+    """A shift of exactly one pixel (2/W in normalised units) moves the image by one pixel, zero fill."""
+    x = torch.rand(1, 1, 8, 8)
+    theta = torch.tensor([[[1.0, 0.0, 2 / 8], [0.0, 1.0, 0.0]]])
+    # the same construction as differentiable_augment, with a hand-chosen shift, as a sanity check of units
+    grid = F.affine_grid(theta, [1, 1, 8, 8], align_corners=False)
+    out = F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    torch.testing.assert_close(out[..., :-1], x[..., 1:])
+    assert (out[..., -1] == 0).all()
+
+
+def test_passenger_loss():
+    g = torch.Generator().manual_seed(0)
+    target = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    norm = torch.sqrt(sum((t * t).sum() for t in target))
+    assert abs(float(passenger_loss([t.clone() for t in target], target, norm))) < 1e-6
+    assert abs(float(passenger_loss([3 * t for t in target], target, norm))) < 1e-6  # scale-free
+    assert abs(float(passenger_loss([-t for t in target], target, norm)) - 2) < 1e-6
+    # orthogonal: the same vector with its two halves swapped in sign structure
+    a = [torch.tensor([1.0, 0.0]), torch.tensor([0.0, 2.0])]
+    b = [torch.tensor([0.0, 5.0]), torch.tensor([3.0, 0.0])]
+    nb = torch.sqrt(sum((t * t).sum() for t in b))
+    assert abs(float(passenger_loss(a, b, nb)) - 1) < 1e-6
+    # against a hand-written cosine
+    h = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    fa, fb = torch.cat([t.flatten() for t in h]), torch.cat([t.flatten() for t in target])
+    assert float(passenger_loss(h, target, norm)) == pytest.approx(1 - float(F.cosine_similarity(fa, fb, dim=0)),
+                                                                    abs=1e-6)
+
+
+def test_apply_delta():
+    images = torch.tensor([100, 100, 100, 250, 3, 0, 255], dtype=torch.uint8).view(1, 1, 1, 7)
+    delta = torch.tensor([0.4, 0.6, -0.6, 10.0, -10.0, -1.0, 1.0]).view(1, 1, 1, 7) / 255
+    out = apply_delta(images, delta)
+    assert out.dtype == torch.uint8
+    assert out.flatten().tolist() == [100, 101, 99, 255, 0, 0, 255]
+    assert torch.equal(apply_delta(images, torch.zeros(1, 1, 1, 7)), images)
+    assert torch.equal(apply_delta(images, torch.full((1, 1, 1, 7), 2.0)), torch.full_like(images, 255))
+
+
+def test_settings_validation_and_lr_at():
+    with pytest.raises(ValueError):
+        GradientMatchingSettings(eps=0)
+    with pytest.raises(ValueError):
+        GradientMatchingSettings(init="gaussian")
+    with pytest.raises(ValueError):
+        GradientMatchingSettings(max_shift=0.5)
+    s = GradientMatchingSettings()  # the public code: x0.1 at steps 93, 156, 218 of 250
+    assert [s.lr_at(i) for i in (0, 92, 93, 155, 156, 217, 218, 249)] == pytest.approx(
+        [0.025, 0.025, 0.0025, 0.0025, 0.00025, 0.00025, 0.000025, 0.000025])
+
+
+# --------------------------------------------------------------------------- craft()
+def _ubwc_like_target(source_images: torch.Tensor, source_labels: torch.Tensor, lam: float = 2.0):
+    """A target gradient in the spirit of UBW-C: grad_w of -(CE + lam * H) on patched source images."""
+    patch = resized_square(source_images.shape[1], 8)
+
+    def target_gradient(model: nn.Module) -> list[torch.Tensor]:
+        x = paste_random(source_images, patch, torch.Generator().manual_seed(7)).float() / 255
+        logp = F.log_softmax(model(x), 1)
+        loss = -(F.nll_loss(logp, source_labels) + lam * (-(logp.exp() * logp).sum(1).mean()))
+        return list(torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad]))
+
+    return target_gradient
+
+
+@pytest.fixture(scope="module")
+def target_fn(ds):
+    src = torch.nonzero(ds.labels == 0).flatten()
+    return _ubwc_like_target(ds.images[src], ds.labels[src])
+
+
+@pytest.fixture(scope="module")
+def poison_idx(ds, trained):
+    return select_by_grad_norm(trained["smallcnn"], ds, 24)
+
+
+def _check_budget(ds: ImageDataset, idx: torch.Tensor, result, eps: float) -> None:
+    base = ds.images[idx]
+    assert result.images.dtype == torch.uint8 and result.images.shape == base.shape
+    diff = (result.images.int() - base.int()).abs()
+    assert int(diff.max()) <= math.ceil(255 * eps)
+    assert int(result.images.min()) >= 0 and int(result.images.max()) <= 255
+    assert result.delta.shape == base.shape and result.delta.dtype == torch.float32
+    assert float(result.delta.abs().max()) <= eps + 1e-6
+    b = base.float() / 255
+    assert float((b + result.delta).min()) >= -1e-6 and float((b + result.delta).max()) <= 1 + 1e-6
+    assert torch.equal(result.images, apply_delta(base, result.delta))
+
+
+def test_craft_reduces_passenger_loss(ds, trained, target_fn, poison_idx):
+    s = settings(steps=6, init="zero", augment=False, lr_milestones=())
+    labels_before = ds.labels.clone()
+    res = craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",
+                progress=False)
+    assert torch.equal(ds.labels, labels_before)
+    loss = res.history["passenger loss"].tolist()
+    assert len(loss) == 6
+    assert loss[-1] < loss[0] - 1e-3, loss
+    assert res.resumed_from == 0
+    _check_budget(ds, poison_idx, res, s.eps)
+    assert res.delta.abs().max() > 0  # something was crafted
+
+
+def test_craft_budget_history_retrains_and_determinism(ds, trained, target_fn, poison_idx):
+    s = settings(steps=5, retrain_every=2, eps=8 / 255, augment=True, init="uniform")
+    calls = []
+
+    def monitor(model):
+        calls.append(model)
+        return {"probe": float(len(calls))}
+
+    sur = trained["smallcnn"]
+    given = copy.deepcopy(sur)
+    res = craft(ds, poison_idx, target_fn, s, seed=3, surrogate=given, monitor=monitor, device="cpu",
+                progress=False)
+    _check_budget(ds, poison_idx, res, s.eps)
+    h = res.history
+    assert list(h.columns) == ["step", "lr", "passenger loss", "seconds"]
+    assert h["step"].tolist() == [1, 2, 3, 4, 5]
+    assert h["lr"].tolist() == pytest.approx([s.lr_at(i) for i in range(5)])
+    assert len(set(h["lr"].round(12))) > 1  # the milestones (2, 3, 4 of 5) do decay the lr
+    assert h["passenger loss"].between(0, 2).all()
+    assert res.retrains["step"].tolist() == [0, 2, 4]
+    assert res.retrains["probe"].tolist() == [1.0, 2.0, 3.0]
+    assert "train seconds" in res.retrains.columns
+    assert res.surrogate is calls[-1]  # the last retrained surrogate is returned
+    # the given surrogate's weights were not changed
+    assert all(torch.equal(v, sur.state_dict()[k]) for k, v in given.state_dict().items())
+
+    again = craft(ds, poison_idx, target_fn, s, seed=3, surrogate=copy.deepcopy(sur), device="cpu", progress=False)
+    assert torch.equal(res.delta, again.delta) and torch.equal(res.images, again.images)
+    other = craft(ds, poison_idx, target_fn, s, seed=4, surrogate=copy.deepcopy(sur), device="cpu", progress=False)
+    assert not torch.equal(res.delta, other.delta)
+
+
+def test_craft_trains_surrogate_when_none_given(ds, target_fn):
+    idx = torch.arange(0, 160, 20)
+    s = settings(steps=1, batch_size=8)
+    res = craft(ds, idx, target_fn, s, seed=0, device="cpu", progress=False)
+    assert res.retrains["step"].tolist() == [0]
+    assert isinstance(res.surrogate, type(build_model("smallcnn", K, 3, 0.25)))
+    _check_budget(ds, idx, res, s.eps)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+@pytest.mark.parametrize("fail_at_step", [4, 5])
+def test_craft_resumes_to_the_same_result(ds, trained, target_fn, poison_idx, tmp_path, monkeypatch, fail_at_step):
+    """Interrupted during step ``fail_at_step`` (0-based), then resumed from the last checkpoint (step 4):
+    the same delta, images, history and retrains as an uninterrupted run, across a retrain at step 4."""
+    s = settings(steps=6, retrain_every=2, checkpoint_every=2, augment=True, init="uniform", model="resnet18-cifar",
+                 width=0.0625)
+    sur = trained["resnet18-cifar"]
+    kw = dict(seed=1, device="cpu", progress=False)
+    ref = craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(sur), **kw)
+
+    batches = math.ceil(len(poison_idx) / s.batch_size)
+    real = gm.passenger_loss
+    count = {"n": 0}
+
+    def failing(*a, **k):
+        if count["n"] == fail_at_step * batches + 1:  # in the middle of step fail_at_step
+            raise _Interrupt
+        count["n"] += 1
+        return real(*a, **k)
+
+    ckpt = Cache(tmp_path).checkpoint("craft-test", {"x": 1}, "1")
+    monkeypatch.setattr(gm, "passenger_loss", failing)
+    with pytest.raises(_Interrupt):
+        craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(sur), checkpoint=ckpt, **kw)
+    monkeypatch.setattr(gm, "passenger_loss", real)
+    state = ckpt.load()
+    assert state is not None and state.step == 4
+
+    resumed = craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(sur), checkpoint=ckpt, **kw)
+    assert resumed.resumed_from == 4
+    assert torch.equal(resumed.delta, ref.delta)
+    assert torch.equal(resumed.images, ref.images)
+    assert resumed.history["step"].tolist() == ref.history["step"].tolist() == [1, 2, 3, 4, 5, 6]
+    assert resumed.history["passenger loss"].tolist() == ref.history["passenger loss"].tolist()
+    assert resumed.history["lr"].tolist() == ref.history["lr"].tolist()
+    assert resumed.retrains["step"].tolist() == ref.retrains["step"].tolist() == [0, 2, 4]
+    for (k, a), b in zip(resumed.surrogate.state_dict().items(), ref.surrogate.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert ckpt.load().step == 6
+
+    # a finished checkpoint: nothing left to do, same result
+    done = craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(sur), checkpoint=ckpt, **kw)
+    assert done.resumed_from == 6 and torch.equal(done.delta, ref.delta)
+
+
+# --------------------------------------------------------------------------- UBW-C
+def test_ubwc_identity_and_settings():
+    assert REGISTRY["ubw-c"] is UBWC
+    assert UBWC.name == "ubw-c" and UBWC.label_type == "clean" and UBWC.targeted is False
+    s = UBWCSettings()
+    assert s.lam == 2.0 and s.poisoning_rate == 0.1 and s.source == 0 and s.patch_size == 8
+    assert s.crafting.eps == pytest.approx(16 / 255) and s.crafting.steps == 250 and s.crafting.lr == 0.025
+    with pytest.raises(ValueError, match="lam"):
+        UBWCSettings(lam=-0.5)
+    for bad in (0, -0.1, 1.5, True):
+        with pytest.raises(ValueError):
+            UBWCSettings(poisoning_rate=bad)
+
+
+def test_ubwc_target_loss_by_hand():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(9, K, generator=g) * 3
+    labels = torch.randint(0, K, (9,), generator=g)
+    for lam in (0.0, 2.0, 5.0):
+        wm = UBWC(lam=lam)
+        p = torch.softmax(logits.double(), 1)
+        ce = -torch.log(p[torch.arange(9), labels]).mean()
+        h = -(p * torch.log(p)).sum(1).mean()
+        assert float(wm._target_loss(logits, labels)) == pytest.approx(float(-(ce + lam * h)), rel=1e-5)
+    # its descent direction ascends CE + lam * H
+    z = logits.clone().requires_grad_(True)
+    (gt,) = torch.autograd.grad(-UBWC(lam=2.0)._target_loss(z, labels), z)
+    z2 = logits.clone().requires_grad_(True)
+    logp = F.log_softmax(z2, 1)
+    (ga,) = torch.autograd.grad(F.nll_loss(logp, labels) - 2.0 * (logp.exp() * logp).sum(1).mean(), z2)
+    assert float((gt * ga).sum()) > 0
+
+
+@pytest.fixture(scope="module")
+def ubwc_release(ds, trained):
+    gms = settings(steps=2, retrain_every=0, batch_size=16)
+    wm = UBWC(poisoning_rate=0.1, crafting=gms)
+    sur = copy.deepcopy(trained["smallcnn"])
+    expected = select_by_grad_norm(sur, ds, round(0.1 * len(ds)))
+    images_before, labels_before = ds.images.clone(), ds.labels.clone()
+    test = make_dataset(40, seed=9, name="quadrants-test")
+    released = wm.watermark(ds, seed=0, surrogate=sur, monitor_set=test, device="cpu", progress=False)
+    assert torch.equal(ds.images, images_before) and torch.equal(ds.labels, labels_before)
+    return wm, released, expected
+
+
+def test_ubwc_watermark(ds, ubwc_release):
+    wm, released, expected = ubwc_release
+    assert len(released.indices) == round(0.1 * len(ds)) == 16
+    assert torch.equal(released.indices, expected)
+    assert wm._pool(ds) == (None, 16)  # candidates: every class (the selection above is over the whole set)
+    assert torch.equal(released.dataset.labels, ds.labels)
+    changed = torch.nonzero((released.dataset.images != ds.images).flatten(1).any(1)).flatten()
+    assert set(changed.tolist()) <= set(released.indices.tolist())
+    assert len(changed) > 0
+    diff = (released.dataset.images.int() - ds.images.int()).abs()
+    assert int(diff.max()) <= math.ceil(255 * 16 / 255)
+    key = released.key
+    assert key.method == "ubw-c" and key.target is None
+    assert torch.equal(key.tensors["patch"], resized_square(3, 8))
+    rep = released.report
+    assert set(rep) >= {"history", "retrains", "seconds", "delta", "resumed_from"}
+    assert len(rep["history"]) == 2 and rep["resumed_from"] == 0
+    assert rep["delta"].shape == (16, 3, SIZE, SIZE) and float(rep["delta"].abs().max()) <= 16 / 255 + 1e-6
+    assert set(rep["seconds"]) == {"surrogate", "selection", "crafting", "retraining"}
+    assert rep["seconds"]["crafting"] > 0
+    assert {"surrogate accuracy", "D_s (triggered source)", "ASR-A (triggered source)"} <= set(rep["retrains"].columns)
+    assert "ASR (triggered source)" not in rep["retrains"].columns  # untargeted
+
+
+def _single_window(original: torch.Tensor, triggered: torch.Tensor, patch: torch.Tensor) -> tuple[int, int]:
+    """The one position (y, x) such that ``triggered`` equals ``original`` outside the p x p window there and
+    the patch inside it; fails if there is none."""
+    c, h, w = original.shape
+    p = patch.shape[-1]
+    found = []
+    for y in range(h - p + 1):
+        for x in range(w - p + 1):
+            expect = original.clone()
+            expect[:, y : y + p, x : x + p] = patch
+            if torch.equal(expect, triggered):
+                found.append((y, x))
+    assert found, "the triggered image is not the original with the patch pasted in one window"
+    return found[0]
+
+
+def test_ubwc_trigger(ds, ubwc_release):
+    wm, released, _ = ubwc_release
+    images = ds.images[:30]
+    patch = resized_square(3, 8)
+    out = trigger(images, released.key, seed=5)
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    positions = {_single_window(a, b, patch) for a, b in zip(images, out)}
+    assert len(positions) > 3  # random positions
+    assert torch.equal(out, wm.trigger(images, released.key, seed=5))
+    assert torch.equal(out, trigger(images, released.key, seed=5))
+    assert not torch.equal(out, trigger(images, released.key, seed=6))
+    assert torch.equal(trigger(images, released.key), trigger(images, released.key))  # default seed: the key's
+
+
+# --------------------------------------------------------------------------- Sleeper Agent
+def test_sleeper_agent_settings():
+    assert REGISTRY["sleeper-agent"] is SleeperAgent
+    assert SleeperAgent.label_type == "clean" and SleeperAgent.targeted is True
+    with pytest.raises(ValueError, match="differ"):
+        SleeperAgentSettings(source=2, target=2)
+    with pytest.raises(ValueError):
+        SleeperAgentSettings(poisoning_rate=0)
+
+
+def test_sleeper_agent_watermark(ds, trained):
+    sur = trained["smallcnn"]
+    wm = SleeperAgent(poisoning_rate=0.1, source=0, target=1, crafting=settings(steps=1))
+    released = wm.watermark(ds, seed=0, surrogate=copy.deepcopy(sur), device="cpu", progress=False)
+    target_pool = torch.nonzero(ds.labels == 1).flatten()
+    assert len(released.indices) == 16
+    assert (ds.labels[released.indices] == 1).all()
+    assert torch.equal(released.indices, select_by_grad_norm(sur, ds, 16, pool=target_pool))
+    assert torch.equal(released.dataset.labels, ds.labels)
+    changed = torch.nonzero((released.dataset.images != ds.images).flatten(1).any(1)).flatten()
+    assert set(changed.tolist()) <= set(released.indices.tolist())
+    key = released.key
+    assert key.target == 1 == wm.settings.target and key.method == "sleeper-agent"
+    patch = key.tensors["patch"]
+    assert patch.shape == (3, 8, 8) and patch.dtype == torch.uint8
+    assert set(patch.unique().tolist()) <= {0, 255} and len(patch.unique()) == 2
+    out = trigger(ds.images[:10], key, seed=1)
+    for a, b in zip(ds.images[:10], out):
+        _single_window(a, b, patch)
+
+    other = SleeperAgent(poisoning_rate=0.1, crafting=settings(steps=0, init="zero")).watermark(
+        ds, seed=1, surrogate=copy.deepcopy(sur), device="cpu", progress=False)
+    assert not torch.equal(other.key.tensors["patch"], patch)  # the patch is drawn from the seed
+    assert len(other.report["history"]) == 0 and torch.equal(other.dataset.images, ds.images)
+
+
+def test_sleeper_agent_cap_warning(ds, trained):
+    n_target = int((ds.labels == 1).sum())
+    wm = SleeperAgent(poisoning_rate=0.5, crafting=settings(steps=0))
+    with pytest.warns(UserWarning) as record:
+        released = wm.watermark(ds, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",
+                                progress=False)
+    msgs = [str(w.message) for w in record if "sleeper-agent" in str(w.message)]
+    assert msgs and str(round(0.5 * len(ds))) in msgs[0] and str(n_target) in msgs[0]
+    assert len(released.indices) == n_target and (ds.labels[released.indices] == 1).all()
+
+
+def test_sleeper_agent_target_out_of_range(ds, trained):
+    wm = SleeperAgent(target=K, source=0, crafting=settings(steps=0))
+    with pytest.raises(ValueError, match="target"):
+        wm.watermark(ds, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu", progress=False)
+
+
+# --------------------------------------------------------------------------- patch helpers
+def test_resized_square():
+    for c in (1, 3):
+        p = resized_square(c, 8)
+        assert p.shape == (c, 8, 8) and p.dtype == torch.uint8
+        assert all(torch.equal(p[0], p[i]) for i in range(c))
+    p = resized_square(3, 8)[0]
+    ref = F.interpolate(SQUARE.float()[None, None] * 255, size=(8, 8), mode="bilinear", align_corners=False)[0, 0]
+    assert torch.equal(p, ref.round().clamp(0, 255).to(torch.uint8))
+    # SQUARE rows (0,0,1), (0,1,0), (1,0,1): dark top-left, white top-right / bottom-left / bottom-right corners
+    assert int(p[0, 0]) == 0 and int(p[0, -1]) == 255 and int(p[-1, 0]) == 255 and int(p[-1, -1]) == 255
+    assert int(p[3:5, 3:5].min()) > 128  # the white centre
+    assert int(p[0, 3:5].max()) < 128  # the dark top-middle
+    assert torch.equal(resized_square(1, 3)[0], SQUARE * 255)  # size 3: the square itself
+
+
+def test_paste_random():
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 200, (40, 3, SIZE, SIZE), dtype=torch.uint8, generator=g)
+    patch = torch.randint(0, 256, (3, 5, 4), dtype=torch.uint8, generator=g)
+    before = images.clone()
+    out = paste_random(images, patch, torch.Generator().manual_seed(1))
+    assert out.dtype == torch.uint8 and out.shape == images.shape
+    assert torch.equal(images, before)  # the input is not modified
+    positions = set()
+    for a, b in zip(images, out):
+        hits = [(y, x) for y in range(SIZE - 5 + 1) for x in range(SIZE - 4 + 1)
+                if torch.equal(b[:, y : y + 5, x : x + 4], patch)]
+        assert hits
+        y, x = hits[0]
+        mask = torch.ones(SIZE, SIZE, dtype=torch.bool)
+        mask[y : y + 5, x : x + 4] = False
+        assert torch.equal(a[:, mask], b[:, mask])
+        positions.add((y, x))
+    assert len(positions) > 10
+    assert torch.equal(out, paste_random(images, patch, torch.Generator().manual_seed(1)))
+    # a patch as large as the image covers it; a larger one does not fit
+    full = torch.full((3, SIZE, SIZE), 7, dtype=torch.uint8)
+    assert (paste_random(images, full, torch.Generator()) == 7).all()
+    with pytest.raises(ValueError, match="does not fit"):
+        paste_random(images, torch.zeros(3, SIZE + 1, 4, dtype=torch.uint8), torch.Generator())
+    with pytest.raises(ValueError):
+        paste_random(images, torch.zeros(3, 4, SIZE + 1, dtype=torch.uint8), torch.Generator())
