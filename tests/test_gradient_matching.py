@@ -410,11 +410,14 @@ class _Interrupt(Exception):
     pass
 
 
-@pytest.mark.parametrize("fail_at_step", [4, 5])
-def test_craft_resumes_to_the_same_result(ds, trained, target_fn, poison_idx, tmp_path, monkeypatch, fail_at_step):
+@pytest.mark.parametrize("retrain_every,fail_at_step,retrain_steps", [(2, 4, [0, 2, 4]), (2, 5, [0, 2, 4]),
+                                                                     (3, 4, [0, 3])])
+def test_craft_resumes_to_the_same_result(ds, trained, target_fn, poison_idx, tmp_path, monkeypatch, retrain_every,
+                                          fail_at_step, retrain_steps):
     """Interrupted during step ``fail_at_step`` (0-based), then resumed from the last checkpoint (step 4):
-    the same delta, images, history and retrains as an uninterrupted run, across a retrain at step 4."""
-    s = settings(steps=6, retrain_every=2, checkpoint_every=2, augment=True, init="uniform", model="resnet18-cifar",
+    the same delta, images, history and retrains as an uninterrupted run, whether the surrogate is retrained
+    right after the resume point (retrain_every=2) or must come back from the checkpoint (retrain_every=3)."""
+    s = settings(steps=6, retrain_every=retrain_every, checkpoint_every=2, augment=True, init="uniform", model="resnet18-cifar",
                  width=0.0625)
     sur = trained["resnet18-cifar"]
     kw = dict(seed=1, device="cpu", progress=False)
@@ -445,7 +448,7 @@ def test_craft_resumes_to_the_same_result(ds, trained, target_fn, poison_idx, tm
     assert resumed.history["step"].tolist() == ref.history["step"].tolist() == [1, 2, 3, 4, 5, 6]
     assert resumed.history["passenger loss"].tolist() == ref.history["passenger loss"].tolist()
     assert resumed.history["lr"].tolist() == ref.history["lr"].tolist()
-    assert resumed.retrains["step"].tolist() == ref.retrains["step"].tolist() == [0, 2, 4]
+    assert resumed.retrains["step"].tolist() == ref.retrains["step"].tolist() == retrain_steps
     for (k, a), b in zip(resumed.surrogate.state_dict().items(), ref.surrogate.state_dict().values()):
         assert torch.equal(a, b), k
     assert ckpt.load().step == 6

@@ -20,7 +20,8 @@ ascends the cross-entropy on the true label plus lambda times the prediction ent
 - with a :class:`ubwlib.cache.Checkpoint`, the state is saved every ``checkpoint_every`` steps and an
   interrupted run resumes from its last saved step to the same result.
 
-Poisons are chosen by the largest per-sample gradient norm (``torch.func`` vmap over samples).
+Poisons are chosen by the largest per-sample gradient norm (one batched backward pass with layer hooks;
+``per_sample_grad_norms_func`` is the torch.func reference).
 """
 
 from __future__ import annotations
