@@ -512,3 +512,37 @@ def test_watermarked_dataset_is_deterministic_and_exact(tiny):
     assert len(c.indices) == 10
     st = settings_table(("badnets", "blended"))
     assert st.loc[("Blended", "alpha"), "value"] == 0.2 and st.loc[("BadNets", "target"), "value"] == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# clean-label recipes
+# --------------------------------------------------------------------------------------------------
+
+
+def test_crafting_budget_follows_the_profile():
+    from ubwlib.experiments.clean_label import crafting_budget
+
+    paper = crafting_budget(get_profile("paper"))
+    assert (paper.steps, paper.retrain_every, paper.lr, paper.eps) == (250, 50, 0.025, 16 / 255)
+    assert paper.retrain.epochs == 40 and paper.pretrain.epochs == 100
+    smoke = crafting_budget(get_profile("smoke"))
+    assert smoke.model == "smallcnn" and smoke.retrain == get_profile("smoke").train and smoke.steps < paper.steps
+
+
+@pytest.mark.parametrize("method", ["ubw-c", "label-consistent"])
+def test_clean_label_run_is_cached_and_keeps_labels(tiny, method):
+    from ubwlib.experiments.clean_label import clean_label_run
+
+    first = clean_label_run(tiny, method, progress=False)
+    train = load_data(tiny).train
+    assert torch.equal(first.released.dataset.labels, train.labels)
+    changed = (first.released.dataset.images != train.images).flatten(1).any(1).nonzero().flatten()
+    assert set(changed.tolist()) <= set(first.released.indices.tolist())
+    assert first.released.report["cached"] is False and not first.trained.cached
+    again = clean_label_run(tiny, method, progress=False)
+    assert again.released.report["cached"] is True and again.trained.cached
+    assert torch.equal(again.released.dataset.images, first.released.dataset.images)
+    assert again.row == first.row
+    if method == "ubw-c":
+        assert first.source_row["eval set"].startswith("test, source class 0")
+        assert list(again.released.report["history"].columns) == ["step", "lr", "passenger loss", "seconds"]
