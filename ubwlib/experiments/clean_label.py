@@ -76,6 +76,8 @@ def clean_label_release(profile: Profile, method: str, seed: int | None = None, 
             kwargs["checkpoint"] = cache.checkpoint("crafting", key_settings, VERSION)
             kwargs["monitor_set"] = data.test
         released = wm.watermark(data.train, seed, surrogate=surrogate.model, **kwargs)
+        if "checkpoint" in kwargs:
+            kwargs["checkpoint"].clear()  # the finished release is cached below; its checkpoint is not needed
         idx = released.indices
         tensors = {"indices": idx, "poisons": released.dataset.images[idx],
                    **{f"key.{k}": v for k, v in released.key.tensors.items()}}
