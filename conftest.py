@@ -35,6 +35,8 @@ def pytest_collect_file(file_path, parent):
 
     if not _is_notebook(file_path):
         return None
-    out = Path(parent.config.cache.mkdir("nbval")) / f"{file_path.stem}.ipynb"
+    cache = getattr(parent.config, "cache", None)  # absent with -p no:cacheprovider
+    folder = Path(cache.mkdir("nbval")) if cache is not None else Path(tempfile.mkdtemp(prefix="ubw-nbval-"))
+    out = folder / f"{file_path.stem}.ipynb"
     write_test_notebook(file_path, out, NBVAL_PARAMETERS)
     return IPyNbFile.from_parent(parent, path=out)

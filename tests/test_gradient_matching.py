@@ -44,13 +44,7 @@ TINY = TrainConfig(epochs=1, batch_size=32, lr=0.05, schedule="onecycle", flip=F
 MODELS = [("smallcnn", 0.25), ("resnet18-cifar", 0.0625)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids OpenMP spin-waits on a shared, busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 def make_dataset(n: int = 160, channels: int = 3, seed: int = 0, name: str = "quadrants") -> ImageDataset:

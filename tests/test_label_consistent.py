@@ -77,14 +77,7 @@ def state_copy(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_cpu_thread():
-    """These models are tiny: one intra-op thread is as fast, and it avoids OpenMP's spin-waiting, which makes
-    tiny CPU ops up to 30x slower when the cores are shared with other processes."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")

@@ -61,13 +61,7 @@ def ref_blend(x: torch.Tensor, t: torch.Tensor, a: float) -> torch.Tensor:
     return torch.floor(y + 0.5).clamp(0, 255).to(torch.uint8)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are tiny: one intra-op thread avoids OpenMP spin-waits on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
 
 @pytest.fixture(scope="module")
