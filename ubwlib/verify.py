@@ -1,0 +1,476 @@
+"""Ownership verification by a paired t-test (the UBW paper's Proposition 1).
+
+The dataset owner holds the watermark key (its trigger ``G``) and can query a suspicious model ``f`` as a black
+box (probabilities only). On ``m`` random test images ``x`` with label ``y`` that ``f`` classifies correctly, let
+``P_b = f(x)_y`` and ``P_p = f(G(x))_y`` be the probabilities of the true label without and with the trigger.
+A paired one-sided t-test of ``H0: P_b = P_p + tau`` against ``H1: P_b > P_p + tau``
+(``scipy.stats.ttest_rel(P_b, P_p + tau, alternative="greater")``) claims that ``f`` was trained on the protected
+dataset iff its p-value is below ``alpha``. Defaults: ``m = 100``, ``tau = 0.25``, ``alpha = 0.01``; the effect
+size reported next to the p-value is ``Delta P = mean(P_b - P_p)``.
+
+The paper evaluates three scenarios (:data:`SCENARIOS`):
+
+- **Independent-T**: the watermarked model, queried with *another* trigger of the same kind
+  (:func:`independent_key`) -- must not be flagged;
+- **Independent-M**: a model trained on the benign dataset, queried with the true trigger -- must not be flagged;
+- **Malicious**: the watermarked model, queried with the true trigger -- must be flagged.
+
+>>> result = verify(model_predictor(suspect), test_set, released.key, scenario="Malicious")
+>>> result.watermarked, result.delta_p, result.p_value
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from scipy import stats
+
+from .data import ImageDataset
+from .train import predict_proba as _model_predict_proba
+from .watermarks import WatermarkKey, trigger
+from .watermarks.patch import noise_trigger
+from .watermarks.wanet import warp_field
+
+__all__ = [
+    "SCENARIOS",
+    "VerificationSettings",
+    "VerificationResult",
+    "paired_ttest",
+    "decide",
+    "verify",
+    "verify_scenarios",
+    "model_predictor",
+    "independent_key",
+]
+
+#: The paper's three verification scenarios (Table 5), in its order.
+SCENARIOS = ("Independent-T", "Independent-M", "Malicious")
+
+#: Tolerance on ``|sum(row) - 1|`` for a predictor's probability rows (``1e-2`` for 16-bit float outputs).
+_PROB_ATOL = 1e-3
+_PROB_ATOL_16BIT = 1e-2
+
+Predictor = Callable[[torch.Tensor], Any]
+
+
+# --------------------------------------------------------------------------- settings and the test
+@dataclass(frozen=True)
+class VerificationSettings:
+    """Settings of the hypothesis test (the paper's defaults).
+
+    ``m``: number of correctly classified test images queried (>= 2, a paired t-test needs two pairs);
+    ``tau``: the margin of ``H0: P_b = P_p + tau``, in ``[0, 1]``; ``alpha``: the significance level, in ``(0, 1)``.
+    """
+
+    m: int = 100
+    tau: float = 0.25
+    alpha: float = 0.01
+
+    def __post_init__(self) -> None:
+        if isinstance(self.m, bool) or not isinstance(self.m, (int, np.integer)):
+            raise TypeError(f"m must be an int (the number of test images queried), got {self.m!r}")
+        if self.m < 2:
+            raise ValueError(f"m must be >= 2 (a paired t-test needs at least two pairs), got {self.m}; "
+                             "use e.g. m=100, the paper's setting")
+        if isinstance(self.tau, bool) or not isinstance(self.tau, numbers.Real) or not 0 <= self.tau <= 1:
+            raise ValueError(f"tau must be a probability margin in [0, 1], got {self.tau!r} (the paper: 0.25)")
+        if isinstance(self.alpha, bool) or not isinstance(self.alpha, numbers.Real) or not 0 < self.alpha < 1:
+            raise ValueError(f"alpha (significance level) must be in (0, 1), got {self.alpha!r} (the paper: 0.01)")
+        object.__setattr__(self, "m", int(self.m))
+        object.__setattr__(self, "tau", float(self.tau))
+        object.__setattr__(self, "alpha", float(self.alpha))
+
+
+def _as_vector(x: Any, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        x = x.detach().cpu().double().numpy()
+    arr = np.asarray(x, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be one-dimensional, got shape {arr.shape}")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"{name} must be finite (no nan/inf)")
+    return arr.copy()
+
+
+def paired_ttest(p_benign: Any, p_triggered: Any, tau: float = 0.25) -> tuple[float, float]:
+    """One-sided paired t-test of ``H0: P_b = P_p + tau`` against ``H1: P_b > P_p + tau``.
+
+    Returns ``(statistic, p_value)`` of ``scipy.stats.ttest_rel(p_benign, p_triggered + tau,
+    alternative="greater")``: ``t = mean(d) / (std(d, ddof=1) / sqrt(n))`` with ``d = P_b - P_p - tau``.
+
+    Degenerate case: when every difference ``P_b - P_p`` is the same (zero variance, where scipy would return
+    ``nan`` or an infinite statistic from rounding noise), the test is decided by the mean alone:
+    ``p = 0.0`` and ``t = +inf`` if ``mean(P_b - P_p) > tau``, otherwise ``p = 1.0`` and ``t = -inf``
+    (or ``t = 0.0`` when the mean equals ``tau`` exactly).
+    """
+    b = _as_vector(p_benign, "p_benign")
+    p = _as_vector(p_triggered, "p_triggered")
+    if len(b) != len(p):
+        raise ValueError(f"p_benign and p_triggered must have the same length (paired samples), got "
+                         f"{len(b)} and {len(p)}")
+    if len(b) < 2:
+        raise ValueError(f"a paired t-test needs at least 2 pairs, got {len(b)}")
+    tau = float(tau)
+    if not math.isfinite(tau):
+        raise ValueError(f"tau must be finite, got {tau}")
+    d = b - p
+    mean = float(d.mean())
+    if float(np.ptp(d)) <= 8 * np.finfo(np.float64).eps * max(1.0, float(np.abs(d).max())):
+        if mean > tau:
+            return math.inf, 0.0
+        return (0.0 if mean == tau else -math.inf), 1.0
+    res = stats.ttest_rel(b, p + tau, alternative="greater")
+    return float(res.statistic), float(res.pvalue)
+
+
+def decide(p_value: float, alpha: float = 0.01) -> bool:
+    """The verdict of Proposition 1: ``True`` ("trained on the protected dataset") iff ``p_value < alpha``."""
+    if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not 0 < alpha < 1:
+        raise ValueError(f"alpha (significance level) must be in (0, 1), got {alpha!r}")
+    p_value = float(p_value)
+    if not 0 <= p_value <= 1:
+        raise ValueError(f"p_value must be in [0, 1], got {p_value}")
+    return bool(p_value < float(alpha))
+
+
+@dataclass(frozen=True, eq=False)
+class VerificationResult:
+    """The outcome of :func:`verify`.
+
+    ``delta_p = mean(P_b - P_p)``; ``p_value`` and ``statistic`` of :func:`paired_ttest`; ``watermarked`` the
+    verdict ``p_value < alpha``; ``indices`` the test-set indices queried (sorted, int64) with their
+    ``p_benign`` (``P_b``) and ``p_triggered`` (``P_p``) in the same order (float64); ``scenario`` a free label
+    (e.g. one of :data:`SCENARIOS`).
+    """
+
+    delta_p: float
+    p_value: float
+    statistic: float
+    watermarked: bool
+    m: int
+    tau: float
+    alpha: float
+    indices: torch.Tensor = field(repr=False)
+    p_benign: np.ndarray = field(repr=False)
+    p_triggered: np.ndarray = field(repr=False)
+    scenario: str = ""
+
+    @property
+    def verdict(self) -> str:
+        """``"watermarked"`` or ``"not watermarked"``."""
+        return "watermarked" if self.watermarked else "not watermarked"
+
+    def row(self) -> dict:
+        """One table row: scenario, Delta P, p-value, verdict, m, tau, alpha."""
+        return {
+            "scenario": self.scenario,
+            "Delta P": self.delta_p,
+            "p-value": self.p_value,
+            "verdict": self.verdict,
+            "m": self.m,
+            "tau": self.tau,
+            "alpha": self.alpha,
+        }
+
+
+# --------------------------------------------------------------------------- predictors
+def model_predictor(model: torch.nn.Module, *, batch_size: int = 1024, device: str | torch.device | None = None,
+                    precision: str = "auto") -> Callable[[torch.Tensor], torch.Tensor]:
+    """A black-box predictor ``images -> probabilities`` for a torch model (softmax of its logits), built on
+    :func:`ubwlib.train.predict_proba` (eval mode; ``device`` default: where the model's parameters are)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+
+    def predictor(images: torch.Tensor) -> torch.Tensor:
+        return _model_predict_proba(model, images, batch_size=batch_size, device=device, precision=precision)
+
+    return predictor
+
+
+def _query(predictor: Predictor, images: torch.Tensor, num_classes: int, batch_size: int, what: str) -> np.ndarray:
+    """The predictor's probabilities (float64, N x K) on ``images``, ``batch_size`` at a time, validated."""
+    out = []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size].clone()  # the predictor gets its own copy
+        raw = predictor(batch)
+        out.append(_check_probs(raw, len(batch), num_classes, what))
+    if not out:
+        return np.zeros((0, num_classes))
+    return np.concatenate(out)
+
+
+def _check_probs(raw: Any, n: int, num_classes: int, what: str) -> np.ndarray:
+    atol = _PROB_ATOL
+    if isinstance(raw, torch.Tensor):
+        if raw.dtype in (torch.float16, torch.bfloat16):
+            atol = _PROB_ATOL_16BIT
+        arr = raw.detach().cpu().double().numpy()
+    else:
+        try:
+            if getattr(raw, "dtype", None) == np.float16:
+                atol = _PROB_ATOL_16BIT
+            arr = np.asarray(raw, dtype=np.float64)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"predict_proba must return probabilities (a torch tensor or numpy array N x K), "
+                            f"got {type(raw).__name__}") from exc
+    if arr.shape != (n, num_classes):
+        raise ValueError(f"predict_proba returned shape {arr.shape} on {n} {what} images; expected "
+                         f"({n}, {num_classes}): one row of {num_classes} class probabilities per image")
+    if not np.isfinite(arr).all():
+        raise ValueError(f"predict_proba returned non-finite values on {what} images")
+    sums = arr.sum(1)
+    if arr.min() < -atol or np.abs(sums - 1).max() > atol:
+        raise ValueError(
+            f"predict_proba must return probabilities (non-negative rows summing to 1), got values in "
+            f"[{arr.min():.4g}, {arr.max():.4g}] with row sums in [{sums.min():.4g}, {sums.max():.4g}] on {what} "
+            "images; if these are logits, apply torch.softmax(logits, dim=1) (or use model_predictor(model))")
+    return np.clip(arr, 0.0, None)
+
+
+# --------------------------------------------------------------------------- verification
+def _check_key(test_set: ImageDataset, key: WatermarkKey) -> None:
+    if not isinstance(test_set, ImageDataset):
+        raise TypeError(f"test_set must be an ubwlib.data.ImageDataset, got {type(test_set).__name__}")
+    if not isinstance(key, WatermarkKey):
+        raise TypeError(f"key must be an ubwlib.watermarks.WatermarkKey, got {type(key).__name__}")
+    if tuple(key.image_shape) != tuple(test_set.image_shape) or key.num_classes != test_set.num_classes:
+        raise ValueError(
+            f"the {key.method} key was made for {key.dataset} (images {tuple(key.image_shape)}, "
+            f"{key.num_classes} classes) but the test set {test_set.name} has images {tuple(test_set.image_shape)} "
+            f"and {test_set.num_classes} classes; verify with a test split of the dataset the key protects")
+
+
+def _class_filter(classes: Iterable[int] | None, num_classes: int) -> torch.Tensor:
+    if classes is None:
+        return torch.ones(num_classes, dtype=torch.bool)
+    if isinstance(classes, (int, np.integer)) and not isinstance(classes, bool):
+        classes = [classes]
+    chosen = list(classes)
+    keep = torch.zeros(num_classes, dtype=torch.bool)
+    for c in chosen:
+        if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or not 0 <= c < num_classes:
+            raise ValueError(f"classes must be class indices in [0, {num_classes}), got {chosen!r}")
+        keep[int(c)] = True
+    if not keep.any():
+        raise ValueError("classes must name at least one class (or be None for all classes)")
+    return keep
+
+
+def verify(
+    predict_proba: Predictor | torch.nn.Module,
+    test_set: ImageDataset,
+    key: WatermarkKey,
+    *,
+    m: int = 100,
+    tau: float = 0.25,
+    alpha: float = 0.01,
+    seed: int = 0,
+    trigger_seed: int | None = None,
+    classes: Iterable[int] | None = None,
+    scenario: str = "",
+    batch_size: int = 1024,
+) -> VerificationResult:
+    """Is the suspicious model behind ``predict_proba`` trained on the dataset that ``key`` watermarks?
+
+    ``predict_proba``: any black box, a callable taking uint8 images (N x C x H x W, CPU tensor) and returning
+    class probabilities (torch tensor or numpy array, N x K); a ``torch.nn.Module`` is wrapped with
+    :func:`model_predictor`. ``test_set``: test images of the protected dataset; ``key``: its watermark key.
+
+    Candidates are the test images whose label is in ``classes`` (None: all) and, for targeted keys, not the
+    target class. They are queried ``batch_size`` at a time; ``m`` of the correctly classified ones are drawn
+    without replacement from a ``torch.Generator`` seeded with ``seed``, triggered with
+    ``ubwlib.watermarks.trigger(images, key, seed=trigger_seed)`` and queried again. ``P_b`` and ``P_p`` are
+    the probabilities of the true label before and after; :func:`paired_ttest` with margin ``tau`` decides at
+    level ``alpha``. The caller's tensors are never modified.
+    """
+    settings = VerificationSettings(m=m, tau=tau, alpha=alpha)
+    if isinstance(predict_proba, torch.nn.Module):
+        predict_proba = model_predictor(predict_proba, batch_size=batch_size)
+    if not callable(predict_proba):
+        raise TypeError(f"predict_proba must be a callable images -> probabilities, got "
+                        f"{type(predict_proba).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    _check_key(test_set, key)
+    k = test_set.num_classes
+
+    labels = test_set.labels.cpu()
+    allowed = _class_filter(classes, k)
+    if key.target is not None:
+        allowed[int(key.target)] = False
+    candidates = torch.nonzero(allowed[labels]).flatten()
+    if len(candidates) < settings.m:
+        raise ValueError(
+            f"only {len(candidates)} test images of {test_set.name} are candidates (labels in the chosen classes"
+            f"{', not the target class ' + str(key.target) if key.target is not None else ''}), fewer than "
+            f"m = {settings.m}; lower m or use a larger test set")
+
+    images = test_set.images.index_select(0, candidates.to(test_set.images.device)).cpu()
+    probs = _query(predict_proba, images, k, batch_size, "benign")
+    cand_labels = labels[candidates]
+    correct = torch.from_numpy(probs.argmax(1)) == cand_labels
+    n_correct = int(correct.sum())
+    if n_correct < settings.m:
+        raise ValueError(
+            f"the model classifies only {n_correct} of the {len(candidates)} candidate test images correctly, "
+            f"fewer than m = {settings.m}; lower m, or check that the model and the test set belong together "
+            "(same dataset, same preprocessing)")
+
+    pool = torch.nonzero(correct).flatten()
+    gen = torch.Generator().manual_seed(int(seed))
+    chosen = pool[torch.randperm(len(pool), generator=gen)[: settings.m]].sort().values
+    indices = candidates[chosen].clone()
+    chosen_labels = cand_labels[chosen].numpy()
+    p_benign = probs[chosen.numpy(), chosen_labels].astype(np.float64)
+
+    triggered = trigger(images[chosen], key, seed=trigger_seed)
+    probs_t = _query(predict_proba, triggered, k, batch_size, "triggered")
+    p_triggered = probs_t[np.arange(settings.m), chosen_labels].astype(np.float64)
+
+    statistic, p_value = paired_ttest(p_benign, p_triggered, settings.tau)
+    return VerificationResult(
+        delta_p=float(np.mean(p_benign - p_triggered)),
+        p_value=p_value,
+        statistic=statistic,
+        watermarked=decide(p_value, settings.alpha),
+        m=settings.m,
+        tau=settings.tau,
+        alpha=settings.alpha,
+        indices=indices,
+        p_benign=p_benign,
+        p_triggered=p_triggered,
+        scenario=str(scenario),
+    )
+
+
+def verify_scenarios(
+    watermarked: Predictor | torch.nn.Module,
+    benign: Predictor | torch.nn.Module,
+    test_set: ImageDataset,
+    key: WatermarkKey,
+    *,
+    independent_seed: int | None = None,
+    **kwargs,
+) -> list[VerificationResult]:
+    """The paper's three scenarios (:data:`SCENARIOS`, in order): Independent-T (``watermarked`` queried with
+    :func:`independent_key` ``(key, independent_seed)``), Independent-M (``benign`` with ``key``) and Malicious
+    (``watermarked`` with ``key``). ``kwargs`` go to :func:`verify` (``m``, ``tau``, ``alpha``, ``seed``...)."""
+    other = independent_key(key, independent_seed)
+    return [
+        verify(watermarked, test_set, other, scenario=SCENARIOS[0], **kwargs),
+        verify(benign, test_set, key, scenario=SCENARIOS[1], **kwargs),
+        verify(watermarked, test_set, key, scenario=SCENARIOS[2], **kwargs),
+    ]
+
+
+# --------------------------------------------------------------------------- Independent-T: another trigger
+_MAX_DRAWS = 1000
+
+
+def _redraw(draw: Callable[[torch.Generator], torch.Tensor], original: torch.Tensor, gen: torch.Generator,
+            what: str) -> torch.Tensor:
+    for _ in range(_MAX_DRAWS):
+        new = draw(gen)
+        if not torch.equal(new, original):
+            return new
+    raise ValueError(f"could not draw a {what} different from the key's own in {_MAX_DRAWS} tries")
+
+
+def _binary_like(original: torch.Tensor, region: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """A random {0, 255} uint8 pattern on ``region`` (the original elsewhere), the same in every channel when the
+    original is."""
+    shared = bool((original == original[:1]).all()) and bool((region == region[:1]).all())
+
+    def draw(g: torch.Generator) -> torch.Tensor:
+        shape = (1, *original.shape[1:]) if shared else tuple(original.shape)
+        bits = (torch.randint(0, 2, shape, generator=g) * 255).to(torch.uint8).expand_as(original)
+        return torch.where(region, bits, original).contiguous()
+
+    return _redraw(draw, original, gen, "binary pattern")
+
+
+def _resized_binary_like(original: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """UBW-C's kind of patch: a random 3x3 binary square resized (bilinear) to the patch's size."""
+    c, p, q = original.shape
+
+    def draw(g: torch.Generator) -> torch.Tensor:
+        grid = torch.randint(0, 2, (1, 1, 3, 3), generator=g).float() * 255
+        sq = F.interpolate(grid, size=(p, q), mode="bilinear", align_corners=False)
+        return sq[0].round().clamp(0, 255).to(torch.uint8).expand(c, p, q).contiguous()
+
+    return _redraw(draw, original, gen, "resized binary patch")
+
+
+def independent_key(key: WatermarkKey, seed: int | None = None) -> WatermarkKey:
+    """Another trigger of the same kind, for the Independent-T scenario.
+
+    Same method, settings, target, dataset, classes and image shape; the trigger material is replaced by a fresh
+    random one of the same shape, dtype and value range, drawn from ``seed`` (default ``key.seed + 1``; it must
+    differ from ``key.seed``), and always different from the key's own:
+
+    - ``pattern``/``alpha`` keys (BadNets, Blended, UBW-P, Label-Consistent): a random binary (0/255) pattern on
+      the pixels the trigger covers (``alpha > 0``), the blend weights kept; a ``pattern="noise"`` key gets new
+      uniform noise;
+    - ``patch`` keys (Sleeper Agent, UBW-C): a random binary patch of the same size; a non-binary patch (UBW-C's
+      resized square) gets a random 3x3 binary square resized the same way;
+    - ``grid`` keys (WaNet): a new warping field from :func:`ubwlib.watermarks.warp_field` with the key's
+      ``k``, ``s`` and ``grid_rescale``.
+
+    Other keys raise ``NotImplementedError``.
+    """
+    if not isinstance(key, WatermarkKey):
+        raise TypeError(f"key must be an ubwlib.watermarks.WatermarkKey, got {type(key).__name__}")
+    if seed is None:
+        seed = int(key.seed) + 1
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
+    if seed == key.seed:
+        raise ValueError(f"seed must differ from the key's own seed ({key.seed}) to give an independent trigger")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = dict(key.tensors)
+    t = key.tensors
+    if "pattern" in t and "alpha" in t:
+        pattern, alpha = t["pattern"].cpu(), t["alpha"].cpu()
+        if key.settings.get("pattern") == "noise":
+            new, _ = noise_trigger(tuple(pattern.shape), 1.0, seed + 7919)  # what the watermark draws from seed
+            if torch.equal(new, pattern):
+                new = _redraw(lambda g: torch.randint(0, 256, pattern.shape, dtype=torch.uint8, generator=g),
+                              pattern, gen, "noise pattern")
+        else:
+            new = _binary_like(pattern, (alpha > 0).expand_as(pattern), gen)
+        tensors["pattern"] = new.to(pattern.dtype)
+    elif "patch" in t:
+        patch = t["patch"].cpu()
+        if bool(((patch == 0) | (patch == 255)).all()):
+            new = _binary_like(patch, torch.ones_like(patch, dtype=torch.bool), gen)
+        else:
+            new = _resized_binary_like(patch, gen)
+        tensors["patch"] = new.to(patch.dtype)
+    elif "grid" in t:
+        grid = t["grid"].cpu()
+        s = key.settings
+        try:
+            k, strength, rescale = int(s["k"]), float(s["s"]), float(s.get("grid_rescale", 1.0))
+        except KeyError as exc:
+            raise NotImplementedError(f"the {key.method} key's settings lack {exc}; cannot draw another warping "
+                                      "field") from None
+        _, h, w = key.image_shape
+
+        def draw(g: torch.Generator) -> torch.Tensor:
+            return warp_field(h, w, k, strength, rescale, g).to(grid.dtype)
+
+        tensors["grid"] = _redraw(draw, grid, gen, "warping field")
+    else:
+        raise NotImplementedError(
+            f"independent_key does not know how to draw another trigger for {key.method!r} keys (tensors: "
+            f"{sorted(t)}); it supports pattern/alpha, patch and grid keys")
+    return replace(key, tensors=tensors, seed=seed, settings=dict(key.settings))
