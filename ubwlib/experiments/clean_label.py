@@ -11,13 +11,18 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+import math
+
+import pandas as pd
+import torch
+
 from ..cache import Cache, table_from_data, table_to_data
-from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, evaluate, get_watermark
+from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, evaluate, get_watermark, trigger
 from .core import TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model
 from .profiles import Profile
 
 __all__ = ["CLEAN_LABEL_METHODS", "SOURCE_CLASS", "crafting_budget", "clean_label_settings", "clean_label_release",
-           "CleanLabelRun", "clean_label_run"]
+           "CleanLabelRun", "clean_label_run", "perturbation_rows", "perturbation_stats", "crafting_curves"]
 
 CLEAN_LABEL_METHODS = ("label-consistent", "sleeper-agent", "ubw-c")
 SOURCE_CLASS = 0
@@ -127,3 +132,58 @@ def clean_label_run(profile: Profile, method: str, seed: int | None = None, cach
     if method in ("sleeper-agent", "ubw-c"):
         source_row = evaluate(trained.model, test, released, source_class=SOURCE_CLASS, seed=seed)
     return CleanLabelRun(method, released, trained, row, source_row)
+
+
+def perturbation_rows(profile: Profile, method: str, n: int = 8, seed: int | None = None, **overrides) -> dict:
+    """For a figure: the first ``n`` poisons of a clean-label release, benign and released, and the absolute
+    difference (uint8 units) to be shown magnified; also the true labels (kept by every clean-label method)."""
+    released = clean_label_release(profile, method, seed, progress=False, **overrides)
+    train = load_data(profile).train
+    idx = released.indices[:n]
+    before, after = train.images[idx], released.dataset.images[idx]
+    diff = (after.to(torch.int16) - before.to(torch.int16)).abs().to(torch.uint8)
+    return {"benign": before, "released": after, "|delta|": diff, "labels": train.labels[idx]}
+
+
+def perturbation_stats(profile: Profile, methods=CLEAN_LABEL_METHODS, seed: int | None = None) -> pd.DataFrame:
+    """Per clean-label release: poisons, labels changed (must be 0), the largest |delta| in uint8 units against
+    the method's budget, the mean |delta|, and pixels outside [0, 255] (impossible for uint8: a type check)."""
+    train = load_data(profile).train
+    rows = []
+    for m in methods:
+        rel = clean_label_release(profile, m, seed, progress=False)
+        wm = get_watermark(m, **clean_label_settings(profile, m))
+        s = wm.settings
+        eps = s.crafting.eps if hasattr(s, "crafting") else s.eps
+        idx = rel.indices
+        diff = rel.dataset.images[idx].to(torch.int16) - train.images[idx].to(torch.int16)
+        if m == "label-consistent":
+            # the square is pasted on top of the PGD perturbation: measure the budget outside it
+            diff = diff * (~_square_mask(rel.key, train.image_shape)).to(torch.int16)
+        changed = rel.dataset.labels != train.labels
+        untouched = torch.ones(len(train), dtype=torch.bool)
+        untouched[idx] = False
+        rows.append({
+            "method": m, "poisons": len(idx), "labels changed": int(changed.sum()),
+            "images changed outside the poisons": int((rel.dataset.images[untouched] != train.images[untouched])
+                                                       .flatten(1).any(1).sum()),
+            "max |delta| (uint8)": int(diff.abs().max()) if len(idx) else 0,
+            "budget eps (uint8)": math.ceil(255 * eps - 1e-9),
+            "mean |delta| (uint8)": float(diff.abs().float().mean()) if len(idx) else 0.0,
+        })
+    return pd.DataFrame(rows).set_index("method")
+
+
+def _square_mask(key: WatermarkKey, shape) -> torch.Tensor:
+    """Pixels that Label-Consistent's pasted square replaces (True there), from its key."""
+    blank = torch.zeros((1, *shape), dtype=torch.uint8)
+    full = torch.full((1, *shape), 255, dtype=torch.uint8)
+    return (trigger(blank, key)[0] != blank[0]) | (trigger(full, key)[0] != full[0])
+
+
+def crafting_curves(released: WatermarkedDataset) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(passenger loss per step, one row per (re)trained surrogate) of a gradient-matching release."""
+    report = released.report or {}
+    if "history" not in report:
+        raise ValueError(f"{released.key.method} has no crafting curves (only gradient-matching methods do)")
+    return report["history"], report["retrains"]

@@ -22,11 +22,13 @@ from ..models import build_model
 from ..train import resolve_device, train
 from .profiles import Profile
 
-__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache"]
+__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache",
+           "cached_table"]
 
 #: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
 VERSIONS = {
     "model": "1",
+    "table": "1",
 }
 
 
@@ -113,3 +115,13 @@ def benign_model(profile: Profile, seed: int | None = None, cache: Cache | None 
     """'No Attack': the profile's model trained on the benign training set."""
     return trained_model(profile, load_data(profile).train, seed=seed, cache=cache, progress=progress,
                          desc="benign")
+
+
+def cached_table(name: str, settings: dict, compute, cache: Cache | None = None) -> pd.DataFrame:
+    """A results table (e.g. a defense curve) computed once per ``settings`` and then read from the cache, so
+    that a warm rebuild of the book recomputes nothing. ``settings`` must name everything the table depends on
+    (models by their cache keys, data by fingerprint)."""
+    cache = cache or default_cache()
+    entry = cache.get_or_compute("table", {"name": name, **settings}, VERSIONS["table"],
+                                 lambda: (None, {"table": table_to_data(compute())}))
+    return table_from_data(entry.data["table"])

@@ -18,13 +18,17 @@ from ..cache import Cache
 from ..data import ImageDataset
 from ..train import predict
 from ..watermarks import Watermark, WatermarkedDataset, evaluate, get_watermark, trigger
+from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_run
 from .core import TrainedModel, benign_model, load_data, trained_model
 from .paper import METHOD_LABELS, TABLE1_CIFAR10, TABLE2_IMAGENET
 from .profiles import Profile
 
 __all__ = [
     "POISONED_LABEL_METHODS",
+    "ALL_METHODS",
     "WatermarkRun",
+    "method_run",
+    "source_table",
     "make_watermark",
     "watermarked_dataset",
     "watermark_run",
@@ -38,6 +42,8 @@ __all__ = [
 ]
 
 POISONED_LABEL_METHODS = ("badnets", "blended", "wanet", "ubw-p")
+#: Table 1's eight watermarks in the paper's order (No Attack is added by :func:`table1`).
+ALL_METHODS = POISONED_LABEL_METHODS + CLEAN_LABEL_METHODS
 
 
 def make_watermark(method: str, **settings) -> Watermark:
@@ -77,6 +83,15 @@ def watermark_run(profile: Profile, method: str, seed: int | None = None, cache:
     return WatermarkRun(method, released, trained, row)
 
 
+def method_run(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
+               progress: bool = True):
+    """One watermark's run with the profile's settings, poisoned-label (:func:`watermark_run`) or clean-label
+    (:func:`ubwlib.experiments.clean_label.clean_label_run`); both have ``released``, ``trained`` and ``row``."""
+    if method in CLEAN_LABEL_METHODS:
+        return clean_label_run(profile, method, seed, cache, progress)
+    return watermark_run(profile, method, seed, cache, progress)
+
+
 def no_attack_row(profile: Profile, seed: int | None = None, cache: Cache | None = None, progress: bool = True) -> dict:
     trained = benign_model(profile, seed=seed, cache=cache, progress=progress)
     test = load_data(profile).test
@@ -91,10 +106,28 @@ def table1(profile: Profile, methods=POISONED_LABEL_METHODS, seed: int | None = 
     """Rows of Table 1 on the profile's dataset (rates as fractions), No Attack first."""
     rows = [no_attack_row(profile, seed, cache, progress)]
     for m in methods:
-        rows.append(watermark_run(profile, m, seed, cache, progress).row)
+        rows.append(method_run(profile, m, seed, cache, progress).row)
     df = pd.DataFrame(rows)
     df.insert(0, "Method", df["method"].map(METHOD_LABELS).fillna(df["method"]))
     return df.set_index("Method")
+
+
+def source_table(profile: Profile, methods=("sleeper-agent", "ubw-c"), seed: int | None = None,
+                 cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """The source-specific watermarks evaluated on the triggered test images of the source class only (the
+    public code's evaluation set); after each, the benign model with the same trigger on the same images
+    (what the trigger does without the watermark)."""
+    seed = profile.seed if seed is None else seed
+    test = load_data(profile).test
+    benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
+    rows = []
+    for m in methods:
+        run = clean_label_run(profile, m, seed, cache, progress)
+        label = METHOD_LABELS.get(m, m)
+        rows.append({"Method": label, **run.source_row})
+        base = evaluate(benign.model, test, run.released.key, source_class=SOURCE_CLASS, seed=seed)
+        rows.append({"Method": f"benign model, {label} trigger", **base, "method": "no-attack"})
+    return pd.DataFrame(rows).set_index("Method")
 
 
 def compare_with_paper(ours: pd.DataFrame, profile: Profile, imagenet: bool = False) -> pd.DataFrame:

@@ -1,0 +1,170 @@
+"""Recipes of the ownership-verification chapter (Proposition 1, Tables 3-4, false positives, power).
+
+Every table is cached (keyed by the models' cache keys, the watermark key's trigger and the settings), so that a
+warm rebuild recomputes nothing. UBW-C and Sleeper Agent are verified on test images of their source class (the
+class their watermark is built for); the other methods on all classes (non-target classes for targeted ones).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..train import predict_proba
+from ..verify import (
+    SCENARIOS,
+    VerificationSettings,
+    decide,
+    independent_key,
+    paired_ttest,
+    verify,
+)
+from ..watermarks import trigger
+from .clean_label import SOURCE_CLASS
+from .core import benign_model, cached_table, load_data
+from .paper import TABLE3_UBWP, TABLE4_UBWC
+from .profiles import Profile
+from .watermarking import method_run
+
+__all__ = ["VERIFY_METHODS", "verification_classes", "scenario_table", "compare_verification",
+           "false_positive_table", "power_curve", "independent_seeds"]
+
+VERIFY_METHODS = ("ubw-p", "ubw-c")
+PAPER_TABLES = {"ubw-p": TABLE3_UBWP, "ubw-c": TABLE4_UBWC}
+
+
+def verification_classes(method: str) -> list[int] | None:
+    """The test classes whose images are queried: the source class for source-specific watermarks."""
+    return [SOURCE_CLASS] if method in ("ubw-c", "sleeper-agent") else None
+
+
+def independent_seeds(profile: Profile, count: int) -> list[int]:
+    """Seeds of the independently trained benign models (the profile's seed is the watermark's own)."""
+    return [profile.seed + 1 + i for i in range(count)]
+
+
+def _key_digest(key) -> dict:
+    return {"method": key.method, "seed": key.seed, "settings": key.settings, "tensors": key.tensors}
+
+
+def scenario_table(profile: Profile, method: str, seed: int | None = None,
+                   settings: VerificationSettings = VerificationSettings(), cache=None,
+                   progress: bool = True) -> pd.DataFrame:
+    """Tables 3/4 on the profile: Delta P, p-value and verdict of Independent-T (watermarked model, another
+    trigger of the same kind), Independent-M (the benign model, the true trigger) and Malicious."""
+    seed = profile.seed if seed is None else seed
+    run = method_run(profile, method, seed, cache, progress)
+    benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
+    test = load_data(profile).test
+    key = run.released.key
+    s = dataclasses.asdict(settings)
+
+    def compute() -> pd.DataFrame:
+        other = independent_key(key, key.seed + 1)
+        cases = [(SCENARIOS[0], run.trained.model, other), (SCENARIOS[1], benign.model, key),
+                 (SCENARIOS[2], run.trained.model, key)]
+        rows = [verify(model, test, k, seed=seed, classes=verification_classes(method), scenario=name, **s).row()
+                for name, model, k in cases]
+        return pd.DataFrame(rows).set_index("scenario")
+
+    return cached_table("verification-scenarios", {"method": method, "model": run.trained.key,
+                                                   "benign": benign.key, "key": _key_digest(key), "seed": seed,
+                                                   "settings": s}, compute, cache)
+
+
+def compare_verification(ours: pd.DataFrame, method: str, profile: Profile) -> pd.DataFrame:
+    """Our Delta P and p-value beside the paper's (CIFAR-10 and ImageNet) for ``method``."""
+    mine = ours[["Delta P", "p-value", "verdict"]]
+    mine.columns = pd.MultiIndex.from_product([[f"ours ({profile.name}: {profile.dataset})"], mine.columns])
+    return pd.concat([mine, PAPER_TABLES[method]], axis=1)
+
+
+def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_models: int = 3,
+                         seed: int | None = None, settings: VerificationSettings = VerificationSettings(),
+                         cache=None, progress: bool = True) -> pd.DataFrame:
+    """Independent cases that must *not* be flagged: the watermarked model queried with ``n_triggers`` other
+    triggers of the same kind (Independent-T), and ``n_models`` benign models trained with other seeds (and
+    the profile's own benign model) queried with the true trigger (Independent-M). One row per case."""
+    seed = profile.seed if seed is None else seed
+    run = method_run(profile, method, seed, cache, progress)
+    key = run.released.key
+    test = load_data(profile).test
+    models = [benign_model(profile, seed=seed, cache=cache, progress=progress)]
+    models += [benign_model(profile, seed=s, cache=cache, progress=progress)
+               for s in independent_seeds(profile, n_models - 1)]
+    s = dataclasses.asdict(settings)
+    classes = verification_classes(method)
+
+    def compute() -> pd.DataFrame:
+        rows = []
+        for i in range(n_triggers):
+            other = independent_key(key, key.seed + 1 + i)
+            r = verify(run.trained.model, test, other, seed=seed + i, classes=classes, scenario=SCENARIOS[0], **s)
+            rows.append({"case": f"watermarked model, independent trigger #{i + 1}", **r.row()})
+        for j, bm in enumerate(models):
+            r = verify(bm.model, test, key, seed=seed + j, classes=classes, scenario=SCENARIOS[1], **s)
+            rows.append({"case": f"benign model #{j + 1} (seed {bm_seed(j)}), true trigger", **r.row()})
+        return pd.DataFrame(rows).set_index("case")
+
+    def bm_seed(j: int) -> int:
+        return seed if j == 0 else independent_seeds(profile, n_models - 1)[j - 1]
+
+    return cached_table("verification-false-positives",
+                        {"method": method, "model": run.trained.key, "benign": [m.key for m in models],
+                         "key": _key_digest(key), "n_triggers": n_triggers, "seed": seed, "settings": s},
+                        compute, cache)
+
+
+def _true_label_probs(model, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
+    probs = predict_proba(model, images)
+    return probs[torch.arange(len(labels)), labels].double().numpy()
+
+
+def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repeats: int = 50,
+                seed: int | None = None, settings: VerificationSettings = VerificationSettings(), cache=None,
+                progress: bool = True) -> pd.DataFrame:
+    """p-value and verdict of the t-test against the number of queries m, for Malicious and Independent-M,
+    over ``repeats`` random draws of m correctly classified test images per m.
+
+    Each model is queried once on every candidate image, clean and triggered; the draws then subsample those
+    probabilities (exactly what :func:`ubwlib.verify.verify` computes for a draw, without re-querying)."""
+    seed = profile.seed if seed is None else seed
+    run = method_run(profile, method, seed, cache, progress)
+    benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
+    key = run.released.key
+    test = load_data(profile).test
+    classes = verification_classes(method)
+
+    def compute() -> pd.DataFrame:
+        mask = torch.ones(len(test), dtype=torch.bool)
+        if classes is not None:
+            mask = torch.isin(test.labels, torch.tensor(classes))
+        if key.target is not None:
+            mask &= test.labels != key.target
+        images, labels = test.images[mask], test.labels[mask]
+        triggered = trigger(images, key, seed=None)
+        rows = []
+        for name, model in (("Malicious", run.trained.model), ("Independent-M", benign.model)):
+            probs = predict_proba(model, images)
+            correct = (probs.argmax(1) == labels).nonzero().flatten()
+            pb = probs[torch.arange(len(labels)), labels].double().numpy()
+            pp = _true_label_probs(model, triggered, labels)
+            gen = torch.Generator().manual_seed(seed)
+            for m in ms:
+                if m > len(correct):
+                    continue
+                for rep in range(repeats):
+                    pick = correct[torch.randperm(len(correct), generator=gen)[:m]].numpy()
+                    _, p = paired_ttest(pb[pick], pp[pick], settings.tau)
+                    rows.append({"scenario": name, "m": m, "repeat": rep, "p-value": p,
+                                 "Delta P": float(np.mean(pb[pick] - pp[pick])),
+                                 "flagged": decide(p, settings.alpha)})
+        return pd.DataFrame(rows)
+
+    return cached_table("verification-power",
+                        {"method": method, "model": run.trained.key, "benign": benign.key, "key": _key_digest(key),
+                         "ms": list(ms), "repeats": repeats, "seed": seed,
+                         "settings": dataclasses.asdict(settings)}, compute, cache)
