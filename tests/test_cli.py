@@ -241,3 +241,71 @@ def test_watermark_bad_input_exits_1(tmp_path, capsys):
     assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--target", "2"]) == 1
     assert "untargeted" in capsys.readouterr().err
     assert not out.exists()
+
+
+# --------------------------------------------------------------------------------------------------
+# verify
+# --------------------------------------------------------------------------------------------------
+
+
+def _release_and_model(tmp_path, train_labels_for_model: str):
+    """A BadNets release of the fixture (train split) and a small CNN trained on ``released`` or ``benign`` data,
+    saved as a state_dict."""
+    import torch
+
+    from ubwlib.data import load_dataset
+    from ubwlib.models import build_model
+    from ubwlib.train import TrainConfig, train
+
+    folder = tmp_path / "fm"
+    write_fashion_fixture(folder, n_train=400, n_test=200, k=4)
+    out = tmp_path / "release.pt"
+    assert main(["watermark", "badnets", "--out", str(out), "--root", str(folder), "--rate", "0.3"]) == 0
+    from ubwlib.watermarks import WatermarkedDataset
+
+    released = WatermarkedDataset.load(out)
+    data = load_dataset("fashion-mnist", root=folder)
+    # "test": a model that has memorised the fixture's random test images, so that it classifies enough of them
+    train_set = {"released": released.dataset, "benign": data.train, "test": data.test}[train_labels_for_model]
+    model = build_model("smallcnn", train_set.num_classes, 1, 0.25, seed=0)
+    model, _ = train(model, train_set, TrainConfig(epochs=15 if train_labels_for_model == "test" else 1,
+                                                   batch_size=32, lr=0.05, schedule="onecycle", precision="fp32",
+                                                   flip=False))
+    weights = tmp_path / "suspect.pt"
+    torch.save(model.state_dict(), weights)
+    return folder, out, weights
+
+
+def test_verify_runs_and_reports(tmp_path, capsys, one_cpu_thread):
+    folder, out, weights = _release_and_model(tmp_path, "test")
+    capsys.readouterr()
+    code = main(["verify", f"{out}.key", str(weights), "--arch", "smallcnn", "--width", "0.25", "--root", str(folder),
+                 "--m", "5"])
+    text = capsys.readouterr()
+    # random fixture images: the model is near chance, but 200 test images hold far more than 5 correct ones
+    assert code == 0, text.err
+    assert "p-value" in text.out and "verdict:" in text.out and "Delta P" in text.out
+    assert main(["verify", f"{out}.key", str(weights), "--arch", "smallcnn", "--width", "0.25", "--root",
+                 str(folder), "--m", "1000"]) == 1
+    assert "lower m" in capsys.readouterr().err
+
+
+def test_verify_rejects_wrong_arch_and_pickles(tmp_path, capsys, one_cpu_thread):
+    import pickle
+
+    folder, out, weights = _release_and_model(tmp_path, "benign")
+    capsys.readouterr()
+    assert main(["verify", f"{out}.key", str(weights), "--arch", "resnet18-cifar", "--root", str(folder)]) == 1
+    assert "check --arch and --width" in capsys.readouterr().err
+    evil = tmp_path / "evil.pt"
+
+    class Boom:
+        def __reduce__(self):
+            return (exec, ("raise SystemExit('pickled code ran')",))
+
+    evil.write_bytes(pickle.dumps(Boom()))
+    assert main(["verify", f"{out}.key", str(evil), "--arch", "smallcnn", "--root", str(folder)]) == 1
+    assert "weights-only state_dict" in capsys.readouterr().err
+    assert main(["verify", f"{out}.key", str(tmp_path / "missing.pt"), "--arch", "smallcnn",
+                 "--root", str(folder)]) == 1
+    assert "no model weights" in capsys.readouterr().err

@@ -4,6 +4,8 @@
     ubw data [fashion-mnist|cifar10|imagefolder:PATH|imagenet50:PATH] [--root DIR] [--download] [--check]
     ubw cache [info|clear] [--namespace NS]
     ubw watermark METHOD --out FILE [--data SPEC] [--root DIR] [--rate G] [--seed S] [--target T]
+    ubw verify KEY WEIGHTS --arch NAME [--width W] [--data SPEC] [--root DIR] [--m M] [--tau T] [--alpha A]
+               [--seed S] [--classes C ...]
 """
 
 from __future__ import annotations
@@ -87,6 +89,60 @@ def _cmd_watermark(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_suspect(path: str, arch: str, width: float, num_classes: int, channels: int):
+    """The suspicious model: ``arch`` built for the key's dataset, weights from a state_dict file read with
+    ``weights_only=True`` (no pickled code runs)."""
+    import torch
+
+    from .models import build_model
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no model weights at {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure: say what is expected
+        raise ValueError(f"{path} is not a weights-only state_dict file ({type(exc).__name__}: {exc}); save the "
+                         "model with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors); save the model with "
+                         "torch.save(model.state_dict(), path)")
+    model = build_model(arch, num_classes, channels, width)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise ValueError(f"the weights in {path} do not fit {arch} (width {width}, {num_classes} classes, "
+                         f"{channels} channels): {str(exc).splitlines()[0]}; check --arch and --width") from None
+    return model.eval()
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from .data import DataIntegrityError, DataNotFoundError, load_dataset
+    from .verify import verify
+    from .watermarks import WatermarkKey
+
+    try:
+        key = WatermarkKey.load(args.key)
+        model = _load_suspect(args.weights, args.arch, args.width, key.num_classes, key.image_shape[0])
+        test = load_dataset(args.data, root=args.root).test
+        result = verify(model, test, key, m=args.m, tau=args.tau, alpha=args.alpha, seed=args.seed,
+                        classes=args.classes)
+    except FileNotFoundError as exc:
+        print(f"ubw verify: {exc}", file=sys.stderr)
+        return 1
+    except (DataNotFoundError, DataIntegrityError, ValueError, TypeError) as exc:
+        print(f"ubw verify: {exc}", file=sys.stderr)
+        return 1
+    print(f"{key.method} watermark, {result.m} correctly classified test images of {test.name}"
+          f"{' (classes ' + str(args.classes) + ')' if args.classes else ''}")
+    print(f"Delta P = {result.delta_p:.4f}  (mean P_b - P_p; tau = {result.tau})")
+    print(f"p-value = {result.p_value:.3g}  (paired one-sided t-test, alpha = {result.alpha})")
+    print(f"verdict: {result.verdict}"
+          + (" - the model was trained on the protected dataset" if result.watermarked else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="ubw", description="Untargeted Backdoor Watermarks (ubwlib).")
     ap.add_argument("--version", action="version", version=f"ubwlib {__version__}")
@@ -120,6 +176,25 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--target", type=int, default=None, help="target label of targeted watermarks (default 1)")
     w.add_argument("--force", action="store_true", help="overwrite --out")
     w.set_defaults(func=_cmd_watermark)
+
+    from .models import MODEL_NAMES
+
+    v = sub.add_parser("verify", help="test whether a suspicious model was trained on the watermarked dataset "
+                                      "(Proposition 1: paired one-sided t-test)")
+    v.add_argument("key", help="the watermark key (FILE.key written by `ubw watermark`)")
+    v.add_argument("weights", help="the suspicious model's state_dict (torch.save(model.state_dict(), path)); "
+                                   "read with weights_only=True")
+    v.add_argument("--arch", required=True, choices=sorted(MODEL_NAMES), help="the model's architecture")
+    v.add_argument("--width", type=float, default=1.0, help="width multiplier (default: %(default)s)")
+    v.add_argument("--data", default="fashion-mnist", help="dataset spec whose test split is queried")
+    v.add_argument("--root", default=None, help="dataset folder")
+    v.add_argument("--m", type=int, default=100, help="test images queried (default: %(default)s)")
+    v.add_argument("--tau", type=float, default=0.25, help="margin tau (default: %(default)s)")
+    v.add_argument("--alpha", type=float, default=0.01, help="significance level (default: %(default)s)")
+    v.add_argument("--seed", type=int, default=0, help="seed of the sampled test images")
+    v.add_argument("--classes", type=int, nargs="+", default=None,
+                   help="only query test images of these classes (e.g. UBW-C's source class 0)")
+    v.set_defaults(func=_cmd_verify)
     return ap
 
 
