@@ -227,6 +227,18 @@ def test_select_by_grad_norm_pool(ds, trained):
         select_by_grad_norm(model, ds, len(ds) + 1)
 
 
+def test_select_by_grad_norm_precomputed_norms(ds, trained):
+    """Norms of the whole dataset computed once select the same poisons as a pass over the pool."""
+    model = trained["smallcnn"]
+    norms = per_sample_grad_norms(model, ds.images, ds.labels)
+    pool = torch.nonzero(ds.labels == 2).flatten()
+    assert torch.equal(select_by_grad_norm(model, ds, 7, pool=pool, norms=norms),
+                       select_by_grad_norm(model, ds, 7, pool=pool))
+    assert torch.equal(select_by_grad_norm(model, ds, 16, norms=norms), select_by_grad_norm(model, ds, 16))
+    with pytest.raises(ValueError, match="one value per sample"):
+        select_by_grad_norm(model, ds, 3, norms=norms[:-1])
+
+
 # --------------------------------------------------------------------------- building blocks
 def test_differentiable_augment():
     g = torch.Generator().manual_seed(0)

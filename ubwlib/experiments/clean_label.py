@@ -12,12 +12,14 @@ import dataclasses
 from dataclasses import dataclass
 
 import math
+import time
 
 import pandas as pd
 import torch
 
 from ..cache import Cache, table_from_data, table_to_data
 from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, evaluate, get_watermark, trigger
+from ..watermarks.gradient_matching import per_sample_grad_norms
 from .core import TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model
 from .profiles import Profile
 
@@ -57,6 +59,27 @@ def clean_label_settings(profile: Profile, method: str, **overrides) -> dict:
     return settings
 
 
+def surrogate_grad_norms(profile: Profile, seed: int | None = None, cache: Cache | None = None,
+                         progress: bool = True) -> tuple[torch.Tensor, float]:
+    """Per-sample gradient norms of the profile's training set under its benign model (the surrogate every
+    gradient-matching release starts from), computed once and cached: Sleeper Agent, UBW-C and every point of
+    an ablation sweep with the same seed select their poisons from the same pass. Returns the norms and the
+    seconds the pass took when it was computed."""
+    cache = cache or default_cache()
+    seed = profile.seed if seed is None else seed
+    data = load_data(profile)
+    surrogate = benign_model(profile, seed=seed, cache=cache, progress=progress)
+
+    def compute():
+        t0 = time.perf_counter()
+        norms = per_sample_grad_norms(surrogate.model, data.train.images, data.train.labels)
+        return {"norms": norms}, {"seconds": time.perf_counter() - t0}
+
+    entry = cache.get_or_compute("norms", {"surrogate": surrogate.key, "data": fingerprint(data.train)}, VERSION,
+                                 compute)
+    return entry.tensors["norms"], float(entry.data["seconds"])
+
+
 def clean_label_release(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
                         progress: bool = True, **overrides) -> WatermarkedDataset:
     """The profile's training set watermarked by a clean-label ``method`` (cached; crafting resumable)."""
@@ -75,11 +98,13 @@ def clean_label_release(profile: Profile, method: str, seed: int | None = None, 
 
     def compute():
         kwargs = {"progress": progress}
+        norm_seconds = None
         if method == "label-consistent":
             kwargs.pop("progress")
         else:
             kwargs["checkpoint"] = cache.checkpoint("crafting", key_settings, VERSION)
             kwargs["monitor_set"] = data.test
+            kwargs["grad_norms"], norm_seconds = surrogate_grad_norms(profile, seed, cache, progress)
         released = wm.watermark(data.train, seed, surrogate=surrogate.model, **kwargs)
         if "checkpoint" in kwargs:
             kwargs["checkpoint"].clear()  # the finished release is cached below; its checkpoint is not needed
@@ -90,7 +115,9 @@ def clean_label_release(profile: Profile, method: str, seed: int | None = None, 
         payload = {"key": {"settings": released.key.settings, "target": released.key.target},
                    "history": table_to_data(report["history"]) if "history" in report else None,
                    "retrains": table_to_data(report["retrains"]) if "retrains" in report else None,
-                   "seconds": report.get("seconds")}
+                   "seconds": {**(report.get("seconds") or {}),
+                               **({"gradient norms (shared pass)": norm_seconds} if norm_seconds is not None
+                                  else {})}}
         return tensors, payload
 
     entry = cache.get_or_compute("release", key_settings, VERSION, compute)

@@ -266,12 +266,21 @@ def per_sample_grad_norms_func(model: nn.Module, images: torch.Tensor, labels: t
 
 
 def select_by_grad_norm(model: nn.Module, dataset: ImageDataset, count: int, pool: torch.Tensor | None = None,
-                        batch_size: int = 256) -> torch.Tensor:
-    """Indices (sorted) of the ``count`` samples of ``pool`` (default: all) with the largest gradient norm."""
+                        batch_size: int = 256, norms: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (sorted) of the ``count`` samples of ``pool`` (default: all) with the largest gradient norm.
+
+    ``norms``: the per-sample gradient norms of the *whole* dataset under ``model``, if already computed
+    (:func:`per_sample_grad_norms`); they only depend on the model and the data, so several releases crafted
+    from the same surrogate can share one pass."""
     pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(pool, dtype=torch.long)
     if count > len(pool):
         raise ValueError(f"cannot select {count} poisons from {len(pool)} candidates")
-    norms = per_sample_grad_norms(model, dataset.images[pool], dataset.labels[pool], batch_size=batch_size)
+    if norms is not None:
+        if norms.shape != (len(dataset),):
+            raise ValueError(f"norms must hold one value per sample ({len(dataset)}), got {tuple(norms.shape)}")
+        norms = norms[pool]
+    else:
+        norms = per_sample_grad_norms(model, dataset.images[pool], dataset.labels[pool], batch_size=batch_size)
     top = torch.topk(norms, count, largest=True, sorted=False).indices
     return pool[top].sort().values
 
@@ -466,10 +475,11 @@ class GradientMatchingWatermark(Watermark):
 
     def watermark(self, train_set: ImageDataset, seed: int = 0, *, surrogate: nn.Module | None = None,
                   checkpoint=None, monitor_set: ImageDataset | None = None, device=None,
-                  progress: bool = True) -> WatermarkedDataset:
+                  progress: bool = True, grad_norms: torch.Tensor | None = None) -> WatermarkedDataset:
         """Craft and release. ``surrogate``: a trained benign model to start from (else one is trained with
         ``crafting.pretrain``); ``checkpoint``: a :class:`ubwlib.cache.Checkpoint` for resumable crafting;
-        ``monitor_set``: a test set on which each (re)trained surrogate is measured (crafting curves). The
+        ``monitor_set``: a test set on which each (re)trained surrogate is measured (crafting curves);
+        ``grad_norms``: the surrogate's per-sample gradient norms over ``train_set``, if already computed. The
         crafting report is in ``released.report``."""
         self._check_train_set(train_set)
         s = self.settings
@@ -486,7 +496,7 @@ class GradientMatchingWatermark(Watermark):
         surrogate.to(dev)
         t_pre = time.perf_counter() - t0
         t0 = time.perf_counter()
-        idx = select_by_grad_norm(surrogate, train_set, count, pool)
+        idx = select_by_grad_norm(surrogate, train_set, count, pool, norms=grad_norms)
         t_sel = time.perf_counter() - t0
 
         src_all = torch.nonzero(train_set.labels == source).flatten()
