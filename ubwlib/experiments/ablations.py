@@ -25,9 +25,9 @@ import numpy as np
 import pandas as pd
 
 from ..cache import Cache
-from ..watermarks import UBWCSettings, WatermarkKey, evaluate
+from ..watermarks import UBWCSettings, WatermarkKey
 from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_release
-from .core import TrainedModel, benign_model, cached_table, fingerprint, load_data, trained_model
+from .core import TrainedModel, benign_model, cached_evaluation, load_data, trained_model
 from .paper import METHOD_LABELS
 from .profiles import Profile
 from .watermarking import watermarked_dataset
@@ -74,8 +74,6 @@ GRIDS: dict[str, dict] = {
 METRICS = ("BA", "ASR-A", "ASR-C", "D_p", "D_s (triggered)")
 #: Methods evaluated on their source class (as ``clean_label_run``'s ``source_row``).
 SOURCE_METHODS = ("sleeper-agent", "ubw-c")
-#: Bump when the evaluation of a point changes: cached evaluation rows of the old version are ignored.
-EVAL_VERSION = "1"
 
 
 def _floats(values, what: str) -> tuple[float, ...]:
@@ -117,17 +115,8 @@ def ablation_grid(profile: Profile, gammas=None, lambdas=None) -> dict:
 
 def _evaluation(trained: TrainedModel, key: WatermarkKey, source_class: int | None, seed: int, profile: Profile,
                 cache: Cache | None) -> dict:
-    """``evaluate`` of a trained model under a trigger, cached under the model's cache key (which covers the
-    training data), the trigger, the test set and the evaluation settings."""
-    test = load_data(profile).test
-    settings = {"recipe": "ablations.evaluate", "version": EVAL_VERSION, "model": trained.key,
-                "trigger": {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors),
-                            "seed": key.seed, "target": key.target},
-                "test": fingerprint(test), "source_class": source_class, "seed": seed}
-    df = cached_table("ablations point", settings,
-                      lambda: pd.DataFrame([evaluate(trained.model, test, key, source_class=source_class, seed=seed)]),
-                      cache)
-    return df.iloc[0].to_dict()
+    """``evaluate`` of a trained model under a trigger (cached: :func:`~ubwlib.experiments.core.cached_evaluation`)."""
+    return cached_evaluation(trained, load_data(profile).test, key, source_class=source_class, seed=seed, cache=cache)
 
 
 def _point(profile: Profile, method: str, seed: int | None, cache: Cache | None, progress: bool, **settings) -> dict:

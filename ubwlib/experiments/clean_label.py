@@ -18,9 +18,17 @@ import pandas as pd
 import torch
 
 from ..cache import Cache, table_from_data, table_to_data
-from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, evaluate, get_watermark, trigger
+from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, get_watermark, trigger
 from ..watermarks.gradient_matching import per_sample_grad_norms
-from .core import TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model
+from .core import (
+    TrainedModel,
+    benign_model,
+    cached_evaluation,
+    default_cache,
+    fingerprint,
+    load_data,
+    trained_model,
+)
 from .profiles import Profile
 
 __all__ = ["CLEAN_LABEL_METHODS", "SOURCE_CLASS", "crafting_budget", "clean_label_settings", "clean_label_release",
@@ -154,10 +162,11 @@ def clean_label_run(profile: Profile, method: str, seed: int | None = None, cach
     released = clean_label_release(profile, method, seed, cache, progress, **overrides)
     trained = trained_model(profile, released.dataset, seed=seed, cache=cache, progress=progress, desc=method)
     test = load_data(profile).test
-    row = evaluate(trained.model, test, released, seed=seed)
+    row = cached_evaluation(trained, test, released.key, seed=seed, cache=cache)
     source_row = None
     if method in ("sleeper-agent", "ubw-c"):
-        source_row = evaluate(trained.model, test, released, source_class=SOURCE_CLASS, seed=seed)
+        source_row = cached_evaluation(trained, test, released.key, source_class=SOURCE_CLASS, seed=seed,
+                                       cache=cache)
     return CleanLabelRun(method, released, trained, row, source_row)
 
 

@@ -23,7 +23,7 @@ from ..train import resolve_device, train
 from .profiles import Profile
 
 __all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache",
-           "cached_table"]
+           "cached_table", "cached_evaluation"]
 
 #: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
 VERSIONS = {
@@ -125,3 +125,21 @@ def cached_table(name: str, settings: dict, compute, cache: Cache | None = None)
     entry = cache.get_or_compute("table", {"name": name, **settings}, VERSIONS["table"],
                                  lambda: (None, {"table": table_to_data(compute())}))
     return table_from_data(entry.data["table"])
+
+
+def cached_evaluation(trained: TrainedModel, test: ImageDataset, key, *, source_class: int | None = None,
+                      seed: int = 0, cache: Cache | None = None) -> dict:
+    """:func:`ubwlib.watermarks.evaluate` of a trained model under a watermark key, cached under the model's cache
+    key (which covers its training data), the trigger, the test set and the evaluation settings: a warm rebuild
+    of the book runs no inference for its tables."""
+    from ..watermarks import evaluate
+
+    settings = {"recipe": "evaluate", "model": trained.key,
+                "trigger": {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors),
+                            "seed": key.seed, "target": key.target},
+                "test": fingerprint(test), "source_class": source_class, "seed": seed}
+    df = cached_table("evaluation", settings,
+                      lambda: pd.DataFrame([evaluate(trained.model, test, key, source_class=source_class, seed=seed)]),
+                      cache)
+    row = df.iloc[0].to_dict()
+    return {k: (v.item() if hasattr(v, "item") else v) for k, v in row.items()}

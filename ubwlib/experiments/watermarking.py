@@ -17,9 +17,9 @@ from .. import metrics
 from ..cache import Cache
 from ..data import ImageDataset
 from ..train import predict
-from ..watermarks import Watermark, WatermarkedDataset, evaluate, get_watermark, trigger
+from ..watermarks import Watermark, WatermarkedDataset, get_watermark, trigger
 from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_run
-from .core import TrainedModel, benign_model, load_data, trained_model
+from .core import TrainedModel, benign_model, cached_evaluation, cached_table, fingerprint, load_data, trained_model
 from .paper import METHOD_LABELS, TABLE1_CIFAR10, TABLE2_IMAGENET
 from .profiles import Profile
 
@@ -79,7 +79,7 @@ def watermark_run(profile: Profile, method: str, seed: int | None = None, cache:
     seed = profile.seed if seed is None else seed
     released = watermarked_dataset(profile, method, seed, **settings)
     trained = trained_model(profile, released.dataset, seed=seed, cache=cache, progress=progress, desc=method)
-    row = evaluate(trained.model, load_data(profile).test, released, seed=seed)
+    row = cached_evaluation(trained, load_data(profile).test, released.key, seed=seed, cache=cache)
     return WatermarkRun(method, released, trained, row)
 
 
@@ -95,7 +95,10 @@ def method_run(profile: Profile, method: str, seed: int | None = None, cache: Ca
 def no_attack_row(profile: Profile, seed: int | None = None, cache: Cache | None = None, progress: bool = True) -> dict:
     trained = benign_model(profile, seed=seed, cache=cache, progress=progress)
     test = load_data(profile).test
-    ba = metrics.benign_accuracy(predict(trained.model, test.images), test.labels)
+    ba = cached_table("benign accuracy", {"model": trained.key, "test": fingerprint(test)},
+                      lambda: pd.DataFrame([{"BA": metrics.benign_accuracy(predict(trained.model, test.images),
+                                                                           test.labels)}]), cache).iloc[0]["BA"]
+    ba = float(ba)
     return {"method": "no-attack", "labels": "", "targeted": False, "BA": ba, "ASR-A": math.nan, "ASR-C": math.nan,
             "D_p": math.nan, "D_s (triggered)": math.nan, "ASR (targeted)": math.nan, "eval set": "test, clean",
             "n eval": len(test)}
@@ -125,7 +128,7 @@ def source_table(profile: Profile, methods=("sleeper-agent", "ubw-c"), seed: int
         run = clean_label_run(profile, m, seed, cache, progress)
         label = METHOD_LABELS.get(m, m)
         rows.append({"Method": label, **run.source_row})
-        base = evaluate(benign.model, test, run.released.key, source_class=SOURCE_CLASS, seed=seed)
+        base = cached_evaluation(benign, test, run.released.key, source_class=SOURCE_CLASS, seed=seed, cache=cache)
         rows.append({"Method": f"benign model, {label} trigger", **base, "method": "no-attack"})
     return pd.DataFrame(rows).set_index("Method")
 

@@ -1,0 +1,82 @@
+"""The recipes of the verification and report chapters: pure helpers on hand-built tables, and the cached
+verification tables on the smoke profile."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from ubwlib.cache import Cache
+from ubwlib.experiments import get_profile
+from ubwlib.experiments.report import claim_row, report_seeds, seed_variance
+from ubwlib.experiments.verification import (
+    false_positive_table,
+    independent_seeds,
+    power_curve,
+    scenario_table,
+    verification_classes,
+)
+from ubwlib.verify import VerificationSettings
+
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")
+
+
+def test_seed_variance_hand_computed():
+    runs = pd.DataFrame([
+        {"method": "UBW-P", "seed": s, "eval set": "whole test set", "BA": ba, "ASR-A": asr, "ASR-C": asr, "D_p": dp}
+        for s, ba, asr, dp in [(0, 0.90, 0.40, 1.0), (1, 0.92, 0.50, 1.2), (2, 0.91, 0.60, 1.4)]
+    ])
+    var = seed_variance(runs)
+    row = var.loc[("UBW-P", "whole test set")]
+    assert row[("BA", "mean")] == pytest.approx(91.0)
+    assert row[("ASR-A", "mean")] == pytest.approx(50.0)
+    assert row[("ASR-A", "std")] == pytest.approx(10.0)          # ddof 1: sqrt((100 + 0 + 100) / 2)
+    assert row[("D_p", "min")] == pytest.approx(1.0) and row[("D_p", "max")] == pytest.approx(1.4)
+    assert row[("seeds", "n")] == 3
+
+
+def test_claim_row_verdicts():
+    assert claim_row("c", "p", "o", True, "x")["verdict"] == "holds"
+    assert claim_row("c", "p", "o", False, "x")["verdict"] == "does not hold"
+    assert claim_row("c", "p", "o", None, "x")["verdict"] == "not measured"
+
+
+def test_seeds_and_classes():
+    P = get_profile("smoke")
+    assert report_seeds(P, 3) == [P.seed, P.seed + 1, P.seed + 2]
+    assert independent_seeds(P, 2) == [P.seed + 1, P.seed + 2]        # the report's extra seeds: trained once
+    assert verification_classes("ubw-c") == [0] and verification_classes("ubw-p") is None
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    return Cache(tmp_path_factory.mktemp("cache"))
+
+
+def test_scenario_table_smoke(cache):
+    P = get_profile("smoke")
+    S = VerificationSettings(m=20)
+    t = scenario_table(P, "ubw-p", settings=S, cache=cache, progress=False)
+    assert list(t.index) == ["Independent-T", "Independent-M", "Malicious"]
+    assert t["p-value"].between(0, 1).all() and (t["m"] == 20).all()
+    n_entries = len(cache.entries())
+    again = scenario_table(P, "ubw-p", settings=S, cache=cache, progress=False)
+    pd.testing.assert_frame_equal(t, again)
+    assert len(cache.entries()) == n_entries                          # served from the cache
+
+
+def test_false_positives_and_power_smoke(cache):
+    P = get_profile("smoke")
+    S = VerificationSettings(m=10)
+    fp = false_positive_table(P, "ubw-p", n_triggers=2, n_models=2, settings=S, cache=cache, progress=False)
+    assert len(fp) == 4
+    assert (fp["scenario"] == ["Independent-T"] * 2 + ["Independent-M"] * 2).all()
+    power = power_curve(P, "ubw-p", ms=(3, 5), repeats=4, settings=S, cache=cache, progress=False)
+    assert set(power["scenario"]) == {"Malicious", "Independent-M"}
+    assert len(power) == 2 * 2 * 4
+    assert power["p-value"].between(0, 1).all()
+    assert (power["flagged"] == (power["p-value"] < S.alpha)).all()
+    assert not math.isnan(np.asarray(power["Delta P"], float).mean())
