@@ -128,12 +128,12 @@ def test_the_table1_points_are_the_table1_runs(smoke, gamma_df):
 
 def test_a_warm_sweep_reads_everything_from_the_cache(smoke, gamma_df, monkeypatch):
     prof, _, cache = smoke
-    import ubwlib.experiments.ablations as abl
+    import ubwlib.watermarks as wm
 
     def no_evaluation(*args, **kwargs):
         raise AssertionError("evaluated again")
 
-    monkeypatch.setattr(abl, "evaluate", no_evaluation)
+    monkeypatch.setattr(wm, "evaluate", no_evaluation)  # cached_evaluation imports it from here when it runs
     before = len(cache.entries())
     again = gamma_sweep(prof, gammas={"ubw-p": (0.05, 0.1), "ubw-c": (0.05, 0.1)}, cache=cache, progress=False)
     assert len(cache.entries()) == before

@@ -542,7 +542,7 @@ def test_clean_label_run_is_cached_and_keeps_labels(tiny, method):
     again = clean_label_run(tiny, method, progress=False)
     assert again.released.report["cached"] is True and again.trained.cached
     assert torch.equal(again.released.dataset.images, first.released.dataset.images)
-    assert again.row == first.row
+    assert pd.Series(again.row).equals(pd.Series(first.row))  # NaN (targeted ASR of untargeted methods) included
     if method == "ubw-c":
         assert first.source_row["eval set"].startswith("test, source class 0")
         assert list(again.released.report["history"].columns) == ["step", "lr", "passenger loss", "seconds"]
