@@ -146,12 +146,22 @@ def compare_with_paper(ours: pd.DataFrame, profile: Profile, imagenet: bool = Fa
     return pd.concat(parts, axis=1)
 
 
-def triggered_confusion(run: WatermarkRun, test_set: ImageDataset, seed: int | None = None) -> pd.DataFrame:
-    """Row-normalised confusion matrix (true class x predicted class) of the triggered test images."""
-    images = trigger(test_set.images, run.released.key, seed=seed)
-    pred = predict(run.trained.model, images).numpy()
-    cm = metrics.confusion_matrix(pred, test_set.labels.numpy(), test_set.num_classes).astype(np.float64)
-    cm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+def triggered_confusion(run: WatermarkRun, test_set: ImageDataset, seed: int | None = None,
+                        cache: Cache | None = None) -> pd.DataFrame:
+    """Row-normalised confusion matrix (true class x predicted class) of the triggered test images (cached under
+    the model, the trigger and the test set)."""
+    key = run.released.key
+
+    def compute() -> pd.DataFrame:
+        images = trigger(test_set.images, key, seed=seed)
+        pred = predict(run.trained.model, images).numpy()
+        cm = metrics.confusion_matrix(pred, test_set.labels.numpy(), test_set.num_classes).astype(np.float64)
+        return pd.DataFrame(cm / np.maximum(cm.sum(1, keepdims=True), 1))
+
+    cm = cached_table("triggered confusion",
+                      {"model": run.trained.key, "test": fingerprint(test_set), "seed": seed,
+                       "trigger": {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors),
+                                   "seed": key.seed}}, compute, cache).to_numpy(np.float64)
     return pd.DataFrame(cm, index=pd.Index(test_set.classes, name="true class"),
                         columns=pd.Index(test_set.classes, name="predicted on triggered image"))
 
