@@ -23,7 +23,7 @@ from ..train import resolve_device, train
 from .profiles import Profile
 
 __all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache",
-           "cached_table", "cached_evaluation"]
+           "cached_table", "cached_evaluation", "key_digest"]
 
 #: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
 VERSIONS = {
@@ -127,6 +127,13 @@ def cached_table(name: str, settings: dict, compute, cache: Cache | None = None)
     return table_from_data(entry.data["table"])
 
 
+def key_digest(key) -> dict:
+    """Everything that defines a watermark key (its trigger), for the settings of a cache entry; the cache
+    hashes the tensors."""
+    return {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors), "seed": key.seed,
+            "target": key.target}
+
+
 def cached_evaluation(trained: TrainedModel, test: ImageDataset, key, *, source_class: int | None = None,
                       seed: int = 0, cache: Cache | None = None) -> dict:
     """:func:`ubwlib.watermarks.evaluate` of a trained model under a watermark key, cached under the model's cache
@@ -135,8 +142,7 @@ def cached_evaluation(trained: TrainedModel, test: ImageDataset, key, *, source_
     from ..watermarks import evaluate
 
     settings = {"recipe": "evaluate", "model": trained.key,
-                "trigger": {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors),
-                            "seed": key.seed, "target": key.target},
+                "trigger": key_digest(key),
                 "test": fingerprint(test), "source_class": source_class, "seed": seed}
     df = cached_table("evaluation", settings,
                       lambda: pd.DataFrame([evaluate(trained.model, test, key, source_class=source_class, seed=seed)]),

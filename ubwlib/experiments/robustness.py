@@ -33,7 +33,7 @@ from ..train import predict
 from ..watermarks import WatermarkedDataset, WatermarkKey, evaluate, trigger
 from ..watermarks.evaluate import evaluation_mask
 from .clean_label import SOURCE_CLASS
-from .core import benign_model, cached_table, fingerprint, load_data
+from .core import benign_model, cached_table, fingerprint, key_digest, load_data
 from .paper import METHOD_LABELS
 from .profiles import Profile
 from .watermarking import method_run, watermarked_dataset
@@ -185,18 +185,12 @@ def strip_row(model: nn.Module, train: ImageDataset, test: ImageDataset, key: Wa
 
 
 # --------------------------------------------------------------------------- cached recipes
-def _key_settings(key: WatermarkKey) -> dict:
-    """Everything that defines a watermark key, for cache settings (tensors are hashed by the cache)."""
-    return {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors), "target": key.target,
-            "seed": key.seed}
-
-
 def _run_settings(profile: Profile, run, seed: int) -> dict:
     data = load_data(profile)
     return {
         "recipe": f"robustness/{VERSION}",
         "model": run.trained.key,
-        "watermark": _key_settings(run.released.key),
+        "watermark": key_digest(run.released.key),
         "train": fingerprint(data.train),
         "test": fingerprint(data.test),
         "seed": seed,
@@ -288,7 +282,7 @@ def strip_table(profile: Profile, methods: Sequence[str] = STRIP_METHODS, settin
             return pd.DataFrame([{"Method": label, "method": method, "model": model_kind,
                                   "eval set": evaluation_mask(data.test, key, source_class_of(method))[1], **row}])
 
-        settings_ = {**common, "method": method, "model": model_key, "watermark": _key_settings(key)}
+        settings_ = {**common, "method": method, "model": model_key, "watermark": key_digest(key)}
         return cached_table("strip", settings_, compute, cache)
 
     rows = []
@@ -319,7 +313,7 @@ def benign_reference_table(profile: Profile, methods: Sequence[str] = DEFENSE_ME
         return pd.DataFrame(rows)
 
     settings = {"recipe": f"robustness/{VERSION}", "model": benign.key, "test": fingerprint(data.test),
-                "seed": seed, "watermarks": {m: _key_settings(k) for m, k in keys.items()}}
+                "seed": seed, "watermarks": {m: key_digest(k) for m, k in keys.items()}}
     return cached_table("benign-reference", settings, compute, cache).set_index("Method")
 
 

@@ -24,16 +24,23 @@ from ..verify import (
 )
 from ..watermarks import trigger
 from .clean_label import SOURCE_CLASS
-from .core import benign_model, cached_table, load_data
+from .core import benign_model, cached_table, key_digest, load_data
 from .paper import TABLE3_UBWP, TABLE4_UBWC
 from .profiles import Profile
 from .watermarking import method_run
 
 __all__ = ["VERIFY_METHODS", "verification_classes", "scenario_table", "compare_verification",
-           "false_positive_table", "power_curve", "independent_seeds"]
+           "false_positive_table", "power_curve", "independent_seeds", "verification_settings"]
 
 VERIFY_METHODS = ("ubw-p", "ubw-c")
 PAPER_TABLES = {"ubw-p": TABLE3_UBWP, "ubw-c": TABLE4_UBWC}
+
+
+def verification_settings(profile: Profile, m: int | None = None) -> VerificationSettings:
+    """The settings of the verification chapter (and of the report, which reads its cached tables): the paper's
+    m = 100, tau = 0.25, alpha = 0.01, with m = 20 on the smoke profile (its test set holds too few correctly
+    classified source-class images for 100); ``m`` overrides."""
+    return VerificationSettings(m=m or (20 if profile.name == "smoke" else VerificationSettings.m))
 
 
 def verification_classes(method: str) -> list[int] | None:
@@ -44,10 +51,6 @@ def verification_classes(method: str) -> list[int] | None:
 def independent_seeds(profile: Profile, count: int) -> list[int]:
     """Seeds of the independently trained benign models (the profile's seed is the watermark's own)."""
     return [profile.seed + 1 + i for i in range(count)]
-
-
-def _key_digest(key) -> dict:
-    return {"method": key.method, "seed": key.seed, "settings": key.settings, "tensors": key.tensors}
 
 
 def scenario_table(profile: Profile, method: str, seed: int | None = None,
@@ -71,7 +74,7 @@ def scenario_table(profile: Profile, method: str, seed: int | None = None,
         return pd.DataFrame(rows).set_index("scenario")
 
     return cached_table("verification-scenarios", {"method": method, "model": run.trained.key,
-                                                   "benign": benign.key, "key": _key_digest(key), "seed": seed,
+                                                   "benign": benign.key, "key": key_digest(key), "seed": seed,
                                                    "settings": s}, compute, cache)
 
 
@@ -92,9 +95,8 @@ def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_m
     run = method_run(profile, method, seed, cache, progress)
     key = run.released.key
     test = load_data(profile).test
-    models = [benign_model(profile, seed=seed, cache=cache, progress=progress)]
-    models += [benign_model(profile, seed=s, cache=cache, progress=progress)
-               for s in independent_seeds(profile, n_models - 1)]
+    model_seeds = [seed, *independent_seeds(profile, n_models - 1)]
+    models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in model_seeds]
     s = dataclasses.asdict(settings)
     classes = verification_classes(method)
 
@@ -104,23 +106,15 @@ def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_m
             other = independent_key(key, key.seed + 1 + i)
             r = verify(run.trained.model, test, other, seed=seed + i, classes=classes, scenario=SCENARIOS[0], **s)
             rows.append({"case": f"watermarked model, independent trigger #{i + 1}", **r.row()})
-        for j, bm in enumerate(models):
+        for j, (bm, bm_seed) in enumerate(zip(models, model_seeds)):
             r = verify(bm.model, test, key, seed=seed + j, classes=classes, scenario=SCENARIOS[1], **s)
-            rows.append({"case": f"benign model #{j + 1} (seed {bm_seed(j)}), true trigger", **r.row()})
+            rows.append({"case": f"benign model #{j + 1} (seed {bm_seed}), true trigger", **r.row()})
         return pd.DataFrame(rows).set_index("case")
-
-    def bm_seed(j: int) -> int:
-        return seed if j == 0 else independent_seeds(profile, n_models - 1)[j - 1]
 
     return cached_table("verification-false-positives",
                         {"method": method, "model": run.trained.key, "benign": [m.key for m in models],
-                         "key": _key_digest(key), "n_triggers": n_triggers, "seed": seed, "settings": s},
+                         "key": key_digest(key), "n_triggers": n_triggers, "seed": seed, "settings": s},
                         compute, cache)
-
-
-def _true_label_probs(model, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    probs = predict_proba(model, images)
-    return probs[torch.arange(len(labels)), labels].double().numpy()
 
 
 def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repeats: int = 50,
@@ -148,10 +142,11 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
         triggered = trigger(images, key, seed=None)
         rows = []
         for name, model in (("Malicious", run.trained.model), ("Independent-M", benign.model)):
-            probs = predict_proba(model, images)
+            probs, probs_trig = predict_proba(model, images), predict_proba(model, triggered)
             correct = (probs.argmax(1) == labels).nonzero().flatten()
-            pb = probs[torch.arange(len(labels)), labels].double().numpy()
-            pp = _true_label_probs(model, triggered, labels)
+            rows_idx = torch.arange(len(labels))
+            pb = probs[rows_idx, labels].double().numpy()
+            pp = probs_trig[rows_idx, labels].double().numpy()
             gen = torch.Generator().manual_seed(seed)
             for m in ms:
                 if m > len(correct):
@@ -165,6 +160,6 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
         return pd.DataFrame(rows)
 
     return cached_table("verification-power",
-                        {"method": method, "model": run.trained.key, "benign": benign.key, "key": _key_digest(key),
+                        {"method": method, "model": run.trained.key, "benign": benign.key, "key": key_digest(key),
                          "ms": list(ms), "repeats": repeats, "seed": seed,
                          "settings": dataclasses.asdict(settings)}, compute, cache)

@@ -19,7 +19,16 @@ from ..data import ImageDataset
 from ..train import predict
 from ..watermarks import Watermark, WatermarkedDataset, get_watermark, trigger
 from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_run
-from .core import TrainedModel, benign_model, cached_evaluation, cached_table, fingerprint, load_data, trained_model
+from .core import (
+    TrainedModel,
+    benign_model,
+    cached_evaluation,
+    cached_table,
+    fingerprint,
+    key_digest,
+    load_data,
+    trained_model,
+)
 from .paper import METHOD_LABELS, TABLE1_CIFAR10, TABLE2_IMAGENET
 from .profiles import Profile
 
@@ -160,8 +169,7 @@ def triggered_confusion(run: WatermarkRun, test_set: ImageDataset, seed: int | N
 
     cm = cached_table("triggered confusion",
                       {"model": run.trained.key, "test": fingerprint(test_set), "seed": seed,
-                       "trigger": {"method": key.method, "settings": key.settings, "tensors": dict(key.tensors),
-                                   "seed": key.seed}}, compute, cache).to_numpy(np.float64)
+                       "trigger": key_digest(key)}, compute, cache).to_numpy(np.float64)
     return pd.DataFrame(cm, index=pd.Index(test_set.classes, name="true class"),
                         columns=pd.Index(test_set.classes, name="predicted on triggered image"))
 
