@@ -20,9 +20,18 @@ help:
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
+# PyPI's torch wheel brings about 4 GB of CUDA libraries even on a CPU machine: the whole .venv is about 6 GB.
+NEED_GB ?= 7
+
 $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
-	$(BIN)/python -m pip install --upgrade -c constraints.txt pip
-	$(BIN)/python -m pip install -c constraints.txt -e ".[book,test]"
+	@avail=$$(df -Pk "$(dir $(abspath $(VENV)))" | awk 'NR==2 {print int($$4 / 1048576)}'); \
+	if [ "$$avail" -lt "$(NEED_GB)" ] && ! ls -d $(VENV)/lib/python*/site-packages/torch >/dev/null 2>&1; then \
+		echo "Not enough disk space to install: $(VENV) needs about $(NEED_GB) GB free (torch with its CUDA libraries), $$avail GB are free on $(dir $(abspath $(VENV)))."; \
+		echo "Free some space (old clones or virtual environments, 'pip cache purge') or put the environment elsewhere: make VENV=/bigger/disk/venv ..."; \
+		exit 1; \
+	fi
+	$(BIN)/python -m pip install --no-cache-dir --upgrade -c constraints.txt pip
+	$(BIN)/python -m pip install --no-cache-dir -c constraints.txt -e ".[book,test]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ubw-book)" >/dev/null
 	touch $@
 
