@@ -176,6 +176,29 @@ def test_per_sample_grad_norms_bias_layers_and_1_channel():
     assert no_hooks_left(model)
 
 
+@pytest.mark.parametrize("kernel,stride,padding,dilation,size", [
+    ((3, 3), (1, 1), (1, 1), (1, 1), 12),   # output 12x12 > 64 positions: the grouped-convolution path
+    ((3, 2), (2, 1), (1, 0), (1, 1), 20),   # non-square kernel, stride and padding, grouped path
+    ((3, 3), (1, 1), (2, 2), (2, 2), 10),   # dilated convolution, grouped path
+    ((1, 1), (2, 2), (0, 0), (1, 1), 17),   # 1x1 stride-2 shortcut with an odd input: 9x9 output, grouped path
+    ((3, 3), (2, 2), (1, 1), (1, 1), 8),    # 4x4 output: the im2col path
+    ((2, 3), (1, 2), (0, 1), (2, 1), 7),    # non-square everything, im2col path
+])
+def test_conv_weight_sq_norms_both_paths_match_autograd(kernel, stride, padding, dilation, size):
+    """Each sample's conv weight-gradient norm, on both code paths, against autograd one sample at a time."""
+    from ubwlib.watermarks.gradient_matching import _conv_weight_sq_norms
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 5, kernel, stride=stride, padding=padding, dilation=dilation, bias=False)
+    a = torch.randn(6, 3, size, size)
+    g = torch.randn((6,) + tuple(conv(a).shape[1:]))
+    expected = []
+    for i in range(len(a)):
+        (gw,) = torch.autograd.grad(conv(a[i : i + 1]), conv.weight, g[i : i + 1])
+        expected.append(gw.double().pow(2).sum())
+    torch.testing.assert_close(_conv_weight_sq_norms(conv, a, g), torch.stack(expected).float(), rtol=1e-4, atol=1e-5)
+
+
 @pytest.mark.parametrize("layer", [nn.LayerNorm(8), nn.GroupNorm(2, 8)])
 def test_per_sample_grad_norms_unsupported_layer(ds, layer):
     model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), layer if isinstance(layer, nn.GroupNorm) else nn.Identity(),

@@ -227,10 +227,10 @@ def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch
     elif isinstance(mod, nn.Conv2d):
         if mod.groups != 1:
             raise NotImplementedError("per-sample gradient norms: grouped convolutions are not supported")
+        if isinstance(mod.padding, str):
+            raise NotImplementedError("per-sample gradient norms: string padding ('same'/'valid') is not supported")
         if mod.weight.requires_grad:
-            cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
-            gw = torch.einsum("nop,nkp->nok", g.flatten(2), cols)
-            total += gw.pow(2).flatten(1).sum(1)
+            total += _conv_weight_sq_norms(mod, a, g)
         if mod.bias is not None and mod.bias.requires_grad:
             total += g.sum((2, 3)).pow(2).sum(1)
     elif isinstance(mod, nn.BatchNorm2d):
@@ -241,6 +241,26 @@ def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch
         if mod.bias is not None and mod.bias.requires_grad:
             total += g.sum((2, 3)).pow(2).sum(1)
     return total
+
+
+def _conv_weight_sq_norms(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Squared norm of each sample's ``Conv2d`` weight gradient ``dW_i[o, c, u, v] = sum_yx g_i[o, y, x] *
+    a_i[c, y*s + u*d, x*s + v*d]`` (s: stride, d: dilation, a zero-padded).
+
+    Large outputs (early layers): one grouped convolution with the samples as groups, the input's channels as
+    the batch and each sample's output gradient as its kernel (stride and dilation swap roles), about 3x faster
+    than im2col there. Small outputs (late layers): im2col + batched matmul, the faster one there."""
+    n = a.shape[0]
+    kh, kw = mod.kernel_size
+    if g.shape[2] * g.shape[3] > 64:
+        x = a.transpose(0, 1)  # C x n x H x W
+        w = g.reshape(n * g.shape[1], 1, g.shape[2], g.shape[3])
+        gw = F.conv2d(x, w, padding=mod.padding, dilation=mod.stride, stride=mod.dilation, groups=n)
+        gw = gw[:, :, :kh, :kw]  # C x (n * O) x kh x kw
+        return gw.reshape(a.shape[1], n, -1).pow(2).sum((0, 2))
+    cols = F.unfold(a, mod.kernel_size, dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    gw = torch.bmm(g.flatten(2), cols.transpose(1, 2))
+    return gw.pow(2).flatten(1).sum(1)
 
 
 def per_sample_grad_norms_func(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, *,
