@@ -167,6 +167,49 @@ def test_fashion_refreshes_derived_copy_when_source_changes(tmp_path):
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), b)
 
 
+def _no_torchvision(*args, **kwargs):
+    raise AssertionError("torchvision was asked to decode again")
+
+
+def test_fashion_decoded_once_then_memoised(tmp_path, monkeypatch):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=22)
+    before = snapshot(src)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+    memos = list((tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt"))
+    assert len(memos) == 1
+    monkeypatch.setattr(data, "_torchvision_fashion", _no_torchvision)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)  # from the memo
+    sized = load_dataset("fashion-mnist", root=src, image_size=32)  # resizing applies after the memo
+    assert sized.train.images.shape == (20, 1, 32, 32)
+    assert snapshot(src) == before
+
+
+def test_fashion_memo_misses_when_a_source_changes_with_same_size_and_mtime(tmp_path):
+    src = tmp_path / "fmnist"
+    write_fashion(src, seed=23, gz=False)
+    load_dataset("fashion-mnist", root=src)
+    stamps = {n: (src / n).stat() for n in IDX_NAMES}
+    b = write_fashion(src, seed=24, gz=False)  # same sizes, new content...
+    for n, st in stamps.items():  # ...and the old mtimes put back
+        os.utime(src / n, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), b)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "foreign"])
+def test_fashion_unusable_memo_is_decoded_again(tmp_path, damage):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=25)
+    load_dataset("fashion-mnist", root=src)
+    (memo,) = (tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt")
+    if damage == "truncate":
+        memo.write_bytes(memo.read_bytes()[:100])
+    else:
+        torch.save({"train_images": torch.zeros(3)}, memo)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+    assert data._read_decoded(memo) is not None  # rewritten whole
+
+
 def test_fashion_missing_names_three_ways_and_searched_paths(tmp_path, monkeypatch):
     monkeypatch.setenv("UBW_DATA", str(tmp_path / "my-data"))
     with pytest.raises(DataNotFoundError) as info:

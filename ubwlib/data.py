@@ -517,14 +517,71 @@ def _torchvision_fashion(root: Path, train: bool, download: bool = False) -> Any
     return torchvision.datasets.FashionMNIST(root=str(root), train=train, download=download)
 
 
-def _fashion_to_dataset(ds: Any, split: str, size: int | None) -> ImageDataset:
-    images = torch.as_tensor(ds.data).to(torch.uint8).unsqueeze(1).contiguous()
+def _fashion_arrays(ds: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
+    """A torchvision FashionMNIST split as (uint8 N x 28 x 28, int64 N, class names)."""
+    return (torch.as_tensor(ds.data).to(torch.uint8).contiguous(), torch.as_tensor(ds.targets).to(torch.int64).clone(),
+            tuple(ds.classes))
+
+
+_DECODED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
+
+
+def _decoded_path(files: dict[str, Path]) -> Path:
+    """Where the decoded splits of these IDX files are memoised: keyed by each file's resolved path, size,
+    mtime, ctime and inode, so any change to a source file (even one that keeps its size and mtime) misses."""
+    stamp = []
+    for base in sorted(files):
+        p = files[base].resolve()
+        st = p.stat()
+        stamp.append([str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino])
+    key = hashlib.sha256(json.dumps(stamp).encode()).hexdigest()[:24]
+    return data_cache_dir() / "fashion-mnist" / f"decoded-{key}.pt"
+
+
+def _read_decoded(path: Path) -> dict | None:
+    """The memoised splits (tensors only, read with ``weights_only=True``), or None when missing or unusable."""
+    if not path.is_file():
+        return None
+    try:
+        d = torch.load(path, map_location="cpu", weights_only=True)
+        ok = (isinstance(d, dict) and all(isinstance(d.get(k), torch.Tensor) for k in _DECODED_KEYS)
+              and d["train_images"].dtype == torch.uint8 and d["test_images"].dtype == torch.uint8
+              and d["train_images"].dim() == 3 and d["test_images"].dim() == 3
+              and len(d["train_images"]) == len(d["train_labels"]) and len(d["test_images"]) == len(d["test_labels"])
+              and isinstance(d.get("classes"), (list, tuple)) and all(isinstance(c, str) for c in d["classes"]))
+    except Exception:  # truncated, corrupt or foreign file: decode again
+        return None
+    return d if ok else None
+
+
+def _write_decoded(path: Path, decoded: dict) -> None:
+    """Atomic; a read-only or full cache is not an error (the next load decodes again)."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        try:
+            torch.save(decoded, tmp)
+            os.chmod(tmp, 0o644)  # as readable as the derived IDX copies
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+    except OSError:
+        pass
+
+
+def _fashion_to_dataset(arrays: tuple[torch.Tensor, torch.Tensor, tuple[str, ...]], split: str,
+                        size: int | None) -> ImageDataset:
+    data_, targets, classes = arrays
+    images = data_.unsqueeze(1).contiguous()
     if size is not None:
         images = _resize_uint8(images, size)
     return ImageDataset(
         images=images,
-        labels=torch.as_tensor(ds.targets).to(torch.int64).clone(),
-        classes=tuple(ds.classes),
+        labels=targets.clone(),
+        classes=tuple(classes),
         name=f"{_sized_name('fashion-mnist', size, 28)}/{split}",
     )
 
@@ -555,18 +612,27 @@ def _load_fashion(root: str | Path | None, download: bool, size: int | None) -> 
         if hit is None:
             continue
         folder, files = hit
-        tv_root = _fashion_torchvision_root(folder, files)
-        try:
-            train = _torchvision_fashion(tv_root, True)
-            test = _torchvision_fashion(tv_root, False)
-        except Exception as exc:  # torchvision's readers raise AssertionError on a bad magic number
-            raise DataIntegrityError(
-                f"Fashion-MNIST IDX files in {folder} could not be read ({exc}); check that they are the "
-                "standard IDX files (magic numbers 2051/2049)"
-            ) from exc
+        # torchvision decodes the IDX files once; later loads read the memoised tensors (about 0.1 s, and no
+        # torchvision import, which costs 1.7 s per process: every chapter of the book is a process)
+        memo = _decoded_path(files)
+        decoded = _read_decoded(memo)
+        if decoded is None:
+            tv_root = _fashion_torchvision_root(folder, files)
+            try:
+                train = _fashion_arrays(_torchvision_fashion(tv_root, True))
+                test = _fashion_arrays(_torchvision_fashion(tv_root, False))
+            except Exception as exc:  # torchvision's readers raise AssertionError on a bad magic number
+                raise DataIntegrityError(
+                    f"Fashion-MNIST IDX files in {folder} could not be read ({exc}); check that they are the "
+                    "standard IDX files (magic numbers 2051/2049)"
+                ) from exc
+            decoded = {"train_images": train[0], "train_labels": train[1], "test_images": test[0],
+                       "test_labels": test[1], "classes": list(train[2])}
+            _write_decoded(memo, decoded)
+        classes = tuple(decoded["classes"])
         return DatasetSplits(
-            train=_fashion_to_dataset(train, "train", size),
-            test=_fashion_to_dataset(test, "test", size),
+            train=_fashion_to_dataset((decoded["train_images"], decoded["train_labels"], classes), "train", size),
+            test=_fashion_to_dataset((decoded["test_images"], decoded["test_labels"], classes), "test", size),
         )
     if download and root is None:
         tv_root = data_cache_dir() / "torchvision"
@@ -580,8 +646,8 @@ def _load_fashion(root: str | Path | None, download: bool, size: int | None) -> 
                 + _fashion_help(candidates)
             ) from exc
         return DatasetSplits(
-            train=_fashion_to_dataset(train, "train", size),
-            test=_fashion_to_dataset(test, "test", size),
+            train=_fashion_to_dataset(_fashion_arrays(train), "train", size),
+            test=_fashion_to_dataset(_fashion_arrays(test), "test", size),
         )
     msg = _fashion_help(candidates)
     if root is not None:
