@@ -9,6 +9,7 @@ checks). Tests and notebooks use a private cache folder unless ``UBW_CACHE`` is 
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -16,11 +17,27 @@ ROOT = Path(__file__).resolve().parent
 NBVAL_PARAMETERS = {"profile": "smoke"}
 
 
+_PRIVATE_CACHE: str | None = None
+
+
 def pytest_configure(config):
+    global _PRIVATE_CACHE
     if not os.environ.get("UBW_CACHE"):
-        os.environ["UBW_CACHE"] = tempfile.mkdtemp(prefix="ubw-test-cache-")
+        _PRIVATE_CACHE = tempfile.mkdtemp(prefix="ubw-test-cache-")
+        os.environ["UBW_CACHE"] = _PRIVATE_CACHE
     os.environ.setdefault("TQDM_DISABLE", "1")
     os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+def pytest_unconfigure(config):
+    """Remove the private cache this run made (about 100 MB of models and data); a cache named by the user's
+    own ``UBW_CACHE`` is left alone."""
+    global _PRIVATE_CACHE
+    if _PRIVATE_CACHE is not None:
+        shutil.rmtree(_PRIVATE_CACHE, ignore_errors=True)
+        if os.environ.get("UBW_CACHE") == _PRIVATE_CACHE:
+            del os.environ["UBW_CACHE"]
+        _PRIVATE_CACHE = None
 
 
 def pytest_collect_file(file_path, parent):
