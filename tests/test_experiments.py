@@ -546,3 +546,25 @@ def test_clean_label_run_is_cached_and_keeps_labels(tiny, method):
     if method == "ubw-c":
         assert first.source_row["eval set"].startswith("test, source class 0")
         assert list(again.released.report["history"].columns) == ["step", "lr", "passenger loss", "seconds"]
+
+
+def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tiny):
+    """Same poisons as UBW-C, labels kept, a perturbation within eps that no crafting step moved."""
+    from ubwlib.experiments.clean_label import clean_label_run, crafting_budget, noise_control_run
+
+    eps_u8 = crafting_budget(tiny).eps * 255
+    control = noise_control_run(tiny, progress=False)
+    crafted = clean_label_run(tiny, "ubw-c", progress=False)
+    train = load_data(tiny).train
+    rel = control.released
+    assert torch.equal(rel.indices, crafted.released.indices)
+    assert torch.equal(rel.dataset.labels, train.labels)
+    diff = rel.dataset.images.to(torch.int16) - train.images.to(torch.int16)
+    assert diff.abs().max() <= round(eps_u8) and diff[rel.indices].abs().sum() > 0
+    outside = torch.ones(len(train), dtype=torch.bool)
+    outside[rel.indices] = False
+    assert not diff[outside].any()  # only the poisons change
+    assert len(rel.report["history"]) == 0  # no crafting step was taken
+    assert not torch.equal(rel.dataset.images, crafted.released.dataset.images)
+    assert control.source_row["eval set"].startswith("test, source class 0")
+    assert noise_control_run(tiny, progress=False).released.report["cached"] is True

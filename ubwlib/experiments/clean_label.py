@@ -32,7 +32,8 @@ from .core import (
 from .profiles import Profile
 
 __all__ = ["CLEAN_LABEL_METHODS", "SOURCE_CLASS", "crafting_budget", "clean_label_settings", "clean_label_release",
-           "CleanLabelRun", "clean_label_run", "perturbation_rows", "perturbation_stats", "crafting_curves"]
+           "CleanLabelRun", "clean_label_run", "noise_control_run", "perturbation_rows", "perturbation_stats",
+           "crafting_curves"]
 
 CLEAN_LABEL_METHODS = ("label-consistent", "sleeper-agent", "ubw-c")
 SOURCE_CLASS = 0
@@ -168,6 +169,16 @@ def clean_label_run(profile: Profile, method: str, seed: int | None = None, cach
         source_row = cached_evaluation(trained, test, released.key, source_class=SOURCE_CLASS, seed=seed,
                                        cache=cache)
     return CleanLabelRun(method, released, trained, row, source_row)
+
+
+def noise_control_run(profile: Profile, seed: int | None = None, cache: Cache | None = None,
+                      progress: bool = True) -> CleanLabelRun:
+    """The control of UBW-C: the same poisons (same selection, same labels) with its random initial perturbation
+    (uniform in the eps-ball, seeded) and *no* crafting step, then a victim trained from scratch like every other.
+    What UBW-C does beyond this row is what the gradient matching adds; what this row does beyond the benign model
+    is what any perturbation of these poisons does."""
+    budget = dataclasses.replace(crafting_budget(profile), steps=0)
+    return clean_label_run(profile, "ubw-c", seed, cache, progress, crafting=budget)
 
 
 def perturbation_rows(profile: Profile, method: str, n: int = 8, seed: int | None = None, **overrides) -> dict:
