@@ -568,3 +568,11 @@ def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tin
     assert not torch.equal(rel.dataset.images, crafted.released.dataset.images)
     assert control.source_row["eval set"].startswith("test, source class 0")
     assert noise_control_run(tiny, progress=False).released.report["cached"] is True
+    from ubwlib.experiments.watermarking import noise_control_table, source_table
+
+    table = noise_control_table(tiny)
+    src = source_table(tiny, ("ubw-c",))
+    assert len(table) == 3 and table["ASR-A"].dtype == float
+    assert table.iloc[0]["ASR-A"] == src.loc["benign model, UBW-C trigger", "ASR-A"]
+    assert table.iloc[1]["ASR-A"] == control.source_row["ASR-A"]
+    assert table.iloc[2]["ASR-A"] == crafted.source_row["ASR-A"]

@@ -517,10 +517,13 @@ def _torchvision_fashion(root: Path, train: bool, download: bool = False) -> Any
     return torchvision.datasets.FashionMNIST(root=str(root), train=train, download=download)
 
 
-def _fashion_arrays(ds: Any) -> tuple[torch.Tensor, torch.Tensor, tuple[str, ...]]:
-    """A torchvision FashionMNIST split as (uint8 N x 28 x 28, int64 N, class names)."""
-    return (torch.as_tensor(ds.data).to(torch.uint8).contiguous(), torch.as_tensor(ds.targets).to(torch.int64).clone(),
-            tuple(ds.classes))
+def _fashion_decoded(train: Any, test: Any) -> dict:
+    """torchvision's FashionMNIST splits as plain tensors (uint8 N x 28 x 28 images, int64 labels) and class names."""
+    out: dict = {"classes": list(train.classes)}
+    for split, ds in (("train", train), ("test", test)):
+        out[f"{split}_images"] = torch.as_tensor(ds.data).to(torch.uint8).contiguous()
+        out[f"{split}_labels"] = torch.as_tensor(ds.targets).to(torch.int64).clone()
+    return out
 
 
 _DECODED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -572,18 +575,16 @@ def _write_decoded(path: Path, decoded: dict) -> None:
         pass
 
 
-def _fashion_to_dataset(arrays: tuple[torch.Tensor, torch.Tensor, tuple[str, ...]], split: str,
-                        size: int | None) -> ImageDataset:
-    data_, targets, classes = arrays
-    images = data_.unsqueeze(1).contiguous()
-    if size is not None:
-        images = _resize_uint8(images, size)
-    return ImageDataset(
-        images=images,
-        labels=targets.clone(),
-        classes=tuple(classes),
-        name=f"{_sized_name('fashion-mnist', size, 28)}/{split}",
-    )
+def _fashion_splits(decoded: dict, size: int | None) -> DatasetSplits:
+    classes = tuple(decoded["classes"])
+    splits = {}
+    for split in ("train", "test"):
+        images = decoded[f"{split}_images"].unsqueeze(1).contiguous()
+        if size is not None:
+            images = _resize_uint8(images, size)
+        splits[split] = ImageDataset(images=images, labels=decoded[f"{split}_labels"], classes=classes,
+                                     name=f"{_sized_name('fashion-mnist', size, 28)}/{split}")
+    return DatasetSplits(**splits)
 
 
 def _fashion_help(searched: Sequence[tuple[str, Path]]) -> str:
@@ -619,21 +620,14 @@ def _load_fashion(root: str | Path | None, download: bool, size: int | None) -> 
         if decoded is None:
             tv_root = _fashion_torchvision_root(folder, files)
             try:
-                train = _fashion_arrays(_torchvision_fashion(tv_root, True))
-                test = _fashion_arrays(_torchvision_fashion(tv_root, False))
+                decoded = _fashion_decoded(_torchvision_fashion(tv_root, True), _torchvision_fashion(tv_root, False))
             except Exception as exc:  # torchvision's readers raise AssertionError on a bad magic number
                 raise DataIntegrityError(
                     f"Fashion-MNIST IDX files in {folder} could not be read ({exc}); check that they are the "
                     "standard IDX files (magic numbers 2051/2049)"
                 ) from exc
-            decoded = {"train_images": train[0], "train_labels": train[1], "test_images": test[0],
-                       "test_labels": test[1], "classes": list(train[2])}
             _write_decoded(memo, decoded)
-        classes = tuple(decoded["classes"])
-        return DatasetSplits(
-            train=_fashion_to_dataset((decoded["train_images"], decoded["train_labels"], classes), "train", size),
-            test=_fashion_to_dataset((decoded["test_images"], decoded["test_labels"], classes), "test", size),
-        )
+        return _fashion_splits(decoded, size)
     if download and root is None:
         tv_root = data_cache_dir() / "torchvision"
         try:
@@ -645,10 +639,7 @@ def _load_fashion(root: str | Path | None, download: bool, size: int | None) -> 
                 f"downloading Fashion-MNIST into {tv_root} failed ({type(exc).__name__}: {exc}).\n"
                 + _fashion_help(candidates)
             ) from exc
-        return DatasetSplits(
-            train=_fashion_to_dataset(_fashion_arrays(train), "train", size),
-            test=_fashion_to_dataset(_fashion_arrays(test), "test", size),
-        )
+        return _fashion_splits(_fashion_decoded(train, test), size)
     msg = _fashion_help(candidates)
     if root is not None:
         msg = (

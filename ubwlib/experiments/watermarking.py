@@ -18,7 +18,7 @@ from ..cache import Cache
 from ..data import ImageDataset
 from ..train import predict
 from ..watermarks import Watermark, WatermarkedDataset, get_watermark, trigger
-from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_run
+from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_run, crafting_budget, noise_control_run
 from .core import (
     TrainedModel,
     benign_model,
@@ -38,6 +38,7 @@ __all__ = [
     "WatermarkRun",
     "method_run",
     "source_table",
+    "noise_control_table",
     "make_watermark",
     "watermarked_dataset",
     "watermark_run",
@@ -140,6 +141,19 @@ def source_table(profile: Profile, methods=("sleeper-agent", "ubw-c"), seed: int
         base = cached_evaluation(benign, test, run.released.key, source_class=SOURCE_CLASS, seed=seed, cache=cache)
         rows.append({"Method": f"benign model, {label} trigger", **base, "method": "no-attack"})
     return pd.DataFrame(rows).set_index("Method")
+
+
+def noise_control_table(profile: Profile, seed: int | None = None, cache: Cache | None = None,
+                        progress: bool = True) -> pd.DataFrame:
+    """UBW-C on the triggered source-class test images beside its two baselines: the benign model under the same
+    trigger, and the same poisons with random noise and no crafting step
+    (:func:`~ubwlib.experiments.clean_label.noise_control_run`)."""
+    src = source_table(profile, ("ubw-c",), seed, cache, progress)
+    control = noise_control_run(profile, seed, cache, progress)
+    rows = {"benign model": src.loc["benign model, UBW-C trigger"].to_dict(),
+            "same poisons, random noise (0 crafting steps)": control.source_row,
+            f"UBW-C ({crafting_budget(profile).steps} crafting steps)": src.loc["UBW-C"].to_dict()}
+    return pd.DataFrame(list(rows.values()), index=list(rows))
 
 
 def compare_with_paper(ours: pd.DataFrame, profile: Profile, imagenet: bool = False) -> pd.DataFrame:
