@@ -10,7 +10,10 @@ selection, hand-written formulas for the losses.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+
+import pandas as pd
 
 import pytest
 import torch
@@ -408,7 +411,8 @@ def test_craft_budget_history_retrains_and_determinism(ds, trained, target_fn, p
                 progress=False)
     _check_budget(ds, poison_idx, res, s.eps)
     h = res.history
-    assert list(h.columns) == ["step", "lr", "passenger loss", "seconds"]
+    assert list(h.columns) == ["restart", "step", "lr", "passenger loss", "held-out passenger loss", "seconds"]
+    assert (h["restart"] == 0).all() and h["held-out passenger loss"].isna().all()  # no held-out models asked
     assert h["step"].tolist() == [1, 2, 3, 4, 5]
     assert h["lr"].tolist() == pytest.approx([s.lr_at(i) for i in range(5)])
     assert len(set(h["lr"].round(12))) > 1  # the milestones (2, 3, 4 of 5) do decay the lr
@@ -683,3 +687,195 @@ def test_paste_random():
         paste_random(images, torch.zeros(3, SIZE + 1, 4, dtype=torch.uint8), torch.Generator())
     with pytest.raises(ValueError):
         paste_random(images, torch.zeros(3, 4, SIZE + 1, dtype=torch.uint8), torch.Generator())
+
+
+# --------------------------------------------------------------------------- the levers of transfer (issue 9)
+def test_lever_settings_validation():
+    s = GradientMatchingSettings()
+    assert (s.ensemble, s.restarts, s.held_out, s.fresh_seeds, s.augment, s.selection) == (
+        1, 1, 0, True, "shift", "grad-norm")
+    assert GradientMatchingSettings(augment=True).augment == "shift"
+    assert GradientMatchingSettings(augment=False).augment == "none"
+    for bad in (dict(augment="crop"), dict(selection="norm"), dict(ensemble=0), dict(restarts=0),
+                dict(held_out=-1), dict(diagnostic_every=0)):
+        with pytest.raises(ValueError):
+            GradientMatchingSettings(**bad)
+
+
+def test_derived_seed_distinct_and_deterministic():
+    roles = [("member", 1), ("member", 2), ("held-out", 0), ("retrain", 0, 2, 0), ("retrain", 0, 2, 1),
+             ("retrain", 0, 4, 0), ("retrain", 1, 2, 0), ("restart", 1, "init")]
+    seeds = [gm.derived_seed(0, *r) for r in roles]
+    assert len(set(seeds)) == len(seeds)
+    assert seeds == [gm.derived_seed(0, *r) for r in roles]
+    assert gm.derived_seed(1, "member", 1) != seeds[0]
+    assert all(0 <= x < 2**31 and x > 1000 for x in seeds)  # far from the small seeds of victims
+
+
+def test_ensemble_passenger_loss_is_the_mean_of_single_losses(ds, trained, target_fn):
+    models = [copy.deepcopy(trained["smallcnn"]), build_model("smallcnn", K, 3, 0.25, seed=5).eval()]
+    targets = []
+    for m in models:
+        t = [g.detach() for g in target_fn(m)]
+        targets.append((t, torch.sqrt(sum((g * g).sum() for g in t))))
+    x = ds.images[:16].float() / 255
+    y = ds.labels[:16]
+    both = gm.ensemble_passenger_loss(models, targets, x, y, create_graph=False)
+    singles = []
+    for m, (t, tn) in zip(models, targets):
+        params = [p for p in m.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(F.cross_entropy(m(x), y), params)
+        flat_g, flat_t = torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in t])
+        singles.append(1 - float(F.cosine_similarity(flat_g, flat_t, dim=0)))
+    assert singles[0] != pytest.approx(singles[1], abs=1e-3)
+    assert float(both) == pytest.approx(sum(singles) / 2, abs=1e-5)
+    # and it is differentiable in the poisons (the crafting needs the double backward)
+    xd = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(gm.ensemble_passenger_loss(models, targets, xd, y), xd)
+    assert g.abs().sum() > 0
+
+
+def test_transfer_loss_matches_the_batch_losses(ds, trained, target_fn):
+    m = copy.deepcopy(trained["smallcnn"])
+    t = [g.detach() for g in target_fn(m)]
+    tn = torch.sqrt(sum((g * g).sum() for g in t))
+    x, y = ds.images[:20].float() / 255, ds.labels[:20]
+    want = (float(gm.ensemble_passenger_loss([m], [(t, tn)], x[:8], y[:8], create_graph=False)) * 8
+            + float(gm.ensemble_passenger_loss([m], [(t, tn)], x[8:16], y[8:16], create_graph=False)) * 8
+            + float(gm.ensemble_passenger_loss([m], [(t, tn)], x[16:], y[16:], create_graph=False)) * 4) / 20
+    assert gm.transfer_loss([m], [(t, tn)], x, y, batch_size=8) == pytest.approx(want, abs=1e-6)
+    assert math.isnan(gm.transfer_loss([], [], x, y, batch_size=8))
+
+
+def test_crafting_augment_trainer_mode_is_the_trainers_augmentation():
+    from ubwlib.train import augment_batch
+
+    x = torch.rand(6, 1, 10, 10)
+    cfg = TINY.replace(crop_padding=2, flip=True)
+    s = settings(augment="trainer", retrain=cfg)
+    got = gm.crafting_augment(x, s, torch.Generator().manual_seed(3))
+    want = augment_batch(x, flip=True, crop_padding=2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want)
+    xd = x.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(gm.crafting_augment(xd, s, torch.Generator().manual_seed(3)).sum(), xd)
+    assert g.shape == x.shape and 0 < float(g.sum()) <= x.numel()  # each output pixel comes from one input pixel
+    assert torch.equal(gm.crafting_augment(x, settings(augment="none"), torch.Generator()), x)
+
+
+def _record_training(monkeypatch):
+    """Patch the trainer used by craft() to record (the model's initial weights digest, the config seed)."""
+    seen = []
+    real = gm.train
+
+    def recording(model, data, cfg, **kw):
+        seen.append((float(sum(p.detach().double().sum() for p in model.parameters())), cfg.seed))
+        return real(model, data, cfg, **kw)
+
+    monkeypatch.setattr(gm, "train", recording)
+    return seen
+
+
+@pytest.mark.parametrize("fresh", [True, False])
+def test_retraining_seeds_differ(ds, trained, target_fn, poison_idx, monkeypatch, fresh):
+    seen = _record_training(monkeypatch)
+    s = settings(steps=5, retrain_every=2, fresh_seeds=fresh, ensemble=2)
+    craft(ds, poison_idx, target_fn, s, seed=3, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",
+          progress=False)
+    # member 1 trained once on the benign data, then both members retrained at steps 2 and 4
+    assert len(seen) == 1 + 2 * 2
+    retrain_inits = [w for w, _ in seen[1:]]
+    retrain_seeds = [sd for _, sd in seen[1:]]
+    if fresh:
+        assert len(set(retrain_inits)) == 4 and len(set(retrain_seeds)) == 4  # new weights and data order each time
+        assert 3 not in retrain_seeds and TINY.seed not in retrain_seeds
+    else:  # each member reuses its seed: member 0 the crafting seed and the retrain config as given
+        assert retrain_inits[0] == retrain_inits[2] and retrain_inits[1] == retrain_inits[3]
+        assert retrain_inits[0] != retrain_inits[1]
+        assert retrain_seeds[0] == retrain_seeds[2] == TINY.seed
+        assert retrain_seeds[1] == retrain_seeds[3] == seen[0][1] == gm.derived_seed(3, "member", 1)
+
+
+def test_held_out_diagnostic_is_logged(ds, trained, target_fn, poison_idx):
+    s = settings(steps=4, held_out=1, diagnostic_every=2)
+    res = craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",
+                progress=False)
+    h = res.history
+    assert h["step"].tolist() == [0, 1, 2, 3, 4]
+    measured = h.dropna(subset=["held-out passenger loss"])
+    assert measured["step"].tolist() == [0, 2, 4]
+    assert measured["held-out passenger loss"].between(0, 2).all()
+    assert math.isnan(h["passenger loss"].iloc[0])  # step 0: only the diagnostic of the random start
+    # the held-out model took no part in the crafting: its seed is a derived one, never the crafting seed
+    held = build_model("smallcnn", K, 3, 0.25, seed=gm.derived_seed(0, "held-out", 0))
+    held, _ = train(held, ds, TINY.replace(seed=gm.derived_seed(0, "held-out", 0)), device="cpu", progress=False)
+    t = [g.detach() for g in target_fn(held)]
+    tn = torch.sqrt(sum((g * g).sum() for g in t))
+    base = ds.images[poison_idx].float() / 255
+    want = gm.transfer_loss([held], [(t, tn)], base + res.delta, ds.labels[poison_idx], s.batch_size)
+    assert float(h["held-out passenger loss"].iloc[-1]) == pytest.approx(want, abs=1e-5)
+
+
+def test_restarts_keep_the_best(ds, trained, target_fn, poison_idx):
+    s = settings(steps=3, restarts=3, held_out=1, diagnostic_every=3)
+    kw = dict(seed=2, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu", progress=False)
+    res = craft(ds, poison_idx, target_fn, s, **kw)
+    h = res.history
+    assert sorted(set(h["restart"])) == [0, 1, 2]
+    final = h[h["step"] == 3].set_index("restart")["held-out passenger loss"]
+    assert len(final) == 3 and final.nunique() == 3
+    assert res.best_restart == int(final.idxmin())
+    # restart 0 is the single run; the released delta is the best restart's
+    single = craft(ds, poison_idx, target_fn, dataclasses.replace(s, restarts=1), **{**kw, "surrogate":
+                                                                                       copy.deepcopy(trained["smallcnn"])})
+    assert single.history["held-out passenger loss"].iloc[-1] == pytest.approx(final.loc[0], abs=1e-6)
+    if res.best_restart == 0:
+        assert torch.equal(res.delta, single.delta)
+    else:
+        assert not torch.equal(res.delta, single.delta)
+    # without held-out models the crafting loss decides
+    res2 = craft(ds, poison_idx, target_fn, dataclasses.replace(s, held_out=0), **{**kw, "surrogate":
+                                                                                     copy.deepcopy(trained["smallcnn"])})
+    fin2 = res2.history[res2.history["step"] == 3].set_index("restart")["passenger loss"]
+    assert res2.best_restart == int(fin2.idxmin())
+
+
+def test_craft_with_levers_resumes_to_the_same_result(ds, trained, target_fn, poison_idx, tmp_path, monkeypatch):
+    """Two restarts, an ensemble of 2, a held-out model and fresh retraining seeds, interrupted in the middle of
+    the second restart: the resumed run equals the uninterrupted one."""
+    s = settings(steps=4, retrain_every=2, checkpoint_every=1, restarts=2, ensemble=2, held_out=1,
+                 diagnostic_every=2)
+    kw = dict(seed=1, device="cpu", progress=False)
+    ref = craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(trained["smallcnn"]), **kw)
+    batches = math.ceil(len(poison_idx) / s.batch_size)
+    real = gm.crafting_augment  # called once per crafting batch (not by the diagnostic)
+    count = {"n": 0}
+
+    def failing(*a, **k):
+        if count["n"] == (4 + 2) * batches + 1:  # in the middle of restart 1's step 2 (0-based)
+            raise _Interrupt
+        count["n"] += 1
+        return real(*a, **k)
+
+    ckpt = Cache(tmp_path).checkpoint("craft-levers", {"x": 2}, "1")
+    monkeypatch.setattr(gm, "crafting_augment", failing)
+    with pytest.raises(_Interrupt):
+        craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(trained["smallcnn"]), checkpoint=ckpt, **kw)
+    monkeypatch.setattr(gm, "crafting_augment", real)
+    assert ckpt.load().step == 6  # restart 1, after its step 2
+    resumed = craft(ds, poison_idx, target_fn, s, surrogate=copy.deepcopy(trained["smallcnn"]), checkpoint=ckpt, **kw)
+    assert resumed.resumed_from == 6
+    assert torch.equal(resumed.delta, ref.delta) and resumed.best_restart == ref.best_restart
+    pd.testing.assert_frame_equal(resumed.history.drop(columns="seconds"), ref.history.drop(columns="seconds"))
+    assert resumed.retrains["step"].tolist() == ref.retrains["step"].tolist()
+
+
+def test_random_selection(ds, trained):
+    a = UBWC(poisoning_rate=0.1, crafting=settings(steps=0, selection="random")).watermark(
+        ds, seed=0, surrogate=trained["smallcnn"], progress=False)
+    b = UBWC(poisoning_rate=0.1, crafting=settings(steps=0, selection="random")).watermark(
+        ds, seed=0, surrogate=trained["smallcnn"], progress=False)
+    c = UBWC(poisoning_rate=0.1, crafting=settings(steps=0)).watermark(ds, seed=0, surrogate=trained["smallcnn"],
+                                                                      progress=False)
+    assert len(a.indices) == 16 and torch.equal(a.indices, b.indices)
+    assert torch.equal(c.indices, select_by_grad_norm(trained["smallcnn"], ds, 16))
+    assert not torch.equal(a.indices, c.indices)

@@ -27,6 +27,7 @@ Poisons are chosen by the largest per-sample gradient norm (one batched backward
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -42,6 +43,7 @@ from ..models import build_model
 from ..train import (
     TrainConfig,
     accuracy,
+    augment_batch,
     autocast_context,
     resolve_device,
     resolve_precision,
@@ -61,7 +63,15 @@ __all__ = [
     "passenger_loss",
     "apply_delta",
     "craft",
+    "crafting_augment",
+    "derived_seed",
+    "ensemble_passenger_loss",
+    "transfer_loss",
 ]
+
+
+AUGMENTS = ("shift", "trainer", "none")
+SELECTIONS = ("grad-norm", "random")
 
 
 @dataclass(frozen=True)
@@ -81,10 +91,13 @@ class GradientMatchingSettings:
     """Retrain the surrogate from scratch every this many steps (0: never)."""
     batch_size: int = 128
     """Poisons per batch of the passenger loss."""
-    augment: bool = True
-    """Differentiable random shift + flip while crafting."""
+    augment: str = "shift"
+    """Differentiable augmentation of the poisons while crafting: ``shift`` (the public code's: a random shift
+    of up to ``max_shift`` of the size, bilinear, zero fill, and a horizontal flip), ``trainer`` (the
+    retraining's own random crop with ``retrain.crop_padding`` and flip, as the victim's trainer draws them) or
+    ``none``. ``True``/``False`` are read as ``shift``/``none``."""
     max_shift: float = 0.125
-    """Largest shift, as a fraction of the image size (about H/8)."""
+    """Largest shift of ``augment="shift"``, as a fraction of the image size (about H/8)."""
     init: str = "uniform"
     """Initial perturbation: ``uniform`` in the eps-ball (seeded) or ``zero``."""
     model: str = "resnet18-cifar"
@@ -95,6 +108,22 @@ class GradientMatchingSettings:
         default_factory=lambda: TrainConfig(epochs=40, lr=0.1, momentum=0.0, weight_decay=1e-4, milestones=(20, 30))
     )
     """Schedule of each retraining of the surrogate (public code: 40 epochs, lr 0.1, no momentum, wd 1e-4)."""
+    ensemble: int = 1
+    """K surrogates crafted against at once (member 0: the given benign model, the others trained from scratch
+    with their own seeds); the passenger loss of each batch is the mean of the K members' losses."""
+    fresh_seeds: bool = True
+    """Each retraining of each member starts from a seed never used before (new initial weights and data
+    order, as the public code's advancing global RNG gives); False: every retraining reuses the member's seed."""
+    restarts: int = 1
+    """R independent crafting runs (own random start, batch order and augmentation); the release keeps the one
+    with the lowest held-out passenger loss (the lowest crafting loss when ``held_out`` is 0)."""
+    held_out: int = 0
+    """Models trained from scratch on the benign data with seeds never used in crafting: the passenger loss of
+    the current poisons against them (the transfer diagnostic) is logged every ``diagnostic_every`` steps."""
+    diagnostic_every: int = 5
+    selection: str = "grad-norm"
+    """Which samples of the pool become poisons: ``grad-norm`` (the largest per-sample gradient norms under the
+    surrogate, the public code's) or ``random`` (seeded)."""
     checkpoint_every: int = 10
     precision: str = "fp32"
     """Precision of the double-backward passes (``fp32`` or ``auto``)."""
@@ -108,6 +137,15 @@ class GradientMatchingSettings:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.retrain_every < 0 or self.batch_size < 1 or self.checkpoint_every < 1:
             raise ValueError("retrain_every must be >= 0, batch_size and checkpoint_every >= 1")
+        if isinstance(self.augment, bool):
+            object.__setattr__(self, "augment", "shift" if self.augment else "none")
+        if self.augment not in AUGMENTS:
+            raise ValueError(f"augment must be one of {AUGMENTS}, got {self.augment!r}")
+        if self.selection not in SELECTIONS:
+            raise ValueError(f"selection must be one of {SELECTIONS}, got {self.selection!r}")
+        if self.ensemble < 1 or self.restarts < 1 or self.held_out < 0 or self.diagnostic_every < 1:
+            raise ValueError("ensemble, restarts and diagnostic_every must be >= 1, held_out >= 0; got "
+                             f"{self.ensemble}, {self.restarts}, {self.diagnostic_every}, {self.held_out}")
         if self.init not in ("uniform", "zero"):
             raise ValueError(f"init must be 'uniform' or 'zero', got {self.init!r}")
         if not 0 <= self.max_shift < 0.5:
@@ -126,12 +164,16 @@ class CraftResult:
     delta: torch.Tensor
     """The final float perturbations (N_poison x C x H x W, in [-eps, eps])."""
     history: pd.DataFrame
-    """One row per step: step, lr, passenger loss, seconds."""
+    """One row per step of each restart: restart, step, lr, passenger loss (mean over the ensemble), held-out
+    passenger loss (the transfer diagnostic; NaN where not measured), seconds."""
     retrains: pd.DataFrame
-    """One row per (re)trained surrogate: step, and what ``monitor`` returned (accuracy, D_s, ...)."""
+    """One row per (re)training of the first member: restart, step, and what ``monitor`` returned."""
     surrogate: nn.Module
+    """The first member's last surrogate of the released restart."""
     resumed_from: int
-    """Step the run resumed from (0: it started fresh)."""
+    """Step the run resumed from, counted over all restarts (0: it started fresh)."""
+    best_restart: int = 0
+    """The restart whose perturbations are released."""
 
 
 # --------------------------------------------------------------------------- building blocks
@@ -318,6 +360,65 @@ def _project(delta: torch.Tensor, base: torch.Tensor, eps: float) -> None:
 
 
 # --------------------------------------------------------------------------- the crafting loop
+def derived_seed(seed: int, *role) -> int:
+    """A seed for one role of a crafting run (an ensemble member, a retraining, a restart, a held-out model):
+    a hash of ``(seed, *role)`` in [0, 2^31), so roles never share a seed with each other nor, in practice,
+    with the small seeds a user picks for the victims."""
+    digest = hashlib.sha256(repr((int(seed), *role)).encode()).digest()
+    return int.from_bytes(digest[:4], "little") & 0x7FFFFFFF
+
+
+def crafting_augment(x: torch.Tensor, settings: GradientMatchingSettings, generator: torch.Generator) -> torch.Tensor:
+    """The augmentation of the poisons while crafting (``settings.augment``), differentiable in ``x``."""
+    if settings.augment == "shift":
+        return differentiable_augment(x, generator, settings.max_shift, flip=True)
+    if settings.augment == "trainer":  # the retraining's own crop + flip: padding and indexing, differentiable
+        return augment_batch(x, flip=settings.retrain.flip, crop_padding=settings.retrain.crop_padding,
+                             generator=generator)
+    return x
+
+
+def _poison_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor, prec: str, create_graph: bool):
+    with autocast_context(prec, x.device):
+        out = model(x)
+    loss = F.cross_entropy(out.float(), y)
+    return torch.autograd.grad(loss, _params(model), create_graph=create_graph)
+
+
+def ensemble_passenger_loss(models: list[nn.Module], targets: list[tuple[list[torch.Tensor], torch.Tensor]],
+                            x: torch.Tensor, y: torch.Tensor, prec: str = "fp32",
+                            create_graph: bool = True) -> torch.Tensor:
+    """The passenger loss of one batch of poisons ``x`` (labels ``y``) averaged over an ensemble: each model's
+    ``1 - cos`` against its own ``(target gradient, norm)``."""
+    losses = [passenger_loss(_poison_grads(m, x, y, prec, create_graph), t, tn) for m, (t, tn) in zip(models, targets)]
+    return torch.stack(losses).mean()
+
+
+def transfer_loss(models: list[nn.Module], targets: list[tuple[list[torch.Tensor], torch.Tensor]],
+                  poisons: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
+    """The passenger loss of the poisons (float, in [0, 1]; no augmentation, batches in index order) against
+    ``models`` (averaged over them and over the poisons). For models that took no part in the crafting, this
+    is the transfer diagnostic: how far the perturbations fit models they were not crafted on."""
+    if not models or not len(poisons):
+        return float("nan")
+    total = 0.0
+    with torch.enable_grad():
+        for b in range(0, len(poisons), batch_size):
+            x, y = poisons[b : b + batch_size], labels[b : b + batch_size]
+            total += float(ensemble_passenger_loss(models, targets, x, y, create_graph=False)) * len(x)
+    return total / len(poisons)
+
+
+def _state_tensors(prefix: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{prefix}.{k}": v.detach().cpu() for k, v in model.state_dict().items()}
+
+
+def _load_from(tensors: dict, prefix: str, model: nn.Module) -> nn.Module:
+    n = len(prefix) + 1
+    model.load_state_dict({k[n:]: v for k, v in tensors.items() if k.startswith(prefix + ".")})
+    return model
+
+
 def craft(
     train_set: ImageDataset,
     indices: torch.Tensor,
@@ -334,9 +435,12 @@ def craft(
 ) -> CraftResult:
     """Craft perturbations for ``train_set[indices]`` by gradient matching (see the module docstring).
 
-    ``target_gradient(model)`` returns the target gradient (one tensor per trainable parameter) for the
-    current surrogate; ``monitor(model)`` returns numbers logged after each (re)training of the surrogate.
+    ``target_gradient(model)`` returns the target gradient (one tensor per trainable parameter) for a model;
+    ``monitor(model)`` returns numbers logged after each (re)training of the first ensemble member.
     ``checkpoint`` (a :class:`ubwlib.cache.Checkpoint`) makes the run resumable.
+
+    Seeds: ensemble member 0 is ``surrogate`` (else trained with ``seed``); every other model (members, each
+    retraining when ``fresh_seeds``, held-out models, restarts) gets its own :func:`derived_seed`.
     """
     s = settings
     dev = resolve_device(device)
@@ -346,130 +450,209 @@ def craft(
     base = base_u8.to(dev).float().div_(255)
     n = len(indices)
     k, c = train_set.num_classes, train_set.image_shape[0]
+    prec = resolve_precision(s.precision, dev)
 
-    def fresh_model() -> nn.Module:
-        return build_model(s.model, k, c, s.width, seed=seed)
+    def build(model_seed: int) -> nn.Module:
+        return build_model(s.model, k, c, s.width, seed=model_seed)
+
+    def train_new(model_seed: int | None, data: ImageDataset, cfg: TrainConfig, what: str) -> nn.Module:
+        """``None``: the crafting seed with ``cfg`` as given (the public code's single-seed behaviour)."""
+        if model_seed is None:
+            m, _ = train(build(seed), data, cfg, device=dev, progress=progress, desc=what)
+        else:
+            m, _ = train(build(model_seed), data, cfg.replace(seed=model_seed), device=dev, progress=progress,
+                         desc=what)
+        m.eval()
+        for p in m.parameters():
+            p.requires_grad_(True)
+        return m
 
     def poisoned_set(delta: torch.Tensor) -> ImageDataset:
         images = train_set.images.clone()
         images[indices] = apply_delta(base_u8, delta.cpu())
         return train_set.replace(images=images, name=f"{train_set.name}+crafting")
 
-    gen_order = torch.Generator().manual_seed(seed + 101)
-    gen_aug = torch.Generator(device=dev).manual_seed(seed + 202)
-    delta = torch.zeros_like(base)
-    if s.init == "uniform":
-        g0 = torch.Generator().manual_seed(seed + 303)
-        delta = ((torch.rand(base.shape, generator=g0) * 2 - 1) * s.eps).to(dev)
-    _project(delta, base, s.eps)
-    delta.requires_grad_(True)
-    opt = torch.optim.Adam([delta], lr=s.lr)
-
-    start_step = 0
-    history: list[dict] = []
-    retrains: list[dict] = []
-    model: nn.Module | None = None
-    state = checkpoint.load() if checkpoint is not None else None
-    if state is not None:
-        start_step = int(state.step)
-        t = state.tensors
-        with torch.no_grad():
-            delta.copy_(t["delta"].to(dev))
-        if "adam.exp_avg" in t:
-            opt.state[delta] = {"step": t["adam.step"].clone(), "exp_avg": t["adam.exp_avg"].to(dev),
-                                "exp_avg_sq": t["adam.exp_avg_sq"].to(dev)}
-        gen_order.set_state(t["gen_order"])
-        gen_aug.set_state(t["gen_aug"].to(gen_aug.get_state().device) if t["gen_aug"].device.type != "cpu"
-                          else t["gen_aug"])
-        model = fresh_model()
-        model.load_state_dict({k2[6:]: v for k2, v in t.items() if k2.startswith("model.")})
-        model.to(dev)
-        history = list(state.data.get("history", []))
-        retrains = list(state.data.get("retrains", []))
-
-    def log_retrain(step: int, m: nn.Module, seconds: float) -> None:
-        row = {"step": step, "train seconds": seconds}
-        if monitor is not None:
-            row.update(monitor(m))
-        retrains.append(row)
-
-    if model is None:
-        t0 = time.perf_counter()
-        if surrogate is not None:
-            model = surrogate
-        else:
-            model, _ = train(fresh_model(), train_set, s.pretrain, device=dev, progress=progress, desc="surrogate")
-        log_retrain(0, model, time.perf_counter() - t0)
-    model.to(dev).eval()
-    for p in model.parameters():
-        p.requires_grad_(True)
-
     def compute_target(m: nn.Module):
         m.eval()
         g = [t.detach() for t in target_gradient(m)]
         return g, torch.sqrt(sum((t * t).sum() for t in g))
 
-    tgt, tgt_norm = compute_target(model)
-    prec = resolve_precision(s.precision, dev)
-    bar = tqdm(range(start_step, s.steps), desc=desc, disable=not progress, leave=False, unit="step")
-    for step in bar:
-        if s.retrain_every and step > 0 and step % s.retrain_every == 0 and (
-            not retrains or retrains[-1]["step"] != step
-        ):
+    def retrain_seed(restart: int, step: int, member: int) -> int | None:
+        if s.fresh_seeds:
+            return derived_seed(seed, "retrain", restart, step, member)
+        return None if member == 0 else derived_seed(seed, "member", member)
+
+    def restart_gens(restart: int) -> tuple[torch.Generator, torch.Generator, int]:
+        if restart == 0:  # the seeds of a single run
+            return (torch.Generator().manual_seed(seed + 101), torch.Generator(device=dev).manual_seed(seed + 202),
+                    seed + 303)
+        return (torch.Generator().manual_seed(derived_seed(seed, "restart", restart, "order")),
+                torch.Generator(device=dev).manual_seed(derived_seed(seed, "restart", restart, "augment")),
+                derived_seed(seed, "restart", restart, "init"))
+
+    state = checkpoint.load() if checkpoint is not None else None
+    t_state = state.tensors if state is not None else {}
+    data_state = state.data if state is not None else {}
+    history: list[dict] = list(data_state.get("history", []))
+    retrains: list[dict] = list(data_state.get("retrains", []))
+
+    def log_retrain(restart: int, step: int, m: nn.Module, seconds: float) -> None:
+        row = {"restart": restart, "step": step, "train seconds": seconds}
+        if monitor is not None:
+            row.update(monitor(m))
+        retrains.append(row)
+
+    # the initial ensemble (member 0: the given surrogate) and the held-out models, trained once
+    initial: list[nn.Module] = []
+    t0 = time.perf_counter()
+    for member in range(s.ensemble):
+        if state is not None:
+            m = _load_from(t_state, f"init{member}", build(seed)).to(dev).eval()
+        elif member == 0 and surrogate is not None:
+            m = surrogate.to(dev).eval()
+        else:
+            m = train_new(None if member == 0 else derived_seed(seed, "member", member), train_set, s.pretrain,
+                          f"surrogate {member}")
+        for p in m.parameters():
+            p.requires_grad_(True)
+        initial.append(m)
+    if state is None:
+        log_retrain(0, 0, initial[0], time.perf_counter() - t0)
+    held_out: list[nn.Module] = []
+    for j in range(s.held_out):
+        if state is not None:
+            m = _load_from(t_state, f"held{j}", build(seed)).to(dev).eval()
+        else:
+            m = train_new(derived_seed(seed, "held-out", j), train_set, s.pretrain, f"held-out model {j}")
+        held_out.append(m)
+    held_targets = [compute_target(m) for m in held_out]
+
+    def diagnostic(delta: torch.Tensor) -> float:
+        return transfer_loss(held_out, held_targets, base + delta.detach(), labels, s.batch_size)
+
+    # where the run stands: (restart, step), the best finished restart so far
+    restart0, step0 = divmod(int(state.step), max(1, s.steps)) if state is not None and s.steps else (0, 0)
+    if state is not None and s.steps == 0:
+        restart0 = int(state.step)
+    best = data_state.get("best")
+    best_delta = t_state.get("best.delta")
+    best_model = _load_from(t_state, "best.model", build(seed)).to(dev).eval() if best is not None else None
+    resumed_from = int(state.step) if state is not None else 0
+
+    def save(global_step: int, models, delta, opt, gens, restart_hist):
+        if checkpoint is None:
+            return
+        tensors = {"delta": delta.detach().cpu(), "gen_order": gens[0].get_state(),
+                   "gen_aug": gens[1].get_state().cpu()}
+        for i, m in enumerate(initial):
+            tensors.update(_state_tensors(f"init{i}", m))
+        for j, m in enumerate(held_out):
+            tensors.update(_state_tensors(f"held{j}", m))
+        for i, m in enumerate(models):
+            tensors.update(_state_tensors(f"model{i}", m))
+        st = opt.state.get(delta, {}) if opt is not None else {}
+        if st:
+            tensors.update({"adam.step": torch.as_tensor(st["step"]).detach().cpu().clone(),
+                            "adam.exp_avg": st["exp_avg"].detach().cpu(),
+                            "adam.exp_avg_sq": st["exp_avg_sq"].detach().cpu()})
+        if best is not None:
+            tensors["best.delta"] = best_delta
+            tensors.update(_state_tensors("best.model", best_model))
+        checkpoint.save(global_step, tensors, {"history": history, "retrains": retrains, "best": best})
+
+    for restart in range(restart0, s.restarts):
+        gens = restart_gens(restart)
+        gen_order, gen_aug, init_seed = gens
+        resuming = state is not None and restart == restart0 and step0 > 0
+        delta = torch.zeros_like(base)
+        if s.init == "uniform":
+            g0 = torch.Generator().manual_seed(init_seed)
+            delta = ((torch.rand(base.shape, generator=g0) * 2 - 1) * s.eps).to(dev)
+        _project(delta, base, s.eps)
+        delta.requires_grad_(True)
+        opt = torch.optim.Adam([delta], lr=s.lr)
+        models = list(initial)
+        if resuming:
+            with torch.no_grad():
+                delta.copy_(t_state["delta"].to(dev))
+            if "adam.exp_avg" in t_state:
+                opt.state[delta] = {"step": t_state["adam.step"].clone(), "exp_avg": t_state["adam.exp_avg"].to(dev),
+                                    "exp_avg_sq": t_state["adam.exp_avg_sq"].to(dev)}
+            gen_order.set_state(t_state["gen_order"])
+            gen_aug.set_state(t_state["gen_aug"].to(gen_aug.get_state().device))
+            models = [_load_from(t_state, f"model{i}", build(seed)).to(dev).eval() for i in range(s.ensemble)]
+            for m in models:
+                for p in m.parameters():
+                    p.requires_grad_(True)
+        elif restart > 0:
+            log_retrain(restart, 0, models[0], 0.0)
+        targets = [compute_target(m) for m in models]
+        first = step0 if resuming else 0
+        if held_out and first == 0:
+            history.append({"restart": restart, "step": 0, "lr": float("nan"), "passenger loss": float("nan"),
+                            "held-out passenger loss": diagnostic(delta), "seconds": 0.0})
+        bar = tqdm(range(first, s.steps), desc=desc if s.restarts == 1 else f"{desc} {restart + 1}/{s.restarts}",
+                   disable=not progress, leave=False, unit="step")
+        for step in bar:
+            if s.retrain_every and step > 0 and step % s.retrain_every == 0 and not any(
+                r["restart"] == restart and r["step"] == step for r in retrains
+            ):
+                t0 = time.perf_counter()
+                data = poisoned_set(delta.detach())
+                models = [train_new(retrain_seed(restart, step, i), data, s.retrain, f"retrain surrogate {i}")
+                          for i in range(s.ensemble)]
+                log_retrain(restart, step, models[0], time.perf_counter() - t0)
+                targets = [compute_target(m) for m in models]
             t0 = time.perf_counter()
-            model, _ = train(fresh_model(), poisoned_set(delta.detach()), s.retrain, device=dev, progress=progress,
-                             desc="retrain surrogate")
-            model.eval()
-            log_retrain(step, model, time.perf_counter() - t0)
-            tgt, tgt_norm = compute_target(model)
-        t0 = time.perf_counter()
-        lr = s.lr_at(step)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        grad_sign = torch.zeros_like(delta)
-        losses = []
-        params = _params(model)
-        order = torch.randperm(n, generator=gen_order)
-        for b in range(0, n, s.batch_size):
-            idx = order[b : b + s.batch_size].to(dev)
-            d = delta[idx].detach().requires_grad_(True)
-            x = base[idx] + d
-            if s.augment:
-                x = differentiable_augment(x, gen_aug, s.max_shift, flip=True)
-            with autocast_context(prec, dev):
-                out = model(x)
-            loss = F.cross_entropy(out.float(), labels[idx])
-            grads = torch.autograd.grad(loss, params, create_graph=True)
-            p_loss = passenger_loss(grads, tgt, tgt_norm)
-            (g_d,) = torch.autograd.grad(p_loss, d)
-            grad_sign[idx] = g_d.sign()
-            losses.append(float(p_loss.detach()) * len(idx))
-        delta.grad = grad_sign
-        opt.step()
-        with torch.no_grad():
-            _project(delta, base, s.eps)
-        history.append({"step": step + 1, "lr": lr, "passenger loss": sum(losses) / n,
-                        "seconds": time.perf_counter() - t0})
-        bar.set_postfix(loss=f"{history[-1]['passenger loss']:.4f}")
-        if checkpoint is not None and ((step + 1) % s.checkpoint_every == 0 or step + 1 == s.steps):
-            st = opt.state.get(delta, {})
-            tensors = {"delta": delta.detach().cpu(), "gen_order": gen_order.get_state(),
-                       "gen_aug": gen_aug.get_state().cpu(),
-                       **{f"model.{k2}": v.detach().cpu() for k2, v in model.state_dict().items()}}
-            if st:
-                tensors.update({"adam.step": torch.as_tensor(st["step"]).detach().cpu().clone(),
-                                "adam.exp_avg": st["exp_avg"].detach().cpu(),
-                                "adam.exp_avg_sq": st["exp_avg_sq"].detach().cpu()})
-            checkpoint.save(step + 1, tensors, {"history": history, "retrains": retrains})
-    bar.close()
-    final = delta.detach().cpu()
+            lr = s.lr_at(step)
+            for group in opt.param_groups:
+                group["lr"] = lr
+            grad_sign = torch.zeros_like(delta)
+            loss_sum = 0.0
+            order = torch.randperm(n, generator=gen_order)
+            for b in range(0, n, s.batch_size):
+                idx = order[b : b + s.batch_size].to(dev)
+                d = delta[idx].detach().requires_grad_(True)
+                x = crafting_augment(base[idx] + d, s, gen_aug)
+                p_loss = ensemble_passenger_loss(models, targets, x, labels[idx], prec)
+                (g_d,) = torch.autograd.grad(p_loss, d)
+                grad_sign[idx] = g_d.sign()
+                loss_sum += float(p_loss.detach()) * len(idx)
+            delta.grad = grad_sign
+            opt.step()
+            with torch.no_grad():
+                _project(delta, base, s.eps)
+            row = {"restart": restart, "step": step + 1, "lr": lr, "passenger loss": loss_sum / n,
+                   "held-out passenger loss": float("nan"), "seconds": time.perf_counter() - t0}
+            if held_out and ((step + 1) % s.diagnostic_every == 0 or step + 1 == s.steps):
+                row["held-out passenger loss"] = diagnostic(delta)
+            history.append(row)
+            bar.set_postfix(loss=f"{row['passenger loss']:.4f}")
+            if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
+                save(restart * s.steps + step + 1, models, delta, opt, gens, history)
+        bar.close()
+        # keep the restart with the lowest held-out passenger loss (without held-out models: crafting loss)
+        final = [r for r in history if r["restart"] == restart and r["step"] == s.steps]
+        if held_out:
+            score = final[-1]["held-out passenger loss"] if final else diagnostic(delta)
+        else:
+            score = final[-1]["passenger loss"] if final else float("inf")
+        if best is None or score < best["score"]:
+            best = {"restart": restart, "score": score}
+            best_delta = delta.detach().cpu().clone()
+            best_model = models[0]
+        save((restart + 1) * s.steps if s.steps else restart + 1, models, delta, None, gens, history)
+        state, step0 = None, 0
+    final_delta = best_delta if best_delta is not None else torch.zeros_like(base).cpu()
     return CraftResult(
-        images=apply_delta(base_u8, final),
-        delta=final,
-        history=pd.DataFrame(history, columns=["step", "lr", "passenger loss", "seconds"]),
+        images=apply_delta(base_u8, final_delta),
+        delta=final_delta,
+        history=pd.DataFrame(history, columns=["restart", "step", "lr", "passenger loss", "held-out passenger loss",
+                                               "seconds"]),
         retrains=pd.DataFrame(retrains),
-        surrogate=model,
-        resumed_from=start_step,
+        surrogate=best_model if best_model is not None else initial[0],
+        resumed_from=resumed_from,
+        best_restart=int(best["restart"]) if best is not None else 0,
     )
 
 
@@ -516,7 +699,11 @@ class GradientMatchingWatermark(Watermark):
         surrogate.to(dev)
         t_pre = time.perf_counter() - t0
         t0 = time.perf_counter()
-        idx = select_by_grad_norm(surrogate, train_set, count, pool, norms=grad_norms)
+        if gm.selection == "random":
+            idx = choose_indices(len(train_set), count, torch.Generator().manual_seed(derived_seed(seed, "selection")),
+                                 pool=pool)
+        else:
+            idx = select_by_grad_norm(surrogate, train_set, count, pool, norms=grad_norms)
         t_sel = time.perf_counter() - t0
 
         src_all = torch.nonzero(train_set.labels == source).flatten()
@@ -563,6 +750,7 @@ class GradientMatchingWatermark(Watermark):
         released = self._release(train_set, images, train_set.labels.clone(), idx, {"patch": patch}, seed,
                                  self._target_label)
         report = {"history": result.history, "retrains": result.retrains, "resumed_from": result.resumed_from,
+                  "best restart": result.best_restart,
                   "seconds": {"surrogate": t_pre, "selection": t_sel,
                               "crafting": float(result.history["seconds"].sum()) if len(result.history) else 0.0,
                               "retraining": float(result.retrains["train seconds"].iloc[1:].sum())
