@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ubw-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: book test runs bench install data clean-book clean-cache help
+.PHONY: book test runs bench study install data clean-book clean-cache help
 
 help:
 	@echo "make book      build the book (HTML in book/_build/html) on the default profile"
 	@echo "make test      run every test, including the chapters with smoke parameters (nbval)"
 	@echo "make runs PROFILE=smoke|default|paper   execute every chapter with papermill into book/_build/runs/<profile>/"
 	@echo "make bench     print the trainer's images/s against a plain PyTorch loop"
+	@echo "make study     recompute the UBW-C recipe study (cached, resumable) and store it in results/study/"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -72,6 +73,11 @@ runs: data
 
 bench: data
 	$(BIN)/python -m ubwlib.bench
+
+# The UBW-C recipe study (issue 9): about an hour on 2 CPU cores; every release and victim is cached, so an
+# interrupted run resumes. The stored table (results/study/) is what the book shows.
+study: data
+	TQDM_DISABLE=1 $(BIN)/python -m ubwlib.experiments.study --profile study
 
 clean-book:
 	rm -rf book/_build

@@ -126,9 +126,9 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def test_three_profiles_with_documented_datasets_and_models():
-    assert profile_names() == ("smoke", "default", "paper")
-    assert set(PROFILES) == {"smoke", "default", "paper"}
+def test_profiles_with_documented_datasets_and_models():
+    assert profile_names() == ("smoke", "default", "study", "paper")
+    assert set(PROFILES) == {"smoke", "default", "study", "paper"}
     for name, prof in PROFILES.items():
         assert prof.name == name and isinstance(prof.train, TrainConfig) and prof.description
     smoke, default, paper = PROFILES["smoke"], PROFILES["default"], PROFILES["paper"]
@@ -545,7 +545,13 @@ def test_clean_label_run_is_cached_and_keeps_labels(tiny, method):
     assert pd.Series(again.row).equals(pd.Series(first.row))  # NaN (targeted ASR of untargeted methods) included
     if method == "ubw-c":
         assert first.source_row["eval set"].startswith("test, source class 0")
-        assert list(again.released.report["history"].columns) == ["step", "lr", "passenger loss", "seconds"]
+        assert list(again.released.report["history"].columns) == ["restart", "step", "lr", "passenger loss",
+                                                                  "held-out passenger loss", "seconds"]
+    # the victim's seed is one no crafting model used
+    from ubwlib.experiments.clean_label import victim_seed
+
+    assert victim_seed(tiny.seed) != tiny.seed
+    assert first.trained.key == trained_model(tiny, first.released.dataset, seed=victim_seed(tiny.seed)).key
 
 
 def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tiny):
@@ -576,3 +582,55 @@ def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tin
     assert table.iloc[0]["ASR-A"] == src.loc["benign model, UBW-C trigger", "ASR-A"]
     assert table.iloc[1]["ASR-A"] == control.source_row["ASR-A"]
     assert table.iloc[2]["ASR-A"] == crafted.source_row["ASR-A"]
+
+
+# --------------------------------------------------------------------------------------------------
+# the UBW-C recipe study (issue 9)
+# --------------------------------------------------------------------------------------------------
+
+
+def test_study_rows_victims_and_summary(tiny):
+    from ubwlib.experiments.clean_label import clean_label_release, victim_seed
+    from ubwlib.experiments.core import cached_evaluation
+    from ubwlib.experiments.study import _overrides, study_rows, study_table
+
+    rows = [r for r in study_rows() if r[0] in ("benign model", "noise control (same poisons, 0 steps)",
+                                               "ensemble of 2")]
+    assert [r[0] for r in rows] == ["benign model", "noise control (same poisons, 0 steps)", "ensemble of 2"]
+    table = study_table(tiny, rows=rows, victims=2, progress=False)
+    assert list(table.index) == [r[0] for r in rows]
+    assert (table["victims"] == 2).all()
+    # the ensemble row by hand: its release, two victims with seeds victim_seed(seed) and +1, source class 0
+    rel = clean_label_release(tiny, "ubw-c", progress=False, **_overrides(tiny, rows[2][1]))
+    assert rel.report["cached"] is True  # computed once, by the study
+    test = load_data(tiny).test
+    asr = []
+    for s in (victim_seed(tiny.seed), victim_seed(tiny.seed) + 1):
+        m = trained_model(tiny, rel.dataset, seed=s)
+        assert m.cached
+        asr.append(cached_evaluation(m, test, rel.key, source_class=0, seed=tiny.seed)["ASR-A"])
+    assert table.loc["ensemble of 2", "ASR-A"] == pytest.approx(np.mean(asr))
+    assert table.loc["ensemble of 2", "ASR-A std"] == pytest.approx(np.std(asr, ddof=1))
+    assert table.loc["ensemble of 2", "ASR-A per victim"] == " / ".join(f"{v:.3f}" for v in asr)
+    # the benign row: the benign models of the same two seeds under the same trigger
+    benign = [cached_evaluation(benign_model(tiny, seed=s), test, rel.key, source_class=0, seed=tiny.seed)["ASR-A"]
+              for s in (victim_seed(tiny.seed), victim_seed(tiny.seed) + 1)]
+    assert table.loc["benign model", "ASR-A"] == pytest.approx(np.mean(benign))
+    assert math.isnan(table.loc["benign model", "release seconds"])
+
+
+def test_store_and_load_study_with_provenance(tiny, tmp_path):
+    from ubwlib.experiments.study import load_stored_study, store_study
+
+    assert load_stored_study(tmp_path / "none", tiny) == (None, {})
+    df = pd.DataFrame({"row": ["a", "b"], "ASR-A": [0.5, 0.25]}).set_index("row")
+    path = store_study(df, tiny, seconds=12.34, command="make study", directory=tmp_path / "st")
+    table, meta = load_stored_study(tmp_path / "st", tiny)
+    pd.testing.assert_frame_equal(table, df)
+    assert meta["current"] is True and meta["command"] == "make study" and meta["wall seconds"] == 12.3
+    assert meta["profile"] == tiny.name and meta["torch"] == torch.__version__ and meta["machine"]
+    assert (len(meta["commit"]) == 40 or meta["commit"] == "unknown") and meta["date"].startswith("20")
+    # settings that changed since: flagged, never silently shown as current
+    _, stale = load_stored_study(tmp_path / "st", tiny.replace(train=tiny.train.replace(epochs=2)))
+    assert stale["current"] is False
+    assert path.read_text().startswith("row,")

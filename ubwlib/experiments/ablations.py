@@ -26,7 +26,7 @@ import pandas as pd
 
 from ..cache import Cache
 from ..watermarks import UBWCSettings, WatermarkKey
-from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_release
+from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_release, victim_seed
 from .core import TrainedModel, benign_model, cached_evaluation, load_data, trained_model
 from .paper import METHOD_LABELS
 from .profiles import Profile
@@ -123,11 +123,13 @@ def _point(profile: Profile, method: str, seed: int | None, cache: Cache | None,
     """One run: ``watermark_run`` / ``clean_label_run`` with ``settings`` (same releases, same trained models,
     same cache entries), evaluated on the source class for :data:`SOURCE_METHODS`, else as their ``row``."""
     seed = profile.seed if seed is None else seed
+    model_seed = seed
     if method in CLEAN_LABEL_METHODS:
         released = clean_label_release(profile, method, seed, cache, progress, **settings)
+        model_seed = victim_seed(seed)
     else:
         released = watermarked_dataset(profile, method, seed, **settings)
-    trained = trained_model(profile, released.dataset, seed=seed, cache=cache, progress=progress, desc=method)
+    trained = trained_model(profile, released.dataset, seed=model_seed, cache=cache, progress=progress, desc=method)
     src = SOURCE_CLASS if method in SOURCE_METHODS else None
     r = _evaluation(trained, released.key, src, seed, profile, cache)
     return {"poisons": len(released.indices), **{k: float(r[k]) for k in METRICS}, "eval set": r["eval set"],

@@ -19,7 +19,7 @@ import torch
 
 from ..cache import Cache, table_from_data, table_to_data
 from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, get_watermark, trigger
-from ..watermarks.gradient_matching import per_sample_grad_norms
+from ..watermarks.gradient_matching import derived_seed, per_sample_grad_norms
 from .core import (
     TrainedModel,
     benign_model,
@@ -31,20 +31,29 @@ from .core import (
 )
 from .profiles import Profile
 
-__all__ = ["CLEAN_LABEL_METHODS", "SOURCE_CLASS", "crafting_budget", "clean_label_settings", "clean_label_release",
+__all__ = ["CLEAN_LABEL_METHODS", "SOURCE_CLASS", "VICTIM_SEED_OFFSET", "victim_seed", "crafting_budget", "clean_label_settings", "clean_label_release",
            "CleanLabelRun", "clean_label_run", "noise_control_run", "perturbation_rows", "perturbation_stats",
            "crafting_curves"]
 
 CLEAN_LABEL_METHODS = ("label-consistent", "sleeper-agent", "ubw-c")
 SOURCE_CLASS = 0
-VERSION = "1"
+VERSION = "2"
 
 #: Gradient-matching budgets per profile (the paper profile uses the public code's: 250 steps, retrain every 50).
 _BUDGETS = {
     "smoke": dict(steps=4, retrain_every=2, checkpoint_every=2),
     "default": dict(steps=20, retrain_every=10, checkpoint_every=5),
+    "study": dict(steps=40, retrain_every=20, checkpoint_every=5, held_out=1, diagnostic_every=5),
     "paper": dict(),
 }
+#: The victim of a clean-label release is trained with ``seed + VICTIM_SEED_OFFSET``: a seed that no model of the
+#: crafting used (the surrogate is the benign model of ``seed``; the other crafting models have derived seeds).
+VICTIM_SEED_OFFSET = 1000
+
+
+def victim_seed(seed: int) -> int:
+    """The seed of the model trained from scratch on a clean-label release crafted with ``seed``."""
+    return int(seed) + VICTIM_SEED_OFFSET
 
 
 def crafting_budget(profile: Profile) -> GradientMatchingSettings:
@@ -114,6 +123,7 @@ def clean_label_release(profile: Profile, method: str, seed: int | None = None, 
             kwargs["checkpoint"] = cache.checkpoint("crafting", key_settings, VERSION)
             kwargs["monitor_set"] = data.test
             kwargs["grad_norms"], norm_seconds = surrogate_grad_norms(profile, seed, cache, progress)
+            kwargs.update(_crafting_models(profile, wm.settings.crafting, seed, cache, progress))
         released = wm.watermark(data.train, seed, surrogate=surrogate.model, **kwargs)
         if "checkpoint" in kwargs:
             kwargs["checkpoint"].clear()  # the finished release is cached below; its checkpoint is not needed
@@ -145,6 +155,21 @@ def clean_label_release(profile: Profile, method: str, seed: int | None = None, 
     return WatermarkedDataset(released, t["indices"], key, report=report)
 
 
+def _crafting_models(profile: Profile, gm: GradientMatchingSettings, seed: int, cache: Cache, progress: bool) -> dict:
+    """The extra ensemble members and the held-out models of a crafting run, from the model cache (they are
+    benign models of derived seeds, shared by every release crafted with ``seed``), when the crafting trains
+    them with the profile's own model and schedule; else ``craft`` trains them."""
+    if (gm.model, gm.width, gm.pretrain) != (profile.model, profile.width, profile.train):
+        return {}
+    train_set = load_data(profile).train
+
+    def model(s: int):
+        return trained_model(profile, train_set, seed=s, cache=cache, progress=progress, desc="crafting model").model
+
+    return {"members": [model(derived_seed(seed, "member", i)) for i in range(1, gm.ensemble)],
+            "held_out_models": [model(derived_seed(seed, "held-out", j)) for j in range(gm.held_out)]}
+
+
 @dataclass(frozen=True)
 class CleanLabelRun:
     method: str
@@ -158,10 +183,12 @@ class CleanLabelRun:
 
 def clean_label_run(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
                     progress: bool = True, **overrides) -> CleanLabelRun:
-    """Release, train the victim from scratch on it (cached), evaluate on the whole test set and the source class."""
+    """Release, train the victim from scratch on it (cached; seed :func:`victim_seed`, unused by the crafting),
+    evaluate on the whole test set and the source class."""
     seed = profile.seed if seed is None else seed
     released = clean_label_release(profile, method, seed, cache, progress, **overrides)
-    trained = trained_model(profile, released.dataset, seed=seed, cache=cache, progress=progress, desc=method)
+    trained = trained_model(profile, released.dataset, seed=victim_seed(seed), cache=cache, progress=progress,
+                            desc=method)
     test = load_data(profile).test
     row = cached_evaluation(trained, test, released.key, seed=seed, cache=cache)
     source_row = None

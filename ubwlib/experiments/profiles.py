@@ -2,6 +2,7 @@
 
 - ``smoke``: tests and CI; seconds per chapter (small Fashion-MNIST subsets, a small CNN, 4 epochs).
 - ``default``: the book on 2 CPU cores; Fashion-MNIST with a narrow ResNet-18 and a short one-cycle schedule.
+- ``study``: the UBW-C recipe study (``make study``): a fast model trained long enough for the poisons to act.
 - ``paper``: CIFAR-10 with ResNet-18 and the paper's 200-epoch schedule, for a GPU.
 
 ``UBW_PROFILE`` selects the profile when none is named (so ``UBW_PROFILE=paper jupyter-book build book/``
@@ -80,6 +81,19 @@ PROFILES: dict[str, Profile] = {
         test_size=10000,
         seeds=(0, 1, 2),
         description="The book on 2 CPU cores: Fashion-MNIST, ResNet-18 at 1/8 width, a short one-cycle schedule.",
+    ),
+    "study": Profile(
+        name="study",
+        dataset="fashion-mnist",
+        model="smallcnn",
+        width=0.5,
+        train=TrainConfig(epochs=16, batch_size=128, lr=0.1, schedule="onecycle", weight_decay=5e-4,
+                          crop_padding=0, flip=True, seed=0),
+        train_size=10000,
+        test_size=10000,
+        seeds=(0, 1, 2),
+        description="The UBW-C recipe study on 2 CPU cores: 10k Fashion-MNIST images, the small CNN at half "
+                    "width, 16 epochs (one release plus one victim in about 4 minutes).",
     ),
     "paper": Profile(
         name="paper",

@@ -427,6 +427,8 @@ def craft(
     *,
     seed: int = 0,
     surrogate: nn.Module | None = None,
+    members: list[nn.Module] | None = None,
+    held_out_models: list[nn.Module] | None = None,
     monitor: Callable[[nn.Module], dict] | None = None,
     checkpoint=None,
     device: str | torch.device | None = None,
@@ -441,8 +443,16 @@ def craft(
 
     Seeds: ensemble member 0 is ``surrogate`` (else trained with ``seed``); every other model (members, each
     retraining when ``fresh_seeds``, held-out models, restarts) gets its own :func:`derived_seed`.
+    ``members`` (ensemble members 1..K-1) and ``held_out_models``: the models of those seeds trained on the
+    benign ``train_set`` with ``settings.pretrain``, when the caller already has them (e.g. from a cache);
+    else they are trained here.
     """
     s = settings
+    if members is not None and len(members) != s.ensemble - 1:
+        raise ValueError(f"members must hold the {s.ensemble - 1} ensemble members besides the surrogate, "
+                         f"got {len(members)}")
+    if held_out_models is not None and len(held_out_models) != s.held_out:
+        raise ValueError(f"held_out_models must hold {s.held_out} models (settings.held_out), got {len(held_out_models)}")
     dev = resolve_device(device)
     indices = torch.as_tensor(indices, dtype=torch.long)
     base_u8 = train_set.images[indices]
@@ -510,6 +520,8 @@ def craft(
             m = _load_from(t_state, f"init{member}", build(seed)).to(dev).eval()
         elif member == 0 and surrogate is not None:
             m = surrogate.to(dev).eval()
+        elif member > 0 and members is not None:
+            m = members[member - 1].to(dev).eval()
         else:
             m = train_new(None if member == 0 else derived_seed(seed, "member", member), train_set, s.pretrain,
                           f"surrogate {member}")
@@ -522,6 +534,8 @@ def craft(
     for j in range(s.held_out):
         if state is not None:
             m = _load_from(t_state, f"held{j}", build(seed)).to(dev).eval()
+        elif held_out_models is not None:
+            m = held_out_models[j].to(dev).eval()
         else:
             m = train_new(derived_seed(seed, "held-out", j), train_set, s.pretrain, f"held-out model {j}")
         held_out.append(m)
@@ -677,13 +691,14 @@ class GradientMatchingWatermark(Watermark):
     _target_label: int | None = None
 
     def watermark(self, train_set: ImageDataset, seed: int = 0, *, surrogate: nn.Module | None = None,
+                  members: list[nn.Module] | None = None, held_out_models: list[nn.Module] | None = None,
                   checkpoint=None, monitor_set: ImageDataset | None = None, device=None,
                   progress: bool = True, grad_norms: torch.Tensor | None = None) -> WatermarkedDataset:
         """Craft and release. ``surrogate``: a trained benign model to start from (else one is trained with
         ``crafting.pretrain``); ``checkpoint``: a :class:`ubwlib.cache.Checkpoint` for resumable crafting;
         ``monitor_set``: a test set on which each (re)trained surrogate is measured (crafting curves);
-        ``grad_norms``: the surrogate's per-sample gradient norms over ``train_set``, if already computed. The
-        crafting report is in ``released.report``."""
+        ``grad_norms``: the surrogate's per-sample gradient norms over ``train_set``, if already computed;
+        ``members``/``held_out_models``: see :func:`craft`. The crafting report is in ``released.report``."""
         self._check_train_set(train_set)
         s = self.settings
         gm: GradientMatchingSettings = s.crafting
@@ -743,7 +758,8 @@ class GradientMatchingWatermark(Watermark):
                     out["ASR (triggered source)"] = float((pred == self._target_label).float().mean())
                 return out
 
-        result = craft(train_set, idx, target_gradient, gm, seed=seed, surrogate=surrogate, monitor=monitor,
+        result = craft(train_set, idx, target_gradient, gm, seed=seed, surrogate=surrogate, members=members,
+                       held_out_models=held_out_models, monitor=monitor,
                        checkpoint=checkpoint, device=dev, progress=progress, desc=f"{self.name} crafting")
         images = train_set.images.clone()
         images[idx] = result.images

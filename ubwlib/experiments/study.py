@@ -1,0 +1,271 @@
+"""What makes UBW-C survive training from scratch: the recipe study (issue 9).
+
+Each row of the study is one UBW-C release on the ``study`` profile with one lever of gradient matching changed
+(:data:`LEVERS`), and victims trained from scratch on it with seeds that no crafting model used; beside them, the
+benign model and the random-noise control (the same poisons, 0 crafting steps) with the same victim seeds. Sleeper
+Agent and Label-Consistent under the adopted recipe check the shared mechanisms.
+
+Everything goes through the cache (releases, crafting checkpoints, victims, evaluations), so ``make study`` is
+resumable and a second run only reads. The finished table is stored with its provenance under
+``results/study/`` (:func:`store_study`), and the book reads that file (:func:`load_stored_study`) instead of
+recomputing a study that costs more than a cold build can afford.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from ..cache import Cache, settings_hash
+from ..watermarks import GradientMatchingSettings
+from .clean_label import (
+    SOURCE_CLASS,
+    clean_label_release,
+    clean_label_settings,
+    crafting_budget,
+    victim_seed,
+)
+from .core import benign_model, cached_evaluation, load_data, trained_model
+from .profiles import Profile, get_profile
+
+__all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "study_rows", "study_row", "study_table", "store_study",
+           "load_stored_study", "RESULTS_DIR"]
+
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
+STUDY_FILE = "ubwc-study"
+
+#: One lever at a time, each against "single surrogate" (the public code's structure at the study budget: one
+#: surrogate whose retrainings reuse its seed). Values: overrides of the crafting settings
+#: (:class:`~ubwlib.watermarks.GradientMatchingSettings`) under ``crafting``, of UBW-C's own settings at the top.
+LEVERS: dict[str, dict] = {
+    "single surrogate, reused seed": {"crafting": {"fresh_seeds": False}},
+    "fresh seed per retraining": {"crafting": {"fresh_seeds": True}},
+    "ensemble of 2": {"crafting": {"fresh_seeds": False, "ensemble": 2}},
+    "2 restarts (best held-out)": {"crafting": {"fresh_seeds": False, "restarts": 2}},
+    "trainer's augmentation": {"crafting": {"fresh_seeds": False, "augment": "trainer"}},
+    "eps 32/255": {"crafting": {"fresh_seeds": False, "eps": 32 / 255}},
+    "random poisons": {"crafting": {"fresh_seeds": False, "selection": "random"}},
+    "no retraining": {"crafting": {"fresh_seeds": False, "retrain_every": 0}},
+    "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
+    "lambda 0 (no entropy term)": {"crafting": {"fresh_seeds": False}, "lam": 0.0},
+}
+#: Combinations of the levers that helped (filled in from the single-lever rows).
+COMBINATIONS: dict[str, dict] = {
+    "ensemble of 2 + fresh seeds": {"crafting": {"fresh_seeds": True, "ensemble": 2}},
+    "ensemble of 2 + fresh seeds + eps 32/255": {"crafting": {"fresh_seeds": True, "ensemble": 2, "eps": 32 / 255}},
+}
+#: The other gradient-matching watermark and Label-Consistent, with the profile's (adopted) recipe.
+CHECKS = ("sleeper-agent", "label-consistent")
+METRICS = ("ASR-A", "D_p", "BA", "ASR (targeted)")
+
+
+def _overrides(profile: Profile, lever: dict) -> dict:
+    lever = dict(lever)
+    crafting = dataclasses.replace(crafting_budget(profile), **lever.pop("crafting", {}))
+    return {"crafting": crafting, **lever}
+
+
+def _victims(profile: Profile, seed: int, victims: int) -> list[int]:
+    return [victim_seed(seed) + i for i in range(victims)]
+
+
+def _summary(rows: list[dict], extra: dict) -> dict:
+    out = dict(extra)
+    for k in METRICS:
+        vals = np.array([r[k] for r in rows], dtype=float)
+        if np.isnan(vals).all():
+            continue
+        out[k] = float(vals.mean())
+        out[f"{k} std"] = float(vals.std(ddof=1)) if len(vals) > 1 else math.nan
+        out[f"{k} per victim"] = " / ".join(f"{v:.3f}" for v in vals)
+    out["victims"] = len(rows)
+    return out
+
+
+def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = "ubw-c", seed: int | None = None,
+              victims: int = 2, cache: Cache | None = None, progress: bool = True) -> dict:
+    """One row: ``lever`` (None: the benign model; ``"noise"``: the noise control) released with ``seed``, then
+    ``victims`` models trained from scratch on it (seeds :func:`victim_seed` onwards), evaluated on the triggered
+    test images of the source class (targeted methods: their targeted ASR there; Label-Consistent: all non-target
+    test images)."""
+    seed = profile.seed if seed is None else seed
+    data = load_data(profile)
+    t0 = time.perf_counter()
+    extra: dict = {"row": name, "method": method}
+    if lever is None:  # the benign model: the trigger of the UBW-C release with the study's crafting settings
+        key = clean_label_release(profile, "ubw-c", seed, cache, progress, **_overrides(profile, {})).key
+        models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in _victims(profile, seed, victims)]
+        extra["method"] = "no attack"
+    else:
+        if lever == "noise":
+            overrides = _overrides(profile, {"crafting": {"steps": 0}})
+        elif method == "label-consistent":
+            overrides = {}
+        else:
+            overrides = _overrides(profile, lever)
+        released = clean_label_release(profile, method, seed, cache, progress, **overrides)
+        key = released.key
+        models = [trained_model(profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
+                  for s in _victims(profile, seed, victims)]
+        report = released.report or {}
+        hist = report.get("history")
+        if hist is not None and len(hist):
+            last = hist[hist["step"] == hist["step"].max()]
+            extra["crafting loss"] = float(last["passenger loss"].min())
+            held = hist["held-out passenger loss"].dropna() if "held-out passenger loss" in hist else []
+            if len(held):
+                extra["held-out loss (start)"] = float(held.iloc[0])
+                extra["held-out loss (end)"] = float(held.iloc[-1])
+        secs = report.get("seconds") or {}
+        extra["release seconds"] = float(sum(v for v in secs.values() if isinstance(v, (int, float))))
+    source = SOURCE_CLASS if method in ("ubw-c", "sleeper-agent") else None
+    rows = [cached_evaluation(m, data.test, key, source_class=source, seed=seed, cache=cache) for m in models]
+    extra["seconds (this call)"] = time.perf_counter() - t0
+    return _summary(rows, extra)
+
+
+def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
+    """(row name, lever, method) of the whole study, in the order it is computed and shown."""
+    rows: list[tuple[str, object, str]] = [("benign model", None, "ubw-c"),
+                                           ("noise control (same poisons, 0 steps)", "noise", "ubw-c")]
+    rows += [(n, lv, "ubw-c") for n, lv in LEVERS.items()]
+    rows += [(n, lv, "ubw-c") for n, lv in COMBINATIONS.items()]
+    if include_checks:
+        rows += [(f"{m} (profile's recipe)", {}, m) for m in CHECKS]
+    return rows
+
+
+def study_table(profile: Profile | str = "study", *, seed: int | None = None, victims: int = 2,
+                rows: list[tuple[str, object, str]] | None = None, cache: Cache | None = None,
+                progress: bool = True, log=None) -> pd.DataFrame:
+    """The recipe study: one row per :func:`study_rows` entry (cached and resumable, row by row)."""
+    profile = get_profile(profile) if not isinstance(profile, Profile) else profile
+    out = []
+    for name, lever, method in (rows if rows is not None else study_rows()):
+        r = study_row(profile, name, lever, method=method, seed=seed, victims=victims, cache=cache, progress=progress)
+        out.append(r)
+        if log is not None:
+            log(r)
+    return pd.DataFrame(out).set_index("row")
+
+
+def _git(*args: str) -> str:
+    try:
+        return subprocess.run(["git", *args], cwd=RESULTS_DIR.parents[1], capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _machine() -> str:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from ..train import cpu_supports_bf16
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {model}"
+    return f"{dev}, {torch.get_num_threads()} threads, bf16 {'yes' if cpu_supports_bf16() else 'no (float32)'}"
+
+
+def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
+                directory: Path | str = RESULTS_DIR) -> Path:
+    """Write the table (CSV) and its provenance (JSON: commit, date, machine, torch, command, wall time, and the
+    hash of every setting it was computed with) under ``directory``; returns the CSV's path."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    csv = directory / f"{STUDY_FILE}.csv"
+    table.to_csv(csv, float_format="%.4f")
+    meta = {
+        "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
+        "commit": _git("rev-parse", "HEAD"),
+        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": _machine(),
+        "torch": torch.__version__,
+        "command": command,
+        "wall seconds": round(seconds, 1),
+        "profile": profile.name,
+        "settings hash": study_settings_hash(profile),
+    }
+    (directory / f"{STUDY_FILE}.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return csv
+
+
+def study_settings_hash(profile: Profile) -> str:
+    """A hash of everything the stored study depends on: the profile, the rows and the settings they expand to.
+    The book flags a stored table whose hash differs from the current code's."""
+    rows = [(n, dataclasses.asdict(_overrides(profile, lv)["crafting"]) if isinstance(lv, dict) and m != "label-consistent"
+             else lv, m) for n, lv, m in study_rows()]
+    settings = {"profile": dataclasses.asdict(profile.replace(data_root=None)),
+                "rows": rows, "ubw-c": clean_label_settings(profile, "ubw-c")}
+    return settings_hash("study", settings, "1")
+
+
+def load_stored_study(directory: Path | str = RESULTS_DIR, profile: Profile | str = "study"
+                      ) -> tuple[pd.DataFrame | None, dict]:
+    """(table, provenance) of the stored study; (None, {}) when it is missing. ``provenance["current"]`` says
+    whether it was computed with the current code's settings."""
+    directory = Path(directory)
+    csv, meta_file = directory / f"{STUDY_FILE}.csv", directory / f"{STUDY_FILE}.json"
+    if not csv.exists() or not meta_file.exists():
+        return None, {}
+    meta = json.loads(meta_file.read_text())
+    profile = get_profile(profile) if not isinstance(profile, Profile) else profile
+    meta["current"] = meta.get("settings hash") == study_settings_hash(profile)
+    return pd.read_csv(csv, index_col="row"), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m ubwlib.experiments.study", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--profile", default="study")
+    ap.add_argument("--victims", type=int, default=2, help="victims trained from scratch per row (default 2)")
+    ap.add_argument("--out", default=str(RESULTS_DIR), help="folder of the stored table (default results/study)")
+    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--no-store", action="store_true", help="print the table, do not store it")
+    args = ap.parse_args(argv)
+    profile = get_profile(args.profile)
+    rows = study_rows()
+    if args.rows:
+        wanted = [r.strip() for r in args.rows.split(",")]
+        unknown = set(wanted) - {n for n, _, _ in rows}
+        if unknown:
+            ap.error(f"unknown rows {sorted(unknown)}; choose from {[n for n, _, _ in rows]}")
+        rows = [r for r in rows if r[0] in wanted]
+    t0 = time.perf_counter()
+
+    def log(r: dict) -> None:
+        keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                if k in ("row", "ASR-A", "ASR-A std", "D_p", "BA", "ASR (targeted)", "held-out loss (end)")}
+        print(json.dumps(keep), flush=True)
+
+    table = study_table(profile, victims=args.victims, rows=rows, progress=False, log=log)
+    seconds = time.perf_counter() - t0
+    print(table.to_string())
+    if not args.no_store and not args.rows:
+        path = store_study(table, profile, seconds=seconds,
+                           command=" ".join(["python -m ubwlib.experiments.study", *map(shlex.quote, argv or sys.argv[1:])]),
+                           directory=args.out)
+        print(f"stored: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
