@@ -879,3 +879,25 @@ def test_random_selection(ds, trained):
     assert len(a.indices) == 16 and torch.equal(a.indices, b.indices)
     assert torch.equal(c.indices, select_by_grad_norm(trained["smallcnn"], ds, 16))
     assert not torch.equal(a.indices, c.indices)
+
+
+def test_trigger_init_starts_from_the_clipped_trigger(ds, trained):
+    """init='trigger' with 0 steps releases each poison plus the trigger at a random position, clipped to eps:
+    changes only inside one 8x8 window per poison, each at most eps."""
+    s = settings(steps=0, init="trigger", eps=EPS)
+    rel = UBWC(poisoning_rate=0.1, crafting=s).watermark(ds, seed=0, surrogate=trained["smallcnn"], progress=False)
+    base = ds.images[rel.indices].int()
+    diff = rel.dataset.images[rel.indices].int() - base
+    assert int(diff.abs().max()) <= math.ceil(255 * EPS) and diff.abs().sum() > 0
+    patch = resized_square(3, 8)
+    for i in range(len(base)):
+        rows = diff[i].abs().sum((0, 2)).nonzero().flatten()
+        cols = diff[i].abs().sum((0, 1)).nonzero().flatten()
+        if len(rows):
+            assert rows.max() - rows.min() < 8 and cols.max() - cols.min() < 8
+    # the sign of each change is the trigger's: towards white where the patch is white, towards black elsewhere
+    g = torch.Generator().manual_seed(gm.derived_seed(0, "trigger init"))
+    want = (paste_random(ds.images[rel.indices], patch, g).float() - base.float()).clamp(-255 * EPS, 255 * EPS)
+    assert (diff - want.round().int()).abs().max() <= 1
+    with pytest.raises(ValueError, match="init_delta"):
+        craft(ds, rel.indices, lambda m: [], s, surrogate=trained["smallcnn"], device="cpu", progress=False)

@@ -60,7 +60,16 @@ LEVERS: dict[str, dict] = {
     "random poisons": {"crafting": {"fresh_seeds": False, "selection": "random"}},
     "no retraining": {"crafting": {"fresh_seeds": False, "retrain_every": 0}},
     "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
+    "retrain every 10 steps (3 retrainings)": {"crafting": {"fresh_seeds": False, "retrain_every": 10}},
     "lambda 0 (no entropy term)": {"crafting": {"fresh_seeds": False}, "lam": 0.0},
+    "trigger init (not in the paper)": {"crafting": {"fresh_seeds": False, "init": "trigger"}},
+    "trigger init, 0 steps (faint trigger alone)": {"crafting": {"fresh_seeds": False, "init": "trigger",
+                                                                 "steps": 0}},
+    "4-epoch schedule (the default profile's)": {"crafting": {"fresh_seeds": False},
+                                                 "profile": {"train": {"epochs": 4}}},
+    "ResNet-18 x1/8, 4 epochs (the default profile's model)": {
+        "crafting": {"fresh_seeds": False},
+        "profile": {"model": "resnet18-cifar", "width": 0.125, "train": {"epochs": 4}}},
 }
 #: Combinations of the levers that helped (filled in from the single-lever rows).
 COMBINATIONS: dict[str, dict] = {
@@ -73,7 +82,7 @@ METRICS = ("ASR-A", "D_p", "BA", "ASR (targeted)")
 
 
 def _overrides(profile: Profile, lever: dict) -> dict:
-    lever = dict(lever)
+    lever = {k: v for k, v in lever.items() if k != "profile"}
     crafting = dataclasses.replace(crafting_budget(profile), **lever.pop("crafting", {}))
     return {"crafting": crafting, **lever}
 
@@ -102,6 +111,9 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
     test images of the source class (targeted methods: their targeted ASR there; Label-Consistent: all non-target
     test images)."""
     seed = profile.seed if seed is None else seed
+    if isinstance(lever, dict) and "profile" in lever:  # a row on another model or schedule
+        lever = dict(lever)
+        profile = get_profile(profile, **lever.pop("profile"))
     data = load_data(profile)
     t0 = time.perf_counter()
     extra: dict = {"row": name, "method": method}
@@ -133,6 +145,11 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
         extra["release seconds"] = float(sum(v for v in secs.values() if isinstance(v, (int, float))))
     source = SOURCE_CLASS if method in ("ubw-c", "sleeper-agent") else None
     rows = [cached_evaluation(m, data.test, key, source_class=source, seed=seed, cache=cache) for m in models]
+    if lever is not None:  # the benign models of the same seeds (and of this row's profile) under the same trigger
+        benign = [cached_evaluation(benign_model(profile, seed=s, cache=cache, progress=progress), data.test, key,
+                                    source_class=source, seed=seed, cache=cache)
+                  for s in _victims(profile, seed, victims)]
+        extra["benign ASR-A"] = float(np.mean([r["ASR-A"] for r in benign]))
     extra["seconds (this call)"] = time.perf_counter() - t0
     return _summary(rows, extra)
 
@@ -212,10 +229,8 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
 def study_settings_hash(profile: Profile) -> str:
     """A hash of everything the stored study depends on: the profile, the rows and the settings they expand to.
     The book flags a stored table whose hash differs from the current code's."""
-    rows = [(n, dataclasses.asdict(_overrides(profile, lv)["crafting"]) if isinstance(lv, dict) and m != "label-consistent"
-             else lv, m) for n, lv, m in study_rows()]
-    settings = {"profile": dataclasses.asdict(profile.replace(data_root=None)),
-                "rows": rows, "ubw-c": clean_label_settings(profile, "ubw-c")}
+    settings = {"profile": dataclasses.asdict(profile.replace(data_root=None)), "rows": study_rows(),
+                "ubw-c": clean_label_settings(profile, "ubw-c"), "victim seed": victim_seed(profile.seed)}
     return settings_hash("study", settings, "1")
 
 

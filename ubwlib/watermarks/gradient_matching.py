@@ -71,6 +71,7 @@ __all__ = [
 
 
 AUGMENTS = ("shift", "trainer", "none")
+INITS = ("uniform", "zero", "trigger")
 SELECTIONS = ("grad-norm", "random")
 
 
@@ -99,7 +100,9 @@ class GradientMatchingSettings:
     max_shift: float = 0.125
     """Largest shift of ``augment="shift"``, as a fraction of the image size (about H/8)."""
     init: str = "uniform"
-    """Initial perturbation: ``uniform`` in the eps-ball (seeded) or ``zero``."""
+    """Initial perturbation: ``uniform`` in the eps-ball (seeded), ``zero``, or ``trigger``: the test-time
+    trigger pasted at a random position (seeded) and clipped to the eps-ball, i.e. a faint trigger that the
+    crafting then reshapes (not in the paper; a lever of this book's study)."""
     model: str = "resnet18-cifar"
     width: float = 1.0
     pretrain: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=100, milestones=(50, 75)))
@@ -146,8 +149,8 @@ class GradientMatchingSettings:
         if self.ensemble < 1 or self.restarts < 1 or self.held_out < 0 or self.diagnostic_every < 1:
             raise ValueError("ensemble, restarts and diagnostic_every must be >= 1, held_out >= 0; got "
                              f"{self.ensemble}, {self.restarts}, {self.diagnostic_every}, {self.held_out}")
-        if self.init not in ("uniform", "zero"):
-            raise ValueError(f"init must be 'uniform' or 'zero', got {self.init!r}")
+        if self.init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.max_shift < 0.5:
             raise ValueError(f"max_shift must be in [0, 0.5), got {self.max_shift}")
 
@@ -429,6 +432,7 @@ def craft(
     surrogate: nn.Module | None = None,
     members: list[nn.Module] | None = None,
     held_out_models: list[nn.Module] | None = None,
+    init_delta: torch.Tensor | None = None,
     monitor: Callable[[nn.Module], dict] | None = None,
     checkpoint=None,
     device: str | torch.device | None = None,
@@ -445,7 +449,8 @@ def craft(
     retraining when ``fresh_seeds``, held-out models, restarts) gets its own :func:`derived_seed`.
     ``members`` (ensemble members 1..K-1) and ``held_out_models``: the models of those seeds trained on the
     benign ``train_set`` with ``settings.pretrain``, when the caller already has them (e.g. from a cache);
-    else they are trained here.
+    else they are trained here. ``init_delta``: the starting perturbation when ``settings.init == "trigger"``
+    (float, the poisons' shape, in [0, 1] units; projected to the eps-ball).
     """
     s = settings
     if members is not None and len(members) != s.ensemble - 1:
@@ -455,6 +460,9 @@ def craft(
         raise ValueError(f"held_out_models must hold {s.held_out} models (settings.held_out), got {len(held_out_models)}")
     dev = resolve_device(device)
     indices = torch.as_tensor(indices, dtype=torch.long)
+    if s.init == "trigger" and (init_delta is None or tuple(init_delta.shape) != (len(indices), *train_set.image_shape)):
+        raise ValueError("init='trigger' needs init_delta, one perturbation per poison "
+                         f"({len(indices)} x {tuple(train_set.image_shape)})")
     base_u8 = train_set.images[indices]
     labels = train_set.labels[indices].to(dev)
     base = base_u8.to(dev).float().div_(255)
@@ -579,7 +587,9 @@ def craft(
         gen_order, gen_aug, init_seed = gens
         resuming = state is not None and restart == restart0 and step0 > 0
         delta = torch.zeros_like(base)
-        if s.init == "uniform":
+        if s.init == "trigger":
+            delta = init_delta.to(dev).float().clone()
+        elif s.init == "uniform":
             g0 = torch.Generator().manual_seed(init_seed)
             delta = ((torch.rand(base.shape, generator=g0) * 2 - 1) * s.eps).to(dev)
         _project(delta, base, s.eps)
@@ -758,8 +768,13 @@ class GradientMatchingWatermark(Watermark):
                     out["ASR (triggered source)"] = float((pred == self._target_label).float().mean())
                 return out
 
+        init_delta = None
+        if gm.init == "trigger":  # the trigger at a random position, as the difference to each poison
+            g_init = torch.Generator().manual_seed(derived_seed(seed, "trigger init"))
+            poisons = train_set.images[idx]
+            init_delta = (paste_random(poisons, patch, g_init).float() - poisons.float()) / 255
         result = craft(train_set, idx, target_gradient, gm, seed=seed, surrogate=surrogate, members=members,
-                       held_out_models=held_out_models, monitor=monitor,
+                       held_out_models=held_out_models, init_delta=init_delta, monitor=monitor,
                        checkpoint=checkpoint, device=dev, progress=progress, desc=f"{self.name} crafting")
         images = train_set.images.clone()
         images[idx] = result.images
