@@ -901,3 +901,33 @@ def test_trigger_init_starts_from_the_clipped_trigger(ds, trained):
     assert (diff - want.round().int()).abs().max() <= 1
     with pytest.raises(ValueError, match="init_delta"):
         craft(ds, rel.indices, lambda m: [], s, surrogate=trained["smallcnn"], device="cpu", progress=False)
+
+
+def test_stages_add_snapshots_of_each_training_to_the_ensemble(ds, trained, target_fn, poison_idx, monkeypatch):
+    """stages=(0.5, 1.0) on a 2-epoch schedule: every member contributes its model after epoch 1 and after epoch 2,
+    so each crafting batch averages 2 x ensemble passenger losses; the snapshot after epoch 1 is the model that
+    one epoch of the same training gives."""
+    two = TINY.replace(epochs=2)
+    s = settings(steps=2, retrain_every=1, ensemble=2, stages=(0.5, 1.0), pretrain=two, retrain=two)
+    sizes = []
+    real = gm.ensemble_passenger_loss
+
+    def counting(models, targets, *a, **k):
+        sizes.append(len(models))
+        return real(models, targets, *a, **k)
+
+    monkeypatch.setattr(gm, "ensemble_passenger_loss", counting)
+    res = craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",
+                progress=False)
+    assert sizes and set(sizes) == {4}
+    assert res.retrains["step"].tolist() == [0, 1]
+    # the first snapshot of member 0 is one epoch of its 2-epoch training (the crafting seed, the config as given)
+    half = build_model("smallcnn", K, 3, 0.25, seed=0)
+    snaps = []
+    train(half, ds, two, device="cpu", progress=False, on_epoch=lambda e, m: snaps.append(copy.deepcopy(m)) if e == 1
+          else None)
+    assert len(snaps) == 1
+    with pytest.raises(ValueError, match="stages"):
+        GradientMatchingSettings(stages=(1.0, 0.5))
+    with pytest.raises(ValueError, match="stages"):
+        GradientMatchingSettings(stages=())

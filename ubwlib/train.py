@@ -21,7 +21,7 @@ import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Iterator, NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import pandas as pd
 import torch
@@ -229,8 +229,11 @@ def train(
     eval_set: ImageDataset | None = None,
     progress: bool = True,
     desc: str = "train",
+    on_epoch: Callable[[int, nn.Module], None] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with ``config``; returns ``(model, history)``.
+
+    ``on_epoch(epoch, model)`` is called after each epoch (1-based), e.g. to keep snapshots along the way.
 
     ``history`` has one row per epoch: ``epoch, lr, loss, train_acc, seconds`` (+ ``eval_acc`` when an
     ``eval_set`` is given). The model is trained in place, moved to ``device`` and left in eval mode.
@@ -302,6 +305,8 @@ def train(
             row["eval_acc"] = accuracy(model, eval_set, device=dev, precision=precision)
         rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
+        if on_epoch is not None:
+            on_epoch(epoch + 1, model)
     bar.close()
     model.eval()
     cols = ["epoch", "lr", "loss", "train_acc", "seconds"] + (["eval_acc"] if eval_set is not None else [])

@@ -53,23 +53,26 @@ STUDY_FILE = "ubwc-study"
 LEVERS: dict[str, dict] = {
     "single surrogate, reused seed": {"crafting": {"fresh_seeds": False}},
     "fresh seed per retraining": {"crafting": {"fresh_seeds": True}},
-    "ensemble of 2": {"crafting": {"fresh_seeds": False, "ensemble": 2}},
-    "2 restarts (best held-out)": {"crafting": {"fresh_seeds": False, "restarts": 2}},
-    "trainer's augmentation": {"crafting": {"fresh_seeds": False, "augment": "trainer"}},
-    "eps 32/255": {"crafting": {"fresh_seeds": False, "eps": 32 / 255}},
-    "random poisons": {"crafting": {"fresh_seeds": False, "selection": "random"}},
-    "no retraining": {"crafting": {"fresh_seeds": False, "retrain_every": 0}},
-    "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
-    "retrain every 10 steps (3 retrainings)": {"crafting": {"fresh_seeds": False, "retrain_every": 10}},
-    "lambda 0 (no entropy term)": {"crafting": {"fresh_seeds": False}, "lam": 0.0},
     "trigger init (not in the paper)": {"crafting": {"fresh_seeds": False, "init": "trigger"}},
     "trigger init, 0 steps (faint trigger alone)": {"crafting": {"fresh_seeds": False, "init": "trigger",
                                                                  "steps": 0}},
+    "eps 32/255": {"crafting": {"fresh_seeds": False, "eps": 32 / 255}},
+    "stages 1/4, 1/2, 3/4, 1 of training (not in the paper)": {
+        "crafting": {"fresh_seeds": False, "stages": (0.25, 0.5, 0.75, 1.0)}},
+    "ensemble of 2": {"crafting": {"fresh_seeds": False, "ensemble": 2}},
     "4-epoch schedule (the default profile's)": {"crafting": {"fresh_seeds": False},
                                                  "profile": {"train": {"epochs": 4}}},
     "ResNet-18 x1/8, 4 epochs (the default profile's model)": {
         "crafting": {"fresh_seeds": False},
         "profile": {"model": "resnet18-cifar", "width": 0.125, "train": {"epochs": 4}}},
+
+    "trainer's augmentation": {"crafting": {"fresh_seeds": False, "augment": "trainer"}},
+    "retrain every 10 steps (3 retrainings)": {"crafting": {"fresh_seeds": False, "retrain_every": 10}},
+    "2 restarts (best held-out)": {"crafting": {"fresh_seeds": False, "restarts": 2}},
+    "random poisons": {"crafting": {"fresh_seeds": False, "selection": "random"}},
+    "no retraining": {"crafting": {"fresh_seeds": False, "retrain_every": 0}},
+    "lambda 0 (no entropy term)": {"crafting": {"fresh_seeds": False}, "lam": 0.0},
+    "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
 }
 #: Combinations of the levers that helped (filled in from the single-lever rows).
 COMBINATIONS: dict[str, dict] = {
@@ -263,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         unknown = set(wanted) - {n for n, _, _ in rows}
         if unknown:
             ap.error(f"unknown rows {sorted(unknown)}; choose from {[n for n, _, _ in rows]}")
-        rows = [r for r in rows if r[0] in wanted]
+        by_name = {r[0]: r for r in rows}
+        rows = [by_name[n] for n in wanted]  # in the order given
     t0 = time.perf_counter()
 
     def log(r: dict) -> None:

@@ -26,6 +26,7 @@ Poisons are chosen by the largest per-sample gradient norm (one batched backward
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import time
@@ -123,6 +124,11 @@ class GradientMatchingSettings:
     held_out: int = 0
     """Models trained from scratch on the benign data with seeds never used in crafting: the passenger loss of
     the current poisons against them (the transfer diagnostic) is logged every ``diagnostic_every`` steps."""
+    stages: tuple[float, ...] = (1.0,)
+    """Snapshots of each surrogate's training, as fractions of its epochs, that join the ensemble: ``(1.0,)``
+    is the trained model only (the public code); e.g. ``(0.25, 0.5, 1.0)`` also matches the gradients of the
+    same training after a quarter and half of it, where a victim trained from scratch does most of its
+    learning (not in the paper; a lever of this book's study)."""
     diagnostic_every: int = 5
     selection: str = "grad-norm"
     """Which samples of the pool become poisons: ``grad-norm`` (the largest per-sample gradient norms under the
@@ -149,6 +155,8 @@ class GradientMatchingSettings:
         if self.ensemble < 1 or self.restarts < 1 or self.held_out < 0 or self.diagnostic_every < 1:
             raise ValueError("ensemble, restarts and diagnostic_every must be >= 1, held_out >= 0; got "
                              f"{self.ensemble}, {self.restarts}, {self.diagnostic_every}, {self.held_out}")
+        if not self.stages or any(not 0 < f <= 1 for f in self.stages) or list(self.stages) != sorted(set(self.stages)):
+            raise ValueError(f"stages must be increasing fractions in (0, 1], got {self.stages}")
         if self.init not in INITS:
             raise ValueError(f"init must be one of {INITS}, got {self.init!r}")
         if not 0 <= self.max_shift < 0.5:
@@ -473,17 +481,38 @@ def craft(
     def build(model_seed: int) -> nn.Module:
         return build_model(s.model, k, c, s.width, seed=model_seed)
 
-    def train_new(model_seed: int | None, data: ImageDataset, cfg: TrainConfig, what: str) -> nn.Module:
-        """``None``: the crafting seed with ``cfg`` as given (the public code's single-seed behaviour)."""
-        if model_seed is None:
-            m, _ = train(build(seed), data, cfg, device=dev, progress=progress, desc=what)
-        else:
-            m, _ = train(build(model_seed), data, cfg.replace(seed=model_seed), device=dev, progress=progress,
-                         desc=what)
-        m.eval()
+    def ready(m: nn.Module) -> nn.Module:
+        m.to(dev).eval()
         for p in m.parameters():
             p.requires_grad_(True)
         return m
+
+    def train_new(model_seed: int | None, data: ImageDataset, cfg: TrainConfig, what: str) -> nn.Module:
+        """``None``: the crafting seed with ``cfg`` as given (the public code's single-seed behaviour)."""
+        return train_snapshots(model_seed, data, cfg, what, (1.0,))[-1]
+
+    def train_snapshots(model_seed: int | None, data: ImageDataset, cfg: TrainConfig, what: str,
+                        stages: tuple[float, ...]) -> list[nn.Module]:
+        """The model after each stage of its training (fractions of ``cfg.epochs``), the trained one last."""
+        at = sorted({min(cfg.epochs, max(1, round(f * cfg.epochs))) for f in stages})
+        snaps: list[nn.Module] = []
+
+        def keep(epoch: int, m: nn.Module) -> None:
+            if epoch in at and epoch < cfg.epochs:
+                snaps.append(ready(copy.deepcopy(m)))
+
+        if model_seed is None:
+            m, _ = train(build(seed), data, cfg, device=dev, progress=progress, desc=what, on_epoch=keep)
+        else:
+            m, _ = train(build(model_seed), data, cfg.replace(seed=model_seed), device=dev, progress=progress,
+                         desc=what, on_epoch=keep)
+        return snaps + [ready(m)]
+
+    n_stages = len({min(s.retrain.epochs, max(1, round(f * s.retrain.epochs))) for f in s.stages})
+    if n_stages != len({min(s.pretrain.epochs, max(1, round(f * s.pretrain.epochs))) for f in s.stages}):
+        raise ValueError(f"stages {s.stages} give a different number of snapshots of pretrain "
+                         f"({s.pretrain.epochs} epochs) and retrain ({s.retrain.epochs} epochs)")
+    staged = n_stages > 1
 
     def poisoned_set(delta: torch.Tensor) -> ImageDataset:
         images = train_set.images.clone()
@@ -521,23 +550,23 @@ def craft(
         retrains.append(row)
 
     # the initial ensemble (member 0: the given surrogate) and the held-out models, trained once
+    # (with stages, every member contributes one model per stage: models[member * n_stages + stage])
     initial: list[nn.Module] = []
     t0 = time.perf_counter()
     for member in range(s.ensemble):
         if state is not None:
-            m = _load_from(t_state, f"init{member}", build(seed)).to(dev).eval()
-        elif member == 0 and surrogate is not None:
-            m = surrogate.to(dev).eval()
-        elif member > 0 and members is not None:
-            m = members[member - 1].to(dev).eval()
+            initial += [ready(_load_from(t_state, f"init{member * n_stages + k}", build(seed)))
+                        for k in range(n_stages)]
+        elif member == 0 and surrogate is not None and not staged:
+            initial.append(ready(surrogate))
+        elif member > 0 and members is not None and not staged:
+            initial.append(ready(members[member - 1]))
         else:
-            m = train_new(None if member == 0 else derived_seed(seed, "member", member), train_set, s.pretrain,
-                          f"surrogate {member}")
-        for p in m.parameters():
-            p.requires_grad_(True)
-        initial.append(m)
+            initial += train_snapshots(None if member == 0 else derived_seed(seed, "member", member), train_set,
+                                       s.pretrain, f"surrogate {member}", s.stages)
+    last = n_stages - 1  # the trained model of member 0 (monitored, returned)
     if state is None:
-        log_retrain(0, 0, initial[0], time.perf_counter() - t0)
+        log_retrain(0, 0, initial[last], time.perf_counter() - t0)
     held_out: list[nn.Module] = []
     for j in range(s.held_out):
         if state is not None:
@@ -604,12 +633,9 @@ def craft(
                                     "exp_avg_sq": t_state["adam.exp_avg_sq"].to(dev)}
             gen_order.set_state(t_state["gen_order"])
             gen_aug.set_state(t_state["gen_aug"].to(gen_aug.get_state().device))
-            models = [_load_from(t_state, f"model{i}", build(seed)).to(dev).eval() for i in range(s.ensemble)]
-            for m in models:
-                for p in m.parameters():
-                    p.requires_grad_(True)
+            models = [ready(_load_from(t_state, f"model{i}", build(seed))) for i in range(s.ensemble * n_stages)]
         elif restart > 0:
-            log_retrain(restart, 0, models[0], 0.0)
+            log_retrain(restart, 0, models[last], 0.0)
         targets = [compute_target(m) for m in models]
         first = step0 if resuming else 0
         if held_out and first == 0:
@@ -623,9 +649,9 @@ def craft(
             ):
                 t0 = time.perf_counter()
                 data = poisoned_set(delta.detach())
-                models = [train_new(retrain_seed(restart, step, i), data, s.retrain, f"retrain surrogate {i}")
-                          for i in range(s.ensemble)]
-                log_retrain(restart, step, models[0], time.perf_counter() - t0)
+                models = [m for i in range(s.ensemble) for m in train_snapshots(
+                    retrain_seed(restart, step, i), data, s.retrain, f"retrain surrogate {i}", s.stages)]
+                log_retrain(restart, step, models[last], time.perf_counter() - t0)
                 targets = [compute_target(m) for m in models]
             t0 = time.perf_counter()
             lr = s.lr_at(step)
@@ -664,7 +690,7 @@ def craft(
         if best is None or score < best["score"]:
             best = {"restart": restart, "score": score}
             best_delta = delta.detach().cpu().clone()
-            best_model = models[0]
+            best_model = models[last]
         save((restart + 1) * s.steps if s.steps else restart + 1, models, delta, None, gens, history)
         state, step0 = None, 0
     final_delta = best_delta if best_delta is not None else torch.zeros_like(base).cpu()
@@ -674,7 +700,7 @@ def craft(
         history=pd.DataFrame(history, columns=["restart", "step", "lr", "passenger loss", "held-out passenger loss",
                                                "seconds"]),
         retrains=pd.DataFrame(retrains),
-        surrogate=best_model if best_model is not None else initial[0],
+        surrogate=best_model if best_model is not None else initial[last],
         resumed_from=resumed_from,
         best_restart=int(best["restart"]) if best is not None else 0,
     )
