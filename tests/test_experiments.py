@@ -570,7 +570,9 @@ def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tin
     outside = torch.ones(len(train), dtype=torch.bool)
     outside[rel.indices] = False
     assert not diff[outside].any()  # only the poisons change
-    assert len(rel.report["history"]) == 0  # no crafting step was taken
+    hist = rel.report["history"]
+    assert (hist["step"] == 0).all() and hist["passenger loss"].isna().all()  # no crafting step was taken
+    assert len(hist) == crafting_budget(tiny).held_out  # only the diagnostic of the random start
     assert not torch.equal(rel.dataset.images, crafted.released.dataset.images)
     assert control.source_row["eval set"].startswith("test, source class 0")
     assert noise_control_run(tiny, progress=False).released.report["cached"] is True
@@ -634,3 +636,36 @@ def test_store_and_load_study_with_provenance(tiny, tmp_path):
     _, stale = load_stored_study(tmp_path / "st", tiny.replace(train=tiny.train.replace(epochs=2)))
     assert stale["current"] is False
     assert path.read_text().startswith("row,")
+
+
+def test_victim_trajectory_is_measured_each_epoch_and_cached(tiny):
+    from ubwlib.experiments.clean_label import clean_label_run
+    from ubwlib.experiments.study import victim_trajectory
+
+    two = tiny.replace(train=tiny.train.replace(epochs=2))
+    traj = victim_trajectory(two, progress=False)
+    assert traj["epoch"].tolist() == [0, 1, 2]
+    assert traj[["poisons", "same images, unperturbed"]].stack().between(0, 2).all()
+    assert math.isnan(traj["lr (epoch)"].iloc[0]) and (traj["lr (epoch)"].iloc[1:] >= 0).all()
+    assert traj["ASR-A"].between(0, 1).all() and traj["BA"].between(0, 1).all()
+    # the last row is the victim of clean_label_run: the same seed, recipe and release give the same model
+    run = clean_label_run(two, "ubw-c", progress=False)
+    assert traj["ASR-A"].iloc[-1] == pytest.approx(run.source_row["ASR-A"])
+    assert traj["BA"].iloc[-1] == pytest.approx(run.row["BA"])
+    again = victim_trajectory(two, progress=False)
+    pd.testing.assert_frame_equal(traj, again)
+
+
+def test_release_cache_key_ignores_settings_added_at_their_default():
+    """Fields added to the settings later (stages, poison_classes) leave the key of a release crafted without them
+    unchanged at their default, and change it otherwise."""
+    from ubwlib.experiments.clean_label import _key_settings
+    from ubwlib.watermarks import GradientMatchingSettings
+    from ubwlib.watermarks.ubw_c import UBWCSettings
+
+    plain = _key_settings(UBWCSettings())
+    assert "poison_classes" not in plain and "stages" not in plain["crafting"]
+    assert plain["crafting"]["eps"] == pytest.approx(16 / 255)
+    staged = _key_settings(UBWCSettings(crafting=GradientMatchingSettings(stages=(0.5, 1.0))))
+    assert staged["crafting"]["stages"] == (0.5, 1.0)
+    assert _key_settings(UBWCSettings(poison_classes="source"))["poison_classes"] == "source"

@@ -931,3 +931,19 @@ def test_stages_add_snapshots_of_each_training_to_the_ensemble(ds, trained, targ
         GradientMatchingSettings(stages=(1.0, 0.5))
     with pytest.raises(ValueError, match="stages"):
         GradientMatchingSettings(stages=())
+
+
+@pytest.mark.parametrize("classes", ["source", "other"])
+def test_ubwc_poison_classes(ds, trained, classes):
+    wm = UBWC(poisoning_rate=0.1, poison_classes=classes, crafting=settings(steps=0))
+    rel = wm.watermark(ds, seed=0, surrogate=trained["smallcnn"], progress=False)
+    src = ds.labels[rel.indices] == 0
+    assert len(rel.indices) == 16
+    assert bool(src.all()) if classes == "source" else not bool(src.any())
+    pool = torch.nonzero((ds.labels == 0) == (classes == "source")).flatten()
+    assert torch.equal(rel.indices, select_by_grad_norm(trained["smallcnn"], ds, 16, pool))  # the largest norms there
+    with pytest.raises(ValueError, match="poison_classes"):
+        UBWC(poisoning_rate=0.5, poison_classes="source").watermark(ds, seed=0, surrogate=trained["smallcnn"],
+                                                                     progress=False)
+    with pytest.raises(ValueError, match="poison_classes"):
+        UBWCSettings(poison_classes="target")

@@ -41,8 +41,8 @@ VERSION = "2"
 
 #: Gradient-matching budgets per profile (the paper profile uses the public code's: 250 steps, retrain every 50).
 _BUDGETS = {
-    "smoke": dict(steps=4, retrain_every=2, checkpoint_every=2),
-    "default": dict(steps=20, retrain_every=10, checkpoint_every=5),
+    "smoke": dict(steps=4, retrain_every=2, checkpoint_every=2, held_out=1, diagnostic_every=2),
+    "default": dict(steps=20, retrain_every=10, checkpoint_every=5, held_out=1, diagnostic_every=5),
     "study": dict(steps=40, retrain_every=20, checkpoint_every=5, held_out=1, diagnostic_every=5),
     "paper": dict(),
 }
@@ -98,6 +98,25 @@ def surrogate_grad_norms(profile: Profile, seed: int | None = None, cache: Cache
     return entry.tensors["norms"], float(entry.data["seconds"])
 
 
+#: Crafting settings added after releases were cached: at these values they leave a release's cache key as it
+#: was (the crafting they describe is the one those releases ran).
+_ADDED_AT_DEFAULT = {"stages": (1.0,)}
+_ADDED_TOP_AT_DEFAULT = {"poison_classes": "all"}
+
+
+def _key_settings(settings) -> dict:
+    out = dataclasses.asdict(settings)
+    for k, default in _ADDED_TOP_AT_DEFAULT.items():
+        if k in out and out[k] == default:
+            del out[k]
+    crafting = out.get("crafting")
+    if isinstance(crafting, dict):
+        for k, default in _ADDED_AT_DEFAULT.items():
+            if k in crafting and tuple(crafting[k]) == default:
+                del crafting[k]
+    return out
+
+
 def clean_label_release(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
                         progress: bool = True, **overrides) -> WatermarkedDataset:
     """The profile's training set watermarked by a clean-label ``method`` (cached; crafting resumable)."""
@@ -108,7 +127,7 @@ def clean_label_release(profile: Profile, method: str, seed: int | None = None, 
     wm = get_watermark(method, **clean_label_settings(profile, method, **overrides))
     key_settings = {
         "method": method,
-        "settings": dataclasses.asdict(wm.settings),
+        "settings": _key_settings(wm.settings),
         "seed": seed,
         "data": fingerprint(data.train),
         "surrogate": surrogate.key,

@@ -14,6 +14,7 @@ recomputing a study that costs more than a cold build can afford.
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import datetime
 import json
@@ -38,11 +39,12 @@ from .clean_label import (
     crafting_budget,
     victim_seed,
 )
-from .core import benign_model, cached_evaluation, load_data, trained_model
+from .core import benign_model, cached_evaluation, cached_table, fingerprint, load_data, trained_model
 from .profiles import Profile, get_profile
+from ..train import predict
 
-__all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "study_rows", "study_row", "study_table", "store_study",
-           "load_stored_study", "RESULTS_DIR"]
+__all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
+           "load_stored_study", "best_row", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -57,8 +59,10 @@ LEVERS: dict[str, dict] = {
     "trigger init, 0 steps (faint trigger alone)": {"crafting": {"fresh_seeds": False, "init": "trigger",
                                                                  "steps": 0}},
     "eps 32/255": {"crafting": {"fresh_seeds": False, "eps": 32 / 255}},
-    "stages 1/4, 1/2, 3/4, 1 of training (not in the paper)": {
+    "training-stage snapshots 1/4 1/2 3/4 1 (not in the paper)": {
         "crafting": {"fresh_seeds": False, "stages": (0.25, 0.5, 0.75, 1.0)}},
+    "poisons outside the source class": {"crafting": {"fresh_seeds": False}, "poison_classes": "other"},
+    "poisons from the source class only": {"crafting": {"fresh_seeds": False}, "poison_classes": "source"},
     "ensemble of 2": {"crafting": {"fresh_seeds": False, "ensemble": 2}},
     "4-epoch schedule (the default profile's)": {"crafting": {"fresh_seeds": False},
                                                  "profile": {"train": {"epochs": 4}}},
@@ -73,15 +77,17 @@ LEVERS: dict[str, dict] = {
     "no retraining": {"crafting": {"fresh_seeds": False, "retrain_every": 0}},
     "lambda 0 (no entropy term)": {"crafting": {"fresh_seeds": False}, "lam": 0.0},
     "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
+
 }
-#: Combinations of the levers that helped (filled in from the single-lever rows).
+REFERENCE = "single surrogate, reused seed"
+#: The levers that lowered the held-out passenger loss, together.
 COMBINATIONS: dict[str, dict] = {
-    "ensemble of 2 + fresh seeds": {"crafting": {"fresh_seeds": True, "ensemble": 2}},
-    "ensemble of 2 + fresh seeds + eps 32/255": {"crafting": {"fresh_seeds": True, "ensemble": 2, "eps": 32 / 255}},
+    "fresh seeds + eps 32/255 + training-stage snapshots": {
+        "crafting": {"fresh_seeds": True, "eps": 32 / 255, "stages": (0.25, 0.5, 0.75, 1.0)}},
 }
 #: The other gradient-matching watermark and Label-Consistent, with the profile's (adopted) recipe.
 CHECKS = ("sleeper-agent", "label-consistent")
-METRICS = ("ASR-A", "D_p", "BA", "ASR (targeted)")
+METRICS = ("ASR-A", "ASR-C", "D_p", "BA", "source clean accuracy", "ASR (targeted)")
 
 
 def _overrides(profile: Profile, lever: dict) -> dict:
@@ -148,6 +154,10 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
         extra["release seconds"] = float(sum(v for v in secs.values() if isinstance(v, (int, float))))
     source = SOURCE_CLASS if method in ("ubw-c", "sleeper-agent") else None
     rows = [cached_evaluation(m, data.test, key, source_class=source, seed=seed, cache=cache) for m in models]
+    if source is not None:  # a watermark keeps the clean source images: ASR-A alone cannot tell it from damage
+        clean_src = data.test.images[data.test.labels == source]
+        for r, m in zip(rows, models):
+            r["source clean accuracy"] = float((predict(m.model, clean_src) == source).float().mean())
     if lever is not None:  # the benign models of the same seeds (and of this row's profile) under the same trigger
         benign = [cached_evaluation(benign_model(profile, seed=s, cache=cache, progress=progress), data.test, key,
                                     source_class=source, seed=seed, cache=cache)
@@ -155,6 +165,67 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
         extra["benign ASR-A"] = float(np.mean([r["ASR-A"] for r in benign]))
     extra["seconds (this call)"] = time.perf_counter() - t0
     return _summary(rows, extra)
+
+
+def best_row(table: pd.DataFrame, ba_points: float = 0.03) -> str | None:
+    """The UBW-C row with the highest source-class ASR-A among those whose BA stays within ``ba_points`` of the
+    benign model's (a recipe that wrecks the model is no watermark); None when there is none."""
+    ubwc = table[table["method"] == "ubw-c"]
+    if "benign model" in table.index:
+        ubwc = ubwc[ubwc["BA"] >= table.loc["benign model", "BA"] - ba_points]
+    return ubwc["ASR-A"].idxmax() if len(ubwc) else None
+
+
+def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed: int | None = None,
+                      cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """Alignment along a victim's training (cached): UBW-C released with ``lever`` (None: the profile's own
+    recipe; ``"noise"``: the noise control), then the first victim trained from scratch, measured before the first
+    epoch and after each: its learning rate, the passenger loss of the released poisons and of the same images
+    unperturbed against *its own* target gradient, and its source-class ASR-A and BA. Where the poisons' loss is
+    above 1, training on them pushes the victim away from the watermark."""
+    from ..models import build_model
+    from ..train import train
+    from ..watermarks import get_watermark, evaluate
+    from ..watermarks.gradient_matching import transfer_loss
+
+    seed = profile.seed if seed is None else seed
+    if lever == "noise":
+        overrides = _overrides(profile, {"crafting": {"steps": 0}})
+    else:
+        overrides = _overrides(profile, lever or {})
+    released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
+    data = load_data(profile)
+    wm = get_watermark("ubw-c", **clean_label_settings(profile, "ubw-c", **overrides))
+    target_fn = wm.target_gradient_fn(data.train, seed, device="cpu")
+    idx = released.indices
+    poisons, clean = released.dataset.images[idx].float() / 255, data.train.images[idx].float() / 255
+    labels = data.train.labels[idx]
+    vseed = victim_seed(seed)
+    cfg = profile.train.replace(seed=vseed)
+
+    def compute() -> pd.DataFrame:
+        rows = []
+
+        def measure(epoch: int, model) -> None:
+            model = copy.deepcopy(model).to("cpu").eval()
+            t = [g.detach() for g in target_fn(model)]
+            tn = torch.sqrt(sum((g * g).sum() for g in t))
+            r = evaluate(model, data.test, released.key, source_class=SOURCE_CLASS, seed=seed)
+            rows.append({"epoch": epoch,
+                         "poisons": transfer_loss([model], [(t, tn)], poisons, labels, 256),
+                         "same images, unperturbed": transfer_loss([model], [(t, tn)], clean, labels, 256),
+                         "ASR-A": r["ASR-A"], "BA": r["BA"]})
+
+        model = build_model(profile.model, data.train.num_classes, data.train.image_shape[0], profile.width, seed=vseed)
+        measure(0, model)
+        _, hist = train(model, released.dataset, cfg, progress=progress, desc="victim trajectory", on_epoch=measure)
+        out = pd.DataFrame(rows)
+        out["lr (epoch)"] = [float("nan")] + hist["lr"].tolist()
+        return out
+
+    settings = {"recipe": "victim trajectory", "release": fingerprint(released.dataset), "train": cfg,
+                "model": (profile.model, profile.width), "seed": seed, "test": fingerprint(data.test)}
+    return cached_table("victim trajectory", settings, compute, cache)
 
 
 def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
@@ -206,13 +277,17 @@ def _machine() -> str:
 
 
 def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
-                directory: Path | str = RESULTS_DIR) -> Path:
-    """Write the table (CSV) and its provenance (JSON: commit, date, machine, torch, command, wall time, and the
-    hash of every setting it was computed with) under ``directory``; returns the CSV's path."""
+                directory: Path | str = RESULTS_DIR, trajectories: pd.DataFrame | None = None,
+                missing: list[str] = ()) -> Path:
+    """Write the table (CSV), the victims' trajectories if given (CSV, one block per row name) and their
+    provenance (JSON: commit, date, machine, torch, command, wall time, and the hash of every setting they were
+    computed with) under ``directory``; returns the table's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     csv = directory / f"{STUDY_FILE}.csv"
     table.to_csv(csv, float_format="%.4f")
+    if trajectories is not None:
+        trajectories.to_csv(directory / f"{STUDY_FILE}-trajectories.csv", float_format="%.4f", index=False)
     meta = {
         "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
         "commit": _git("rev-parse", "HEAD"),
@@ -224,6 +299,7 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
         "wall seconds": round(seconds, 1),
         "profile": profile.name,
         "settings hash": study_settings_hash(profile),
+        "rows missing": list(missing),
     }
     (directory / f"{STUDY_FILE}.json").write_text(json.dumps(meta, indent=2) + "\n")
     return csv
@@ -248,6 +324,8 @@ def load_stored_study(directory: Path | str = RESULTS_DIR, profile: Profile | st
     meta = json.loads(meta_file.read_text())
     profile = get_profile(profile) if not isinstance(profile, Profile) else profile
     meta["current"] = meta.get("settings hash") == study_settings_hash(profile)
+    traj = directory / f"{STUDY_FILE}-trajectories.csv"
+    meta["trajectories"] = pd.read_csv(traj) if traj.exists() else None
     return pd.read_csv(csv, index_col="row"), meta
 
 
@@ -256,33 +334,47 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="study")
     ap.add_argument("--victims", type=int, default=2, help="victims trained from scratch per row (default 2)")
     ap.add_argument("--out", default=str(RESULTS_DIR), help="folder of the stored table (default results/study)")
-    ap.add_argument("--rows", default=None, help="comma-separated row names (default: all)")
+    ap.add_argument("--rows", default=None, help="row names separated by ';', computed in that order (default: all)")
     ap.add_argument("--no-store", action="store_true", help="print the table, do not store it")
     args = ap.parse_args(argv)
     profile = get_profile(args.profile)
     rows = study_rows()
     if args.rows:
-        wanted = [r.strip() for r in args.rows.split(",")]
+        wanted = [r.strip() for r in args.rows.split(";") if r.strip()]
         unknown = set(wanted) - {n for n, _, _ in rows}
         if unknown:
             ap.error(f"unknown rows {sorted(unknown)}; choose from {[n for n, _, _ in rows]}")
         by_name = {r[0]: r for r in rows}
         rows = [by_name[n] for n in wanted]  # in the order given
     t0 = time.perf_counter()
+    command = " ".join(["python -m ubwlib.experiments.study", *map(shlex.quote, argv if argv is not None else sys.argv[1:])])
+    store = not args.no_store
+    levers = {**LEVERS, **COMBINATIONS, "noise control (same poisons, 0 steps)": "noise"}
+    done: list[dict] = []
+    trajectories: dict[str, pd.DataFrame] = {}
+
+    def stored_trajectories(table: pd.DataFrame) -> pd.DataFrame:
+        """The noise control, the reference recipe and the strongest UBW-C row so far."""
+        for name in ("noise control (same poisons, 0 steps)", REFERENCE, best_row(table)):
+            if name is not None and name in table.index and name not in trajectories:
+                trajectories[name] = victim_trajectory(profile, levers[name], progress=False).assign(row=name)
+        return pd.concat(trajectories.values(), ignore_index=True) if trajectories else None
 
     def log(r: dict) -> None:
         keep = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
                 if k in ("row", "ASR-A", "ASR-A std", "D_p", "BA", "ASR (targeted)", "held-out loss (end)")}
         print(json.dumps(keep), flush=True)
+        done.append(r)
+        if store:  # stored after every row: an interrupted study leaves what it finished, labelled as such
+            table = pd.DataFrame(done).set_index("row")
+            store_study(table, profile, seconds=time.perf_counter() - t0, command=command, directory=args.out,
+                        trajectories=stored_trajectories(table),
+                        missing=[n for n, _, _ in study_rows() if n not in table.index])
 
     table = study_table(profile, victims=args.victims, rows=rows, progress=False, log=log)
-    seconds = time.perf_counter() - t0
     print(table.to_string())
-    if not args.no_store and not args.rows:
-        path = store_study(table, profile, seconds=seconds,
-                           command=" ".join(["python -m ubwlib.experiments.study", *map(shlex.quote, argv or sys.argv[1:])]),
-                           directory=args.out)
-        print(f"stored: {path}")
+    if store:
+        print(f"stored: {Path(args.out) / (STUDY_FILE + '.csv')}")
     return 0
 
 

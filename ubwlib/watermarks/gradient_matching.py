@@ -757,24 +757,7 @@ class GradientMatchingWatermark(Watermark):
             idx = select_by_grad_norm(surrogate, train_set, count, pool, norms=grad_norms)
         t_sel = time.perf_counter() - t0
 
-        src_all = torch.nonzero(train_set.labels == source).flatten()
-        if s.n_source is not None and s.n_source < len(src_all):
-            src_all = choose_indices(len(train_set), s.n_source, gen, pool=src_all)
-        src_images = train_set.images[src_all]
-        src_labels = train_set.labels[src_all] if self._target_label is None else torch.full_like(
-            train_set.labels[src_all], self._target_label)
-        tgt_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
-
-        def target_gradient(model: nn.Module) -> list[torch.Tensor]:
-            g_pos = torch.Generator().manual_seed(tgt_seed)
-            params = _params(model)
-            total = [torch.zeros_like(p) for p in params]
-            for b in range(0, len(src_images), 256):
-                x = paste_random(src_images[b : b + 256], patch, g_pos).to(dev).float().div_(255)
-                loss = self._target_loss(model(x).float(), src_labels[b : b + 256].to(dev)) * (len(x) / len(src_images))
-                for t, g in zip(total, torch.autograd.grad(loss, params)):
-                    t += g
-            return total
+        target_gradient = self._target_gradient(train_set, gen, patch, dev)
 
         monitor = None
         if monitor_set is not None:
@@ -814,6 +797,40 @@ class GradientMatchingWatermark(Watermark):
                               if len(result.retrains) > 1 else 0.0},
                   "delta": result.delta}
         return dataclasses.replace(released, report=report)
+
+    def _target_gradient(self, train_set: ImageDataset, gen: torch.Generator, patch: torch.Tensor,
+                         dev: torch.device) -> Callable[[nn.Module], list[torch.Tensor]]:
+        """``model -> grad_w`` of :meth:`_target_loss` on the patched source-class training images (the
+        ``n_source`` of them drawn from ``gen``, the patch positions from a seed drawn from ``gen`` next)."""
+        s = self.settings
+        source = check_target(s.source, train_set.num_classes)
+        src_all = torch.nonzero(train_set.labels == source).flatten()
+        if s.n_source is not None and s.n_source < len(src_all):
+            src_all = choose_indices(len(train_set), s.n_source, gen, pool=src_all)
+        src_images = train_set.images[src_all]
+        src_labels = train_set.labels[src_all] if self._target_label is None else torch.full_like(
+            train_set.labels[src_all], self._target_label)
+        tgt_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+
+        def target_gradient(model: nn.Module) -> list[torch.Tensor]:
+            g_pos = torch.Generator().manual_seed(tgt_seed)
+            params = _params(model)
+            total = [torch.zeros_like(p) for p in params]
+            for b in range(0, len(src_images), 256):
+                x = paste_random(src_images[b : b + 256], patch, g_pos).to(dev).float().div_(255)
+                loss = self._target_loss(model(x).float(), src_labels[b : b + 256].to(dev)) * (len(x) / len(src_images))
+                for t, g in zip(total, torch.autograd.grad(loss, params)):
+                    t += g
+            return total
+
+        return target_gradient
+
+    def target_gradient_fn(self, train_set: ImageDataset, seed: int = 0, device=None
+                           ) -> Callable[[nn.Module], list[torch.Tensor]]:
+        """The target gradient that :meth:`watermark` with the same ``seed`` matches (for diagnostics)."""
+        gen = torch.Generator().manual_seed(seed)
+        patch = self._patch(train_set.image_shape[0], gen)
+        return self._target_gradient(train_set, gen, patch, resolve_device(device))
 
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:

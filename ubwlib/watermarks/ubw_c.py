@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import ImageDataset
-from .base import check_rate, poison_count, register
+from .base import check_rate, check_target, poison_count, register
 from .gradient_matching import GradientMatchingSettings, GradientMatchingWatermark
 from .patch import resized_square
 
@@ -36,6 +36,9 @@ class UBWCSettings:
     """Side of the test-time trigger: the white-black square resized (bilinear) to this size."""
     n_source: int | None = None
     """Source-class training images used for the target gradient (None: all of them)."""
+    poison_classes: str = "all"
+    """Where the poisons come from: ``all`` classes (the paper), the ``source`` class only, or the ``other``
+    classes only (a lever of this book's study)."""
     crafting: GradientMatchingSettings = field(default_factory=GradientMatchingSettings)
 
     def __post_init__(self) -> None:
@@ -44,6 +47,8 @@ class UBWCSettings:
             raise ValueError(f"lam (lambda) must be >= 0, got {self.lam}")
         if self.patch_size < 1:
             raise ValueError(f"patch_size must be >= 1, got {self.patch_size}")
+        if self.poison_classes not in ("all", "source", "other"):
+            raise ValueError(f"poison_classes must be 'all', 'source' or 'other', got {self.poison_classes!r}")
 
 
 @register
@@ -55,7 +60,16 @@ class UBWC(GradientMatchingWatermark):
     Settings = UBWCSettings
 
     def _pool(self, train_set: ImageDataset):
-        return None, poison_count(self.settings.poisoning_rate, len(train_set))
+        s = self.settings
+        count = poison_count(s.poisoning_rate, len(train_set))
+        if s.poison_classes == "all":
+            return None, count
+        in_source = train_set.labels == check_target(s.source, train_set.num_classes)
+        pool = torch.nonzero(in_source if s.poison_classes == "source" else ~in_source).flatten()
+        if count > len(pool):
+            raise ValueError(f"{count} poisons do not fit into the {len(pool)} samples of poison_classes="
+                             f"{s.poison_classes!r}; lower poisoning_rate or choose poison_classes='all'")
+        return pool, count
 
     def _patch(self, channels: int, generator: torch.Generator) -> torch.Tensor:
         return resized_square(channels, self.settings.patch_size)
