@@ -103,7 +103,7 @@ def _victims(profile: Profile, seed: int, victims: int) -> list[int]:
 def _summary(rows: list[dict], extra: dict) -> dict:
     out = dict(extra)
     for k in METRICS:
-        vals = np.array([r[k] for r in rows], dtype=float)
+        vals = np.array([r.get(k, math.nan) for r in rows], dtype=float)
         if np.isnan(vals).all():
             continue
         out[k] = float(vals.mean())
