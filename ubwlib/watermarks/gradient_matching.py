@@ -590,7 +590,7 @@ def craft(
     best_model = _load_from(t_state, "best.model", build(seed)).to(dev).eval() if best is not None else None
     resumed_from = int(state.step) if state is not None else 0
 
-    def save(global_step: int, models, delta, opt, gens, restart_hist):
+    def save(global_step: int, models, delta, opt, gens):
         if checkpoint is None:
             return
         tensors = {"delta": delta.detach().cpu(), "gen_order": gens[0].get_state(),
@@ -679,7 +679,7 @@ def craft(
             history.append(row)
             bar.set_postfix(loss=f"{row['passenger loss']:.4f}")
             if (step + 1) % s.checkpoint_every == 0 and step + 1 < s.steps:
-                save(restart * s.steps + step + 1, models, delta, opt, gens, history)
+                save(restart * s.steps + step + 1, models, delta, opt, gens)
         bar.close()
         # keep the restart with the lowest held-out passenger loss (without held-out models: crafting loss)
         final = [r for r in history if r["restart"] == restart and r["step"] == s.steps]
@@ -691,7 +691,7 @@ def craft(
             best = {"restart": restart, "score": score}
             best_delta = delta.detach().cpu().clone()
             best_model = models[last]
-        save((restart + 1) * s.steps if s.steps else restart + 1, models, delta, None, gens, history)
+        save((restart + 1) * s.steps if s.steps else restart + 1, models, delta, None, gens)
         state, step0 = None, 0
     final_delta = best_delta if best_delta is not None else torch.zeros_like(base).cpu()
     return CraftResult(
