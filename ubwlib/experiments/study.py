@@ -90,6 +90,17 @@ CHECKS = ("sleeper-agent", "label-consistent")
 METRICS = ("ASR-A", "ASR-C", "D_p", "BA", "source clean accuracy", "ASR (targeted)")
 
 
+def _resolve(profile: Profile, lever: dict | str | None) -> tuple[Profile, dict]:
+    """(profile, UBW-C release overrides) of a lever: a dict of settings (its ``profile`` entry changes the
+    model or schedule), ``"noise"`` (the noise control: 0 crafting steps) or None (the profile's own recipe)."""
+    if lever == "noise":
+        return profile, _overrides(profile, {"crafting": {"steps": 0}})
+    lever = dict(lever or {})
+    if "profile" in lever:  # a row on another model or schedule
+        profile = get_profile(profile, **lever.pop("profile"))
+    return profile, _overrides(profile, lever)
+
+
 def _overrides(profile: Profile, lever: dict) -> dict:
     lever = {k: v for k, v in lever.items() if k != "profile"}
     crafting = dataclasses.replace(crafting_budget(profile), **lever.pop("crafting", {}))
@@ -120,9 +131,8 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
     test images of the source class (targeted methods: their targeted ASR there; Label-Consistent: all non-target
     test images)."""
     seed = profile.seed if seed is None else seed
-    if isinstance(lever, dict) and "profile" in lever:  # a row on another model or schedule
-        lever = dict(lever)
-        profile = get_profile(profile, **lever.pop("profile"))
+    if lever is not None:
+        profile, overrides = _resolve(profile, lever)
     data = load_data(profile)
     t0 = time.perf_counter()
     extra: dict = {"row": name, "method": method}
@@ -131,12 +141,8 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
         models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in _victims(profile, seed, victims)]
         extra["method"] = "no attack"
     else:
-        if lever == "noise":
-            overrides = _overrides(profile, {"crafting": {"steps": 0}})
-        elif method == "label-consistent":
+        if method == "label-consistent":  # no crafting settings: the profile's recipe
             overrides = {}
-        else:
-            overrides = _overrides(profile, lever)
         released = clean_label_release(profile, method, seed, cache, progress, **overrides)
         key = released.key
         models = [trained_model(profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
@@ -189,10 +195,7 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
     from ..watermarks.gradient_matching import transfer_loss
 
     seed = profile.seed if seed is None else seed
-    if lever == "noise":
-        overrides = _overrides(profile, {"crafting": {"steps": 0}})
-    else:
-        overrides = _overrides(profile, lever or {})
+    profile, overrides = _resolve(profile, lever)
     released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
     data = load_data(profile)
     wm = get_watermark("ubw-c", **clean_label_settings(profile, "ubw-c", **overrides))

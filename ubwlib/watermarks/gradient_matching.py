@@ -487,13 +487,10 @@ def craft(
             p.requires_grad_(True)
         return m
 
-    def train_new(model_seed: int | None, data: ImageDataset, cfg: TrainConfig, what: str) -> nn.Module:
-        """``None``: the crafting seed with ``cfg`` as given (the public code's single-seed behaviour)."""
-        return train_snapshots(model_seed, data, cfg, what, (1.0,))[-1]
-
     def train_snapshots(model_seed: int | None, data: ImageDataset, cfg: TrainConfig, what: str,
                         stages: tuple[float, ...]) -> list[nn.Module]:
-        """The model after each stage of its training (fractions of ``cfg.epochs``), the trained one last."""
+        """The model after each stage of its training (fractions of ``cfg.epochs``), the trained one last.
+        ``model_seed`` None: the crafting seed with ``cfg`` as given (the public code's single-seed behaviour)."""
         at = sorted({min(cfg.epochs, max(1, round(f * cfg.epochs))) for f in stages})
         snaps: list[nn.Module] = []
 
@@ -574,7 +571,8 @@ def craft(
         elif held_out_models is not None:
             m = held_out_models[j].to(dev).eval()
         else:
-            m = train_new(derived_seed(seed, "held-out", j), train_set, s.pretrain, f"held-out model {j}")
+            m = train_snapshots(derived_seed(seed, "held-out", j), train_set, s.pretrain, f"held-out model {j}",
+                                (1.0,))[-1]
         held_out.append(m)
     held_targets = [compute_target(m) for m in held_out]
 
