@@ -947,3 +947,91 @@ def test_ubwc_poison_classes(ds, trained, classes):
                                                                      progress=False)
     with pytest.raises(ValueError, match="poison_classes"):
         UBWCSettings(poison_classes="target")
+
+
+def _by_hand_target(wm, model: nn.Module, ds: ImageDataset, seed: int, patched: bool) -> list[torch.Tensor]:
+    """grad_w of the watermark's target loss on all source images of ``ds`` (patched with the watermark's own
+    patch and positions, or not), one autograd call."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = wm._patch(ds.image_shape[0], gen)
+    src = ds.images[ds.labels == wm.settings.source]
+    labels = ds.labels[ds.labels == wm.settings.source]
+    if wm._target_label is not None:
+        labels = torch.full_like(labels, wm._target_label)
+    tgt_seed = int(torch.randint(0, 2**31 - 1, (1,), generator=gen))
+    x = paste_random(src, patch, torch.Generator().manual_seed(tgt_seed)) if patched else src
+    loss = wm._target_loss(model(x.float() / 255).float(), labels)
+    return list(torch.autograd.grad(loss, list(model.parameters())))
+
+
+@pytest.mark.parametrize("contrast", [0.0, 0.5, 1.0])
+@pytest.mark.parametrize("cls", [UBWC, SleeperAgent])
+def test_contrast_target_gradient_is_patched_minus_clean(ds, trained, cls, contrast):
+    model = copy.deepcopy(trained["smallcnn"]).eval()
+    wm = cls(crafting=settings(contrast=contrast))
+    got = wm.target_gradient_fn(ds, seed=3, device="cpu")(model)
+    patched = _by_hand_target(wm, model, ds, 3, patched=True)
+    clean = _by_hand_target(wm, model, ds, 3, patched=False)
+    for g, p, c in zip(got, patched, clean):
+        torch.testing.assert_close(g, p - contrast * c, rtol=1e-4, atol=1e-6)
+    # the patch changes the gradient, so contrast changes the target
+    assert contrast == 0 or not all(torch.allclose(g, p) for g, p in zip(got, patched))
+
+
+class _Constant(nn.Module):
+    """Logits that do not depend on the input: patched and clean images give the same gradient."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.tensor([0.3, -0.2, 0.1, 0.5]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bias.expand(len(x), K) + 0 * x.flatten(1)[:, :1]
+
+
+def test_trigger_share(ds, trained):
+    wm = UBWC(crafting=settings())
+    const = wm.trigger_share(_Constant(), ds, seed=1, device="cpu")
+    assert const["cosine"] == pytest.approx(1.0) and const["trigger share"] == pytest.approx(0.0, abs=1e-6)
+    assert const["patched norm"] == pytest.approx(const["clean norm"])
+    model = copy.deepcopy(trained["smallcnn"]).eval()
+    share = wm.trigger_share(model, ds, seed=1, device="cpu")
+    p = torch.cat([t.flatten() for t in _by_hand_target(wm, model, ds, 1, True)]).double()
+    c = torch.cat([t.flatten() for t in _by_hand_target(wm, model, ds, 1, False)]).double()
+    assert share["cosine"] == pytest.approx(float(p @ c / p.norm() / c.norm()), rel=1e-4)
+    assert share["trigger share"] == pytest.approx(float((p - c).norm() / p.norm()), rel=1e-4)
+    assert share["patched norm"] == pytest.approx(float(p.norm()), rel=1e-4)
+
+
+def test_contrast_validation():
+    assert GradientMatchingSettings().contrast == 0.0
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="contrast"):
+            GradientMatchingSettings(contrast=bad)
+
+
+def test_passenger_loss_l2_matching_by_hand():
+    g = torch.Generator().manual_seed(4)
+    target = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    grads = [torch.randn(3, 4, generator=g), torch.randn(5, generator=g)]
+    norm = torch.sqrt(sum((t * t).sum() for t in target))
+    by_hand = sum(((a - b) ** 2).sum() for a, b in zip(grads, target)) / norm**2
+    assert float(passenger_loss(grads, target, norm, "l2")) == pytest.approx(float(by_hand), rel=1e-5)
+    assert abs(float(passenger_loss([t.clone() for t in target], target, norm, "l2"))) < 1e-5
+    assert float(passenger_loss([torch.zeros_like(t) for t in target], target, norm, "l2")) == pytest.approx(1.0)
+    # unlike 1 - cos, the size counts: the right direction at 3x the size is far from the target
+    assert float(passenger_loss([3 * t for t in target], target, norm, "l2")) == pytest.approx(4.0, rel=1e-5)
+    with pytest.raises(ValueError, match="matching"):
+        GradientMatchingSettings(matching="dot")
+
+
+def test_l2_matching_crafts_and_is_deterministic(ds, trained, target_fn, poison_idx):
+    s = settings(steps=3, matching="l2")
+    runs = [gm.craft(ds, poison_idx, target_fn, s, seed=2, surrogate=copy.deepcopy(trained["smallcnn"]),
+                     device="cpu", progress=False) for _ in range(2)]
+    assert torch.equal(runs[0].images, runs[1].images)
+    cos = gm.craft(ds, poison_idx, target_fn, settings(steps=3), seed=2, surrogate=copy.deepcopy(trained["smallcnn"]),
+                   device="cpu", progress=False)
+    assert not torch.equal(runs[0].delta, cos.delta)
+    loss = runs[0].history["passenger loss"].to_numpy()
+    assert loss[-1] < loss[0]

@@ -100,7 +100,7 @@ def surrogate_grad_norms(profile: Profile, seed: int | None = None, cache: Cache
 
 #: Crafting settings added after releases were cached: at these values they leave a release's cache key as it
 #: was (the crafting they describe is the one those releases ran).
-_ADDED_AT_DEFAULT = {"stages": (1.0,)}
+_ADDED_AT_DEFAULT = {"stages": (1.0,), "contrast": 0.0, "matching": "cosine"}
 _ADDED_TOP_AT_DEFAULT = {"poison_classes": "all"}
 
 
@@ -112,7 +112,7 @@ def _key_settings(settings) -> dict:
     crafting = out.get("crafting")
     if isinstance(crafting, dict):
         for k, default in _ADDED_AT_DEFAULT.items():
-            if k in crafting and tuple(crafting[k]) == default:
+            if k in crafting and (tuple(crafting[k]) if isinstance(default, tuple) else crafting[k]) == default:
                 del crafting[k]
     return out
 

@@ -43,7 +43,7 @@ from .core import benign_model, cached_evaluation, cached_table, fingerprint, lo
 from .profiles import Profile, get_profile
 from ..train import predict
 
-__all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
+__all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
            "load_stored_study", "best_row", "RESULTS_DIR"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
@@ -70,6 +70,9 @@ LEVERS: dict[str, dict] = {
         "crafting": {"fresh_seeds": False},
         "profile": {"model": "resnet18-cifar", "width": 0.125, "train": {"epochs": 4}}},
 
+    "contrast 1: what the trigger adds (not in the paper)": {"crafting": {"fresh_seeds": False, "contrast": 1.0}},
+    "l2 matching: size as well as direction (not in the paper)": {"crafting": {"fresh_seeds": False,
+                                                                              "matching": "l2"}},
     "trainer's augmentation": {"crafting": {"fresh_seeds": False, "augment": "trainer"}},
     "retrain every 10 steps (3 retrainings)": {"crafting": {"fresh_seeds": False, "retrain_every": 10}},
     "2 restarts (best held-out)": {"crafting": {"fresh_seeds": False, "restarts": 2}},
@@ -84,9 +87,17 @@ REFERENCE = "single surrogate, reused seed"
 COMBINATIONS: dict[str, dict] = {
     "fresh seeds + eps 32/255 + training-stage snapshots": {
         "crafting": {"fresh_seeds": True, "eps": 32 / 255, "stages": (0.25, 0.5, 0.75, 1.0)}},
+    "contrast 1 + poisons outside the source class": {"crafting": {"fresh_seeds": False, "contrast": 1.0},
+                                                      "poison_classes": "other"},
+    "contrast 1 + eps 32/255": {"crafting": {"fresh_seeds": False, "contrast": 1.0, "eps": 32 / 255}},
+    "l2 matching + contrast 1": {"crafting": {"fresh_seeds": False, "contrast": 1.0, "matching": "l2"}},
 }
 #: The other gradient-matching watermark and Label-Consistent, with the profile's (adopted) recipe.
 CHECKS = ("sleeper-agent", "label-consistent")
+#: The shared mechanism under a lever: (method, lever) per row name.
+CHECK_LEVERS: dict[str, tuple[str, dict]] = {
+    "sleeper-agent, contrast 1 (not in the paper)": ("sleeper-agent", {"crafting": {"contrast": 1.0}}),
+}
 METRICS = ("ASR-A", "ASR-C", "D_p", "BA", "source clean accuracy", "ASR (targeted)")
 
 
@@ -239,6 +250,7 @@ def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
     rows += [(n, lv, "ubw-c") for n, lv in COMBINATIONS.items()]
     if include_checks:
         rows += [(f"{m} (profile's recipe)", {}, m) for m in CHECKS]
+        rows += [(n, lv, m) for n, (m, lv) in CHECK_LEVERS.items()]
     return rows
 
 
