@@ -32,7 +32,7 @@ $(STAMP): pyproject.toml constraints.txt | $(BIN)/python
 		exit 1; \
 	fi
 	$(BIN)/python -m pip install --no-cache-dir --upgrade -c constraints.txt pip
-	$(BIN)/python -m pip install --no-cache-dir -c constraints.txt -e ".[book,test]"
+	$(BIN)/python -m pip install --no-cache-dir -c constraints.txt -e ".[book,test,owner]"
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 --display-name "Python 3 (ubw-book)" >/dev/null
 	touch $@
 

@@ -669,3 +669,40 @@ def test_release_cache_key_ignores_settings_added_at_their_default():
     staged = _key_settings(UBWCSettings(crafting=GradientMatchingSettings(stages=(0.5, 1.0))))
     assert staged["crafting"]["stages"] == (0.5, 1.0)
     assert _key_settings(UBWCSettings(poison_classes="source"))["poison_classes"] == "source"
+
+
+def test_release_cache_key_ignores_contrast_and_matching_at_their_default():
+    from ubwlib.experiments.clean_label import _key_settings
+    from ubwlib.watermarks import GradientMatchingSettings
+    from ubwlib.watermarks.ubw_c import UBWCSettings
+
+    plain = _key_settings(UBWCSettings())
+    assert "contrast" not in plain["crafting"] and "matching" not in plain["crafting"]
+    changed = _key_settings(UBWCSettings(crafting=GradientMatchingSettings(contrast=1.0, matching="l2")))
+    assert changed["crafting"]["contrast"] == 1.0 and changed["crafting"]["matching"] == "l2"
+
+
+def test_surrogate_fine_tune_by_hand(tiny):
+    import copy
+
+    from ubwlib.experiments.clean_label import clean_label_release, victim_seed
+    from ubwlib.experiments.study import REFERENCE, LEVERS, _overrides, surrogate_fine_tune
+    from ubwlib.train import predict, train
+    from ubwlib.watermarks import trigger
+
+    got = surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, epochs=1, progress=False)
+    rel = clean_label_release(tiny, "ubw-c", progress=False, **_overrides(tiny, LEVERS[REFERENCE]))
+    cfg = tiny.train.replace(epochs=1, lr=0.01, schedule="constant", seed=victim_seed(tiny.seed))
+    model, _ = train(copy.deepcopy(benign_model(tiny).model), rel.dataset, cfg, progress=False)
+    test = load_data(tiny).test
+    src = test.images[test.labels == 0]
+    asr = float((predict(model, trigger(src, rel.key, seed=tiny.seed)) != 0).float().mean())
+    err = float((predict(model, src) != 0).float().mean())
+    assert got["ASR-A"] == pytest.approx(asr) and got["clean error"] == pytest.approx(err)
+    assert got["trigger-caused"] == pytest.approx(asr - err)
+    benign = surrogate_fine_tune(tiny, None, lr=0.01, epochs=1, progress=False)  # on the benign data
+    model_b, _ = train(copy.deepcopy(benign_model(tiny).model), load_data(tiny).train, cfg, progress=False)
+    assert benign["clean error"] == pytest.approx(float((predict(model_b, src) != 0).float().mean()))
+    assert benign["ASR-A"] == pytest.approx(
+        float((predict(model_b, trigger(src, rel.key, seed=tiny.seed)) != 0).float().mean()))
+    assert surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, epochs=1, progress=False) == got  # cached

@@ -39,12 +39,13 @@ from .clean_label import (
     crafting_budget,
     victim_seed,
 )
-from .core import benign_model, cached_evaluation, cached_table, fingerprint, load_data, trained_model
+from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data, trained_model
 from .profiles import Profile, get_profile
 from ..train import predict
 
 __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
-           "load_stored_study", "best_row", "RESULTS_DIR"]
+           "load_stored_study", "best_row", "RESULTS_DIR",
+           "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -242,6 +243,49 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
     return cached_table("victim trajectory", settings, compute, cache)
 
 
+#: The releases whose crafting surrogate is fine-tuned on them (:func:`surrogate_fine_tune`), and the learning rates.
+FINE_TUNE_ROWS = ("benign model", "noise control (same poisons, 0 steps)", REFERENCE,
+                  "contrast 1: what the trigger adds (not in the paper)")
+FINE_TUNE_LRS = (0.01, 0.05)
+
+
+def surrogate_fine_tune(profile: Profile, lever: dict | str | None, *, lr: float, epochs: int = 2,
+                        seed: int | None = None, cache: Cache | None = None, progress: bool = True) -> dict:
+    """The most favourable case for gradient matching (cached): the benign model of ``seed`` (the crafting's
+    first surrogate) fine-tuned for ``epochs`` at a constant ``lr`` on the UBW-C release of ``lever`` (None:
+    on the benign data), then measured on the source-class test images: ASR-A triggered, the error on the clean
+    images, and their difference, the part of ASR-A that the trigger causes."""
+    from ..train import train
+    from ..watermarks import trigger
+
+    seed = profile.seed if seed is None else seed
+    profile, overrides = _resolve(profile, lever if lever is not None else {})
+    released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
+    data = load_data(profile)
+    surrogate = benign_model(profile, seed=seed, cache=cache, progress=progress)
+    train_set = data.train if lever is None else released.dataset
+    cfg = profile.train.replace(epochs=epochs, lr=lr, schedule="constant", seed=victim_seed(seed))
+    src = data.test.images[data.test.labels == SOURCE_CLASS]
+
+    def compute() -> pd.DataFrame:
+        model, _ = train(copy.deepcopy(surrogate.model), train_set, cfg, progress=progress, desc="fine-tune")
+        asr = float((predict(model, trigger(src, released.key, seed=seed)) != SOURCE_CLASS).float().mean())
+        err = float((predict(model, src) != SOURCE_CLASS).float().mean())
+        return pd.DataFrame([{"ASR-A": asr, "clean error": err, "trigger-caused": asr - err}])
+
+    settings = {"recipe": "surrogate fine-tune", "surrogate": surrogate.key, "data": fingerprint(train_set),
+                "key": key_digest(released.key), "test": fingerprint(data.test), "train": cfg, "seed": seed}
+    return cached_table("surrogate fine-tune", settings, compute, cache).iloc[0].to_dict()
+
+
+def fine_tune_table(profile: Profile, *, cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`surrogate_fine_tune` for :data:`FINE_TUNE_ROWS` x :data:`FINE_TUNE_LRS`."""
+    levers = {**LEVERS, "benign model": None, "noise control (same poisons, 0 steps)": "noise"}
+    return pd.DataFrame([{"row": name, "lr": lr, **surrogate_fine_tune(profile, levers[name], lr=lr, cache=cache,
+                                                                         progress=progress)}
+                         for name in FINE_TUNE_ROWS for lr in FINE_TUNE_LRS])
+
+
 def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
     """(row name, lever, method) of the whole study, in the order it is computed and shown."""
     rows: list[tuple[str, object, str]] = [("benign model", None, "ubw-c"),
@@ -293,7 +337,7 @@ def _machine() -> str:
 
 def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
                 directory: Path | str = RESULTS_DIR, trajectories: pd.DataFrame | None = None,
-                missing: list[str] = ()) -> Path:
+                fine_tune: pd.DataFrame | None = None, missing: list[str] = ()) -> Path:
     """Write the table (CSV), the victims' trajectories if given (CSV, one block per row name) and their
     provenance (JSON: commit, date, machine, torch, command, wall time, and the hash of every setting they were
     computed with) under ``directory``; returns the table's path."""
@@ -303,6 +347,8 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
     table.to_csv(csv, float_format="%.4f")
     if trajectories is not None:
         trajectories.to_csv(directory / f"{STUDY_FILE}-trajectories.csv", float_format="%.4f", index=False)
+    if fine_tune is not None:
+        fine_tune.to_csv(directory / f"{STUDY_FILE}-finetune.csv", float_format="%.4f", index=False)
     meta = {
         "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
         "commit": _git("rev-parse", "HEAD"),
@@ -341,6 +387,8 @@ def load_stored_study(directory: Path | str = RESULTS_DIR, profile: Profile | st
     meta["current"] = meta.get("settings hash") == study_settings_hash(profile)
     traj = directory / f"{STUDY_FILE}-trajectories.csv"
     meta["trajectories"] = pd.read_csv(traj) if traj.exists() else None
+    ft = directory / f"{STUDY_FILE}-finetune.csv"
+    meta["fine-tune"] = pd.read_csv(ft) if ft.exists() else None
     return pd.read_csv(csv, index_col="row"), meta
 
 
@@ -351,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS_DIR), help="folder of the stored table (default results/study)")
     ap.add_argument("--rows", default=None, help="row names separated by ';', computed in that order (default: all)")
     ap.add_argument("--no-store", action="store_true", help="print the table, do not store it")
+    ap.add_argument("--fine-tune", action="store_true",
+                    help="also with --rows: fine-tune the crafting surrogate on some releases (surrogate_fine_tune)")
     args = ap.parse_args(argv)
     profile = get_profile(args.profile)
     rows = study_rows()
@@ -388,6 +438,13 @@ def main(argv: list[str] | None = None) -> int:
 
     table = study_table(profile, victims=args.victims, rows=rows, progress=False, log=log)
     print(table.to_string())
+    if not args.rows or args.fine_tune:
+        fine = fine_tune_table(profile, progress=False)
+        print(fine.to_string())
+        if store:
+            store_study(table, profile, seconds=time.perf_counter() - t0, command=command, directory=args.out,
+                        trajectories=stored_trajectories(table), fine_tune=fine,
+                        missing=[n for n, _, _ in study_rows() if n not in table.index])
     if store:
         print(f"stored: {Path(args.out) / (STUDY_FILE + '.csv')}")
     return 0
