@@ -18,6 +18,7 @@ from torch import nn
 
 from ubwlib import cache as cache_mod
 from ubwlib.cache import (
+    CACHE_MARKER_NAME,
     CACHEDIR_TAG_NAME,
     CACHEDIR_TAG_SIGNATURE,
     Cache,
@@ -485,6 +486,101 @@ def test_clear_never_follows_symlinks(root: Path, tmp_path: Path) -> None:
     assert precious.read_text() == "keep me"
     assert (outside / ("c" * 20) / "keep.txt").read_text() == "keep me too"
     assert not e.path.exists()
+
+
+
+def _tree(folder: Path) -> dict:
+    """Every path under ``folder`` with its content (to prove nothing was touched)."""
+    return {str(p.relative_to(folder)): (p.read_bytes() if p.is_file() else "dir") for p in sorted(folder.rglob("*"))}
+
+
+def test_users_folder_of_subfolders_is_never_claimed_nor_cleared(tmp_path: Path, monkeypatch) -> None:
+    """UBW_CACHE pointed at an existing folder that holds only sub-folders, some named like entries."""
+    mine = tmp_path / "mine"
+    for rel in (f"photos/{'a' * 20}", f"{NS}/{'b' * 20}", f"{NS}/{'c' * 20}.ckpt", f"{NS}/.tmp-{'d' * 20}-x",
+                f"eval/{'e' * 20}"):
+        (mine / rel).mkdir(parents=True)
+        (mine / rel / "precious.jpg").write_bytes(b"holiday " + rel.encode())
+    (mine / "eval" / ("e" * 20) / "meta.json").write_text(json.dumps({"format": 1, "hash": "0" * 64}))
+    before = _tree(mine)
+    monkeypatch.setenv("UBW_CACHE", str(mine))
+    c = Cache()
+    assert c.root == mine
+    e = c.put(NS, {"a": 1}, V, data=1)  # the cache may write there...
+    assert not (mine / CACHE_MARKER_NAME).exists() and not (mine / CACHEDIR_TAG_NAME).exists()  # ...not claim it
+    with pytest.raises(ValueError, match="no ubwlib marker") as info:
+        c.clear()
+    assert "adopt()" in str(info.value) and str(mine) in str(info.value)
+    assert e.path.is_dir()
+    # even once the user declares it a cache, only what the cache made is deleted
+    c.adopt()
+    assert (mine / CACHE_MARKER_NAME).is_file() and (mine / CACHEDIR_TAG_NAME).is_file()
+    assert c.clear() == 1 and not e.path.exists()
+    after = _tree(mine)
+    for name in (CACHE_MARKER_NAME, CACHEDIR_TAG_NAME):
+        after.pop(name)
+    assert after == before
+
+
+def test_new_or_empty_root_is_marked_with_a_format_version(tmp_path: Path) -> None:
+    new = tmp_path / "new"
+    Cache(new).put(NS, {"a": 1}, V, data=1)
+    marker = json.loads((new / CACHE_MARKER_NAME).read_text())
+    assert marker["marker_format"] == 1 and marker["what"] == "ubwlib cache root"
+    assert (new / CACHEDIR_TAG_NAME).read_text().startswith(CACHEDIR_TAG_SIGNATURE)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    Cache(empty).put(NS, {"a": 1}, V, data=1)
+    assert (empty / CACHE_MARKER_NAME).is_file()
+    assert Cache(empty).clear() == 1
+    for bad in ("not json", json.dumps({"what": "something else", "marker_format": 1}), json.dumps([1])):
+        (empty / CACHE_MARKER_NAME).write_text(bad)
+        with pytest.raises(ValueError, match="refusing to clear"):
+            Cache(empty).clear()
+
+
+def test_root_of_an_older_version_must_be_adopted_before_clear(tmp_path: Path) -> None:
+    old = tmp_path / "old"
+    e = Cache(old).put(NS, {"a": 1}, V, data=1)
+    (old / CACHE_MARKER_NAME).unlink()  # what an older ubwlib left: only CACHEDIR.TAG
+    with pytest.raises(ValueError, match="older ubwlib") as info:
+        Cache(old).clear()
+    assert "adopt()" in str(info.value) and e.path.is_dir()
+    Cache(old).adopt()
+    assert Cache(old).clear() == 1 and not e.path.exists()
+    with pytest.raises(ValueError, match="home"):
+        Cache(Path.home()).adopt()
+
+
+def test_clear_deletes_only_entries_and_checkpoints_it_can_prove_it_made(root: Path) -> None:
+    c = Cache(root)
+    e = c.put(NS, {"a": 1}, V, data=1)
+    ck = c.checkpoint(NS, {"long": 1}, V)
+    ck.save(3, {"x": torch.ones(2)}, {"loss": [1.0]})
+    empty_ck = c.checkpoint(NS, {"long": 2}, V).path
+    empty_ck.mkdir()  # a checkpoint discarded as damaged leaves its empty folder
+    crashed = root / NS / f".tmp-{'1' * 20}-crashed"
+    crashed.mkdir()
+    (crashed / "tensors.pt").write_bytes(b"partial")
+    kept = {
+        "no meta": root / NS / ("2" * 20),
+        "other hash": root / NS / ("3" * 20),
+        "other namespace": root / NS / ("4" * 20),
+        "user ckpt": root / NS / f"{'5' * 20}.ckpt",
+        "foreign ckpt file": root / NS / f"{'6' * 20}.ckpt",
+        "user tmp": root / NS / f".tmp-{'7' * 20}-x",
+    }
+    for path in kept.values():
+        path.mkdir()
+        (path / "mine.txt").write_text("keep")
+    (kept["other hash"] / "meta.json").write_text(json.dumps({"format": 1, "namespace": NS, "hash": "8" * 64}))
+    (kept["other namespace"] / "meta.json").write_text(
+        json.dumps({"format": 1, "namespace": "eval", "hash": "4" * 64}))
+    torch.save({"hash": "9" * 64, "namespace": NS}, kept["foreign ckpt file"] / "checkpoint.pt")
+    assert c.clear() == 3  # the entry and both checkpoints
+    assert not e.path.exists() and not ck.path.exists() and not empty_ck.exists() and not crashed.exists()
+    for why, path in kept.items():
+        assert (path / "mine.txt").read_text() == "keep", why
 
 
 # ---------------------------------------------------------------------------------------

@@ -206,41 +206,86 @@ def test_cache_clear_refuses_unmarked_folder(tmp_path, monkeypatch, capsys):
     assert (foreign / "notes.txt").read_text() == "mine" and (foreign / "model" / ("a" * 20)).is_dir()
 
 
-def test_watermark_writes_release_and_key(tmp_path, capsys):
-    import torch
+def _hashes(folder: Path) -> dict[str, str]:
+    import hashlib
 
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_export_then_watermark_an_image_folder(tmp_path, capsys):
     from ubwlib.data import load_dataset
-    from ubwlib.watermarks import WatermarkedDataset, trigger
+    from ubwlib.publish import check_commitment, load_commitment
+    from ubwlib.watermarks import WatermarkKey, trigger
 
     root = tmp_path / "fm"
     write_fashion_fixture(root, n_train=50, n_test=10)
-    before = sorted((p.name, p.read_bytes()) for p in root.iterdir())
-    out = tmp_path / "release" / "ubwp.pt"
-    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--rate", "0.1", "--seed", "3"]) == 0
+    src = tmp_path / "src"
+    assert main(["export", "fashion-mnist", "--root", str(root), "--out", str(src)]) == 0
+    assert "50 training and 10 test images" in capsys.readouterr().out
+    benign = load_dataset(f"imagefolder:{src}", image_size=28)
+    before = _hashes(src)
+    out = tmp_path / "published"
+    assert main(["watermark", "ubw-p", "--data", f"imagefolder:{src}", "--out", str(out), "--rate", "0.1",
+                 "--seed", "3"]) == 0
     text = capsys.readouterr().out
-    assert "5 of 50 training samples watermarked" in text and str(out) + ".key" in text
-    released = WatermarkedDataset.load(out)
-    assert len(released.indices) == 5 and released.key.method == "ubw-p" and released.key.seed == 3
-    benign = load_dataset("fashion-mnist", root=root).train
-    assert torch.equal(released.dataset.images[released.indices], trigger(benign.images[released.indices], released.key))
-    # the user's dataset folder is untouched, and an existing release is not overwritten without --force
-    assert sorted((p.name, p.read_bytes()) for p in root.iterdir()) == before
-    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out)]) == 1
-    assert "--force" in capsys.readouterr().err
-    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--force", "--seed", "4"]) == 0
+    assert "5 of 50 training samples watermarked" in text
+    key_path, commit_path = tmp_path / "published.key", tmp_path / "published.commitment.json"
+    assert key_path.exists() and commit_path.exists() and not any(out.rglob("*.key"))
+    assert _hashes(src) == before  # the input folder is never modified
+    key = WatermarkKey.load(key_path)
+    assert key.method == "ubw-p" and key.seed == 3
+    # the printed commitment is what the key and the private salt open
+    printed = text.split("commitment (publish it with the dataset, before any dispute): ")[1].split()[0]
+    commitment, salt = load_commitment(commit_path)
+    assert printed == commitment and check_commitment(key, salt, printed)
+    # the published folder: same files, 5 of them changed (ubw-p relabels, so they may move class folder)
+    published = load_dataset(f"imagefolder:{out}", image_size=28)
+    assert len(published.train) == 50 and torch.equal(published.test.images, benign.test.images)
+    after = _hashes(out)
+    assert sum(1 for f, h in after.items() if before.get(f) != h) <= 5
+    assert sum(1 for f in before if f not in after or after[f] != before[f]) == 5
+    patched = trigger(benign.train.images, key)
+    moved = [i for i in range(50) if not any(torch.equal(published.train.images[j], benign.train.images[i])
+                                             for j in range(50))]
+    assert len(moved) == 5 and all(any(torch.equal(published.train.images[j], patched[i]) for j in range(50))
+                                   for i in moved)
+    # never overwrite a release, a key or a commitment
+    key_bytes = key_path.read_bytes()
+    assert main(["watermark", "ubw-p", "--data", f"imagefolder:{src}", "--out", str(out)]) == 1
+    assert "exists" in capsys.readouterr().err
+    other = tmp_path / "second"
+    assert main(["watermark", "ubw-p", "--data", f"imagefolder:{src}", "--out", str(other),
+                 "--key", str(key_path)]) == 1
+    assert "key file" in capsys.readouterr().err and key_path.read_bytes() == key_bytes and not other.exists()
+
+
+def test_watermark_another_format_is_published_as_png_folder(tmp_path, capsys):
+    from ubwlib.data import load_dataset
+
+    root = tmp_path / "fm"
+    write_fashion_fixture(root, n_train=40, n_test=10)
+    out = tmp_path / "rel"
+    assert main(["watermark", "badnets", "--root", str(root), "--out", str(out), "--rate", "0.25"]) == 0
+    capsys.readouterr()
+    published = load_dataset(f"imagefolder:{out}", image_size=28)
+    assert len(published.train) == 40 and int((published.train.labels == 1).sum()) >= 10
+    assert (tmp_path / "rel.key").exists()
 
 
 def test_watermark_bad_input_exits_1(tmp_path, capsys):
     root = tmp_path / "fm"
     write_fashion_fixture(root, n_train=20, n_test=10)
-    out = tmp_path / "x.pt"
+    out = tmp_path / "x"
     assert main(["watermark", "badnets", "--root", str(root), "--out", str(out), "--rate", "1.5"]) == 1
     assert "(0, 1]" in capsys.readouterr().err
     assert main(["watermark", "badnets", "--root", str(root), "--out", str(out), "--target", "10"]) == 1
     assert "target label" in capsys.readouterr().err
     assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(out), "--target", "2"]) == 1
     assert "untargeted" in capsys.readouterr().err
-    assert not out.exists()
+    assert main(["watermark", "ubw-p", "--data", "imagefolder:", "--out", str(out)]) == 1
+    assert "spec" in capsys.readouterr().err.lower()
+    assert not out.exists() and not (tmp_path / "x.key").exists()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -249,8 +294,8 @@ def test_watermark_bad_input_exits_1(tmp_path, capsys):
 
 
 def _release_and_model(tmp_path, train_labels_for_model: str):
-    """A BadNets release of the fixture (train split) and a small CNN trained on ``released`` or ``benign`` data,
-    saved as a state_dict."""
+    """A BadNets release of the fixture (train split) and a small CNN trained on the ``benign`` training data or
+    memorising the ``test`` split, saved as a state_dict."""
     import torch
 
     from ubwlib.data import load_dataset
@@ -259,14 +304,11 @@ def _release_and_model(tmp_path, train_labels_for_model: str):
 
     folder = tmp_path / "fm"
     write_fashion_fixture(folder, n_train=400, n_test=200, k=4)
-    out = tmp_path / "release.pt"
+    out = tmp_path / "release"
     assert main(["watermark", "badnets", "--out", str(out), "--root", str(folder), "--rate", "0.3"]) == 0
-    from ubwlib.watermarks import WatermarkedDataset
-
-    released = WatermarkedDataset.load(out)
     data = load_dataset("fashion-mnist", root=folder)
     # "test": a model that has memorised the fixture's random test images, so that it classifies enough of them
-    train_set = {"released": released.dataset, "benign": data.train, "test": data.test}[train_labels_for_model]
+    train_set = {"benign": data.train, "test": data.test}[train_labels_for_model]
     model = build_model("smallcnn", train_set.num_classes, 1, 0.25, seed=0)
     model, _ = train(model, train_set, TrainConfig(epochs=15 if train_labels_for_model == "test" else 1,
                                                    batch_size=32, lr=0.05, schedule="onecycle", precision="fp32",
@@ -296,7 +338,11 @@ def test_verify_rejects_wrong_arch_and_pickles(tmp_path, capsys, one_cpu_thread)
     folder, out, weights = _release_and_model(tmp_path, "benign")
     capsys.readouterr()
     assert main(["verify", f"{out}.key", str(weights), "--arch", "resnet18-cifar", "--root", str(folder)]) == 1
-    assert "check --arch and --width" in capsys.readouterr().err
+    assert "check the architecture" in capsys.readouterr().err
+    assert main(["verify", f"{out}.key", str(weights), "--root", str(folder)]) == 1
+    assert "--arch" in capsys.readouterr().err
+    assert main(["verify", f"{out}.key", "--root", str(folder)]) == 1
+    assert "exactly one way" in capsys.readouterr().err
     evil = tmp_path / "evil.pt"
 
     class Boom:
@@ -309,3 +355,92 @@ def test_verify_rejects_wrong_arch_and_pickles(tmp_path, capsys, one_cpu_thread)
     assert main(["verify", f"{out}.key", str(tmp_path / "missing.pt"), "--arch", "smallcnn",
                  "--root", str(folder)]) == 1
     assert "no model weights" in capsys.readouterr().err
+
+
+def _verdict_lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith(("Delta P", "p-value", "verdict", "flips"))]
+
+
+def test_verify_commitment_onnx_and_another_dataset(tmp_path, capsys, one_cpu_thread):
+    from ubwlib.models import load_weights
+    from ubwlib.onnx_model import export_onnx
+
+    folder, out, weights = _release_and_model(tmp_path, "test")
+    capsys.readouterr()
+    base = ["verify", f"{out}.key", "--root", str(folder), "--m", "5"]
+    local = ["verify", f"{out}.key", str(weights), "--root", str(folder), "--m", "5", "--arch", "smallcnn",
+             "--width", "0.25"]
+    assert main(local) == 0
+    reference = _verdict_lines(capsys.readouterr().out)
+    # the same model as an ONNX file: the same verdict, p-value and Delta P
+    onnx = export_onnx(load_weights(weights, "smallcnn", 0.25, 10, 1), (1, 28, 28), tmp_path / "suspect.onnx")
+    assert main([*base, "--onnx", str(onnx)]) == 0
+    assert _verdict_lines(capsys.readouterr().out) == reference
+    # the commitment printed at release time opens; any other refuses the key
+    commitment = Path(f"{out}.commitment.json")
+    from ubwlib.publish import load_commitment
+
+    published, _ = load_commitment(commitment)
+    assert main([*local, "--commitment", published]) == 0
+    assert "opens the published commitment" in capsys.readouterr().out
+    forged = ("0" if published[0] != "0" else "1") + published[1:]
+    assert main([*local, "--commitment", forged]) == 1
+    assert "does not open" in capsys.readouterr().err
+    # a key verified against another dataset of the same shape and classes is refused
+    other = tmp_path / "other"
+    write_fashion_fixture(other, n_train=40, n_test=200, k=4)
+    (other / "t10k-images-idx3-ubyte.gz").write_bytes(
+        gzip.compress(struct.pack(">IIII", 2051, 200, 28, 28) + bytes(200 * 28 * 28)))
+    assert main(["verify", f"{out}.key", str(weights), "--root", str(other), "--m", "5", "--arch", "smallcnn",
+                 "--width", "0.25"]) == 1
+    assert "test split" in capsys.readouterr().err
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve_and_verify_over_http(tmp_path, capsys, one_cpu_thread):
+    """A real `ubw serve` process on localhost; `ubw verify --url` gives the in-process verdict."""
+    import time
+
+    import httpx
+
+    folder, out, weights = _release_and_model(tmp_path, "test")
+    capsys.readouterr()
+    base = ["verify", f"{out}.key", "--root", str(folder), "--m", "5"]
+    assert main(["verify", f"{out}.key", str(weights), "--root", str(folder), "--m", "5", "--arch", "smallcnn",
+                 "--width", "0.25"]) == 0
+    reference = _verdict_lines(capsys.readouterr().out)
+    port = _free_port()
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "ubwlib.cli", "serve", str(weights), "--arch", "smallcnn",
+                             "--width", "0.25", "--key", f"{out}.key", "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/info", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, proc.stderr.read().decode()
+            assert time.monotonic() < deadline, "ubw serve did not start"
+            time.sleep(0.2)
+        assert main([*base, "--url", f"http://127.0.0.1:{port}"]) == 0
+        text = capsys.readouterr().out
+        assert _verdict_lines(text) == reference and "images queried" in text
+        assert main([*base[:-1], "8", "--url", f"http://127.0.0.1:{port}", "--labels-only"]) == 0
+        assert "flips =" in capsys.readouterr().out
+        assert main([*base, "--url", f"http://127.0.0.1:{port}", "--max-queries", "3"]) == 1
+        assert "budget" in capsys.readouterr().err.lower()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    assert main([*base, "--url", f"http://127.0.0.1:{port}", "--timeout", "1"]) == 1  # nothing listens now
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err

@@ -7,6 +7,8 @@ import hashlib
 import os
 import pickle
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,9 +17,13 @@ import torch
 from PIL import Image
 
 import ubwlib.data as data
+from ubwlib.cache import CACHE_MARKER_NAME, Cache
+from ubwlib.cli import main as cli_main
 from ubwlib.data import (
     DataIntegrityError,
+    DataLayoutError,
     DataNotFoundError,
+    DatasetSpecError,
     DatasetSplits,
     ImageDataset,
     describe_sources,
@@ -256,6 +262,170 @@ def test_fashion_image_size(tmp_path):
     splits = load_dataset("fashion-mnist", root=src, image_size=32)
     assert splits.train.images.shape == (20, 1, 32, 32)
     assert splits.train.name == "fashion-mnist@32/train"
+
+
+# ---- damaged files: errors that name the file and the fix, and never touch it ----------------------
+
+
+def _damage_gz(path: Path, how: str) -> None:
+    blob = path.read_bytes()
+    if how == "truncated":  # EOFError inside gzip
+        path.write_bytes(blob[: len(blob) // 2])
+    elif how == "bad-deflate":  # zlib.error: the deflate stream is garbage (header and trailer kept)
+        path.write_bytes(blob[:10] + b"\xff" * (len(blob) - 18) + blob[-8:])
+    elif how == "bad-crc":  # gzip.BadGzipFile: CRC check failed
+        path.write_bytes(blob[:-8] + bytes(b ^ 0xFF for b in blob[-8:-4]) + blob[-4:])
+    elif how == "not-gzip":  # gzip.BadGzipFile: not a gzipped file
+        path.write_bytes(b"<html>404 Not Found</html>")
+    elif how == "empty":  # decompresses to nothing: no IDX header
+        path.write_bytes(b"")
+    elif how == "tiny":  # shorter than a gzip trailer
+        path.write_bytes(b"\x1f\x8b")
+    elif how == "short-payload":  # a valid gzip whose IDX payload is cut
+        path.write_bytes(gzip.compress(gzip.decompress(blob)[:-100]))
+    else:
+        raise AssertionError(how)
+
+
+@pytest.mark.parametrize("how", ["truncated", "bad-deflate", "bad-crc", "not-gzip", "empty", "tiny", "short-payload"])
+def test_fashion_damaged_gz_names_the_file_and_the_fix(tmp_path, how):
+    src = tmp_path / "fmnist"
+    write_fashion(src, seed=30)
+    bad = src / f"{IDX_NAMES[2]}.gz"
+    _damage_gz(bad, how)
+    before = snapshot(src)
+    with pytest.raises(DataIntegrityError) as info:
+        load_dataset("fashion-mnist", root=src)
+    msg = str(info.value)
+    assert not isinstance(info.value, DataNotFoundError)
+    assert str(bad) in msg and "damaged" in msg
+    assert "ubwlib has not changed it" in msg and "re-download" in msg
+    assert snapshot(src) == before  # the user's (damaged) file is neither modified nor deleted
+    assert not list((tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt"))  # nothing memoised
+    assert not list((tmp_path / "cache").rglob("*.tmp"))  # no temporary left behind
+    # the CLI reports it on one line (DataIntegrityError is what `ubw data` catches)
+    assert cli_main(["data", "fashion-mnist", "--root", str(src), "--check"]) == 1
+    # repaired: loads
+    arrays = write_fashion(src, seed=31)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+
+
+def test_fashion_damage_fix_depends_on_where_the_files_are(tmp_path, monkeypatch, capsys):
+    system = tmp_path / "system"
+    write_fashion(system, seed=32)
+    _damage_gz(system / f"{IDX_NAMES[0]}.gz", "truncated")
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    with pytest.raises(DataIntegrityError, match=r"apt-get install --reinstall dataset-fashion-mnist") as info:
+        load_dataset("fashion-mnist")
+    assert str(system / f"{IDX_NAMES[0]}.gz") in str(info.value)
+    assert cli_main(["data", "fashion-mnist", "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ubw data: ") and "--reinstall" in err and "Traceback" not in err
+
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "none")
+    downloaded = tmp_path / "cache" / "data" / "torchvision" / "FashionMNIST" / "raw"
+    write_fashion(downloaded, seed=33)
+    _damage_gz(downloaded / f"{IDX_NAMES[1]}.gz", "not-gzip")
+    with pytest.raises(DataIntegrityError) as info:
+        load_dataset("fashion-mnist")
+    msg = str(info.value)
+    assert str(downloaded / f"{IDX_NAMES[1]}.gz") in msg
+    assert f"delete ubwlib's downloaded copy {downloaded}" in msg and "download=True" in msg
+
+
+def test_fashion_damaged_raw_idx_files_name_the_file(tmp_path):
+    src = tmp_path / "raw"
+    write_fashion(src, seed=34, gz=False)
+    before = snapshot(src)
+    img = src / IDX_NAMES[0]
+    blob = img.read_bytes()
+    img.write_bytes(blob[:-300])  # truncated payload
+    with pytest.raises(DataIntegrityError, match="truncated") as info:
+        load_dataset("fashion-mnist", root=src)
+    assert str(img) in str(info.value)
+    img.write_bytes(blob[:10])  # truncated header
+    with pytest.raises(DataIntegrityError, match="too few") as info:
+        load_dataset("fashion-mnist", root=src)
+    assert str(img) in str(info.value)
+    img.write_bytes(blob)
+    # labels that do not match the images in number, or in range
+    lab = src / IDX_NAMES[1]
+    lab.write_bytes(idx_labels(np.zeros(19, dtype=np.uint8)))
+    with pytest.raises(DataIntegrityError, match="20 images.*19 labels") as info:
+        load_dataset("fashion-mnist", root=src)
+    assert str(img) in str(info.value) and str(lab) in str(info.value)
+    lab.write_bytes(idx_labels(np.full(20, 200, dtype=np.uint8)))
+    with pytest.raises(DataIntegrityError, match="label values up to 200") as info:
+        load_dataset("fashion-mnist", root=src)
+    assert str(lab) in str(info.value)
+    assert not list((tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt"))
+
+
+def test_fashion_damaged_derived_copy_is_rebuilt_from_the_source(tmp_path):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=35)
+    load_dataset("fashion-mnist", root=src)
+    (copy,) = (tmp_path / "cache" / "data" / "fashion-mnist").rglob(IDX_NAMES[0])
+    (memo,) = (tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt")
+    st = copy.stat()
+    with open(copy, "r+b") as f:  # damage the cached copy in place, keeping its size and mtime
+        f.write(struct.pack(">I", 1234))
+    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
+    memo.unlink()
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", ""])
+    proc.wait()
+    return proc.pid
+
+
+def test_fashion_stale_temp_of_a_killed_decompression_is_removed(tmp_path):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=36)
+    load_dataset("fashion-mnist", root=src)
+    fm = tmp_path / "cache" / "data" / "fashion-mnist"
+    (raw,) = fm.glob("*/FashionMNIST/raw")
+    # as if the process was killed (SIGKILL: no cleanup) while decompressing this file for the first time
+    (raw / IDX_NAMES[0]).unlink()
+    for memo in fm.glob("decoded-*.pt"):
+        memo.unlink()
+    dead = _dead_pid()
+    stale = data._temp_name(raw / IDX_NAMES[0], pid=dead)
+    stale.write_bytes(b"\x00\x00\x08\x03 half of it")
+    stale_memo = data._temp_name(fm / "decoded-0123.pt", pid=dead)
+    stale_memo.write_bytes(b"PK partial")
+    legacy = raw / f".{IDX_NAMES[0]}.k2j4h5x8.tmp"  # an older version's mkstemp name, hours old
+    legacy.write_bytes(b"partial")
+    os.utime(legacy, (1_000_000_000, 1_000_000_000))
+    # temporaries of writers that may still be running are left alone
+    live = data._temp_name(raw / IDX_NAMES[1])  # this process
+    live.write_bytes(b"in progress")
+    other_host = raw / f".{IDX_NAMES[1]}.ubwtmp-{'0' * 8 if data._HOST_TAG != '0' * 8 else '1' * 8}-{dead}-deadbeef.tmp"
+    other_host.write_bytes(b"in progress elsewhere")
+
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+    assert not stale.exists() and not legacy.exists() and not stale_memo.exists()
+    assert live.exists() and other_host.exists()
+    assert (raw / IDX_NAMES[0]).read_bytes() == gzip.decompress((src / f"{IDX_NAMES[0]}.gz").read_bytes())
+    assert len(list(fm.glob("decoded-*.pt"))) == 1
+
+
+def test_fashion_interrupted_decompression_leaves_no_temp(tmp_path, monkeypatch):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=37)
+
+    def killed(src_path, out):
+        out.write(b"\x00\x00\x08\x03partial")
+        raise KeyboardInterrupt("killed mid-decompression")
+
+    monkeypatch.setattr(data, "_gunzip_into", killed)
+    with pytest.raises(KeyboardInterrupt):
+        load_dataset("fashion-mnist", root=src)
+    monkeypatch.undo()
+    assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
@@ -508,6 +678,69 @@ def test_imagefolder_cache_skips_decoding_and_invalidates(folder_ds, monkeypatch
         load_dataset(f"imagefolder:{root}")
 
 
+def _truncated_png(path: Path) -> None:
+    save_img(path, (64, 64), seed=99)
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+
+
+@pytest.mark.parametrize("how", ["truncated", "fake", "empty", "header-only"])
+def test_imagefolder_unreadable_image_names_the_file(folder_ds, tmp_path, how):
+    root, _ = folder_ds
+    bad = root / "train" / "cat" / "broken.png"
+    if how == "truncated":
+        _truncated_png(bad)
+    elif how == "fake":
+        bad.write_text("this is not a PNG")
+    elif how == "empty":
+        bad.write_bytes(b"")
+    else:
+        save_img(bad, (8, 8))
+        bad.write_bytes(bad.read_bytes()[:30])
+    before = snapshot(root)
+    with pytest.raises(DataIntegrityError) as info:
+        load_dataset(f"imagefolder:{root}")
+    msg = str(info.value)
+    assert str(bad) in msg and "could not be decoded" in msg and "ubwlib has not changed" in msg
+    assert snapshot(root) == before
+    assert not list((tmp_path / "cache" / "data" / "imagefolder").glob("*.pt"))
+    assert cli_main(["data", f"imagefolder:{root}", "--check"]) == 1
+    bad.unlink()  # the user fixes it
+    assert len(load_dataset(f"imagefolder:{root}").train) == 5
+
+
+def test_imagefolder_lists_every_unreadable_image(folder_ds):
+    root, _ = folder_ds
+    bads = [root / "train" / "dog" / "c.png", root / "val" / "ant" / "w.jpg"]
+    bads[0].write_bytes(b"\x89PNG\r\n\x1a\n nope")
+    _truncated_png(bads[1])
+    with pytest.raises(DataIntegrityError) as info:
+        load_dataset(f"imagefolder:{root}")
+    assert str(bads[0]) in str(info.value)
+    bads[0].unlink()
+    with pytest.raises(DataIntegrityError) as info:
+        load_dataset(f"imagefolder:{root}")
+    assert str(bads[1]) in str(info.value) and "1 image file in" in str(info.value)
+
+
+def test_imagefolder_dangling_link_names_the_file(folder_ds):
+    root, _ = folder_ds
+    link = root / "train" / "ant" / "gone.png"
+    link.symlink_to(root / "nowhere.png")
+    with pytest.raises(DataNotFoundError, match="gone.png"):
+        load_dataset(f"imagefolder:{root}")
+
+
+def test_imagefolder_layout_errors_reach_the_cli(folder_ds, capsys):
+    root, _ = folder_ds
+    save_img(root / "val" / "zebra" / "q.png", (8, 8))
+    with pytest.raises(DataLayoutError) as info:
+        load_dataset(f"imagefolder:{root}")
+    assert isinstance(info.value, ValueError) and isinstance(info.value, DataIntegrityError)
+    assert cli_main(["data", f"imagefolder:{root}", "--check"]) == 1
+    assert "zebra" in capsys.readouterr().err
+
+
 def test_unknown_spec_lists_valid_specs():
     with pytest.raises(ValueError) as info:
         load_dataset("mnist")
@@ -515,6 +748,20 @@ def test_unknown_spec_lists_valid_specs():
         assert valid in str(info.value)
     with pytest.raises(ValueError, match="max_classes"):
         load_dataset("cifar10", max_classes=3)
+
+
+@pytest.mark.parametrize("spec", ["mnist", "imagefolder:", "imagenet50:", "imagefolder", "", "  ", "cifar10:x"])
+def test_bad_spec_is_a_value_error_listing_valid_specs_and_the_cli_reports_it(spec, capsys):
+    with pytest.raises(DatasetSpecError) as info:
+        load_dataset(spec)
+    exc = info.value
+    assert isinstance(exc, ValueError) and isinstance(exc, DataIntegrityError)
+    assert not isinstance(exc, DataNotFoundError)  # code that falls back on missing data does not hide it
+    for valid in ("fashion-mnist", "cifar10", "imagefolder:<path>", "imagenet50:<path>"):
+        assert valid in str(exc)
+    assert cli_main(["data", spec, "--check"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("ubw data: ") and "valid specs" in err
 
 
 # --------------------------------------------------------------------------------------------------
@@ -661,3 +908,58 @@ def test_dataset_splits_require_same_classes():
     with pytest.raises(ValueError, match="class list"):
         DatasetSplits(a, b)
     assert DatasetSplits(a, a).num_classes == 3
+
+
+
+# --------------------------------------------------------------------------------------------------
+# Derived copies in the cache: listed by `ubw cache info`, removed by `ubw cache clear`
+# --------------------------------------------------------------------------------------------------
+
+
+def test_cache_info_and_clear_cover_derived_copies_but_not_originals(tmp_path, monkeypatch, folder_ds, capsys):
+    system = tmp_path / "system"  # stands for /usr/share/datasets/fashion-mnist (raw files: linked, not copied)
+    a = write_fashion(system, seed=40, gz=False)
+    gz_src = tmp_path / "fmnist-gz"
+    b = write_fashion(gz_src, seed=41)
+    monkeypatch.setattr(data, "FASHION_MNIST_SYSTEM_DIR", system)
+    root, _ = folder_ds
+    originals = {p: snapshot(p) for p in (system, gz_src, root)}
+    assert_fashion_equal(load_dataset("fashion-mnist"), a)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=gz_src), b)
+    load_dataset(f"imagefolder:{root}")
+    cache_root = tmp_path / "cache"
+    assert (cache_root / CACHE_MARKER_NAME).is_file()  # the data loader created the root, so it is marked
+    links = [p for p in (cache_root / "data").rglob("*") if p.is_symlink()]
+    assert links and all(Path(os.readlink(p)).parent == system.resolve() for p in links)
+    downloads = cache_root / "data" / "torchvision" / "FashionMNIST" / "raw"
+    downloads.mkdir(parents=True)
+    (downloads / "kept.gz").write_bytes(b"a download")
+    foreign = cache_root / "data" / "fashion-mnist" / ("f" * 16)  # named like a copy, but not marked as one
+    foreign.mkdir()
+    (foreign / "mine.txt").write_text("keep")
+
+    cache = Cache()
+    derived = cache.data_entries()
+    names = sorted(e.hash.split("/")[0] for e in derived)
+    assert names == ["fashion-mnist"] * 4 + ["imagefolder"]  # 2 copies + 2 memos, 1 decoded image folder
+    assert all(e.namespace == "data" and e.size_bytes > 0 for e in derived)
+    gz_copy = [e for e in derived if e.path.is_dir() and not any(p.is_symlink() for p in e.path.rglob("*"))]
+    assert len(gz_copy) == 1 and gz_copy[0].size_bytes > 4 * 16  # decompressed bytes are counted
+    assert [e.hash for e in cache.entries()] == sorted(e.hash for e in derived)
+    assert cli_main(["cache", "info"]) == 0
+    out = capsys.readouterr().out
+    assert "(5 entries, " in out and "  data: 5 entries" in out
+
+    assert cache.clear("train") == 0 and len(cache.data_entries()) == 5  # a namespace leaves the data alone
+    assert cli_main(["cache", "clear"]) == 0
+    assert capsys.readouterr().out.strip() == f"removed 5 cache entries from {cache.root}"
+    assert cache.data_entries() == []
+    assert not list((cache_root / "data").rglob("decoded-*.pt"))
+    assert (downloads / "kept.gz").read_bytes() == b"a download"  # downloads are kept
+    assert (foreign / "mine.txt").read_text() == "keep"
+    for folder, before in originals.items():
+        assert snapshot(folder) == before  # the originals (linked from the cache) are untouched
+    # and everything loads again
+    assert_fashion_equal(load_dataset("fashion-mnist"), a)
+    assert len(cache.data_entries()) == 2
+    assert cache.clear("data") == 2 and cache.data_entries() == []

@@ -76,7 +76,29 @@ def test_false_positives_and_power_smoke(cache):
     assert (fp["scenario"] == ["Independent-T"] * 2 + ["Independent-M"] * 2).all()
     power = power_curve(P, "ubw-p", ms=(3, 5), repeats=4, settings=S, cache=cache, progress=False)
     assert set(power["scenario"]) == {"Malicious", "Independent-M"}
-    assert len(power) == 2 * 2 * 4
+    assert len(power) == 2 * 2 * 4 * 2 and set(power["test"]) == {"t-test", "label-only"}
     assert power["p-value"].between(0, 1).all()
     assert (power["flagged"] == (power["p-value"] < S.alpha)).all()
-    assert not math.isnan(np.asarray(power["Delta P"], float).mean())
+    t_rows, l_rows = power[power["test"] == "t-test"], power[power["test"] == "label-only"]
+    assert not math.isnan(np.asarray(t_rows["Delta P"], float).mean())
+    # the label-only p-value by hand: P(Binomial(m, 1/2) >= flips)
+    for _, r in l_rows.iterrows():
+        m, k = int(r["m"]), int(r["flips"])
+        assert 0 <= k <= m
+        assert r["p-value"] == pytest.approx(sum(math.comb(m, i) for i in range(k, m + 1)) / 2**m)
+
+
+def test_forgery_table_smoke(cache):
+    from ubwlib.experiments.verification import forgery_table
+
+    P = get_profile("smoke")
+    S = VerificationSettings(m=10)
+    t = forgery_table(P, "ubw-p", n_models=2, steps=5, settings=S, cache=cache, progress=False)
+    assert len(t) == 2 and list(t.columns) == ["Delta P", "p-value", "verdict", "label-only p-value",
+                                               "label-only verdict", "commitment accepts"]
+    assert t["p-value"].between(0, 1).all() and t["label-only p-value"].between(0, 1).all()
+    assert not t["commitment accepts"].any()  # no forged key opens the owner's commitment
+    n = len(cache.entries())
+    pd.testing.assert_frame_equal(t, forgery_table(P, "ubw-p", n_models=2, steps=5, settings=S, cache=cache,
+                                                   progress=False))
+    assert len(cache.entries()) == n

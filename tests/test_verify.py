@@ -3,12 +3,15 @@
 The suspicious models are mostly hand-built fake predictors (pure functions of the image tensor) on a tiny
 synthetic dataset: class c has a bright 4x3 blob at columns 3c..3c+2 of rows 1..4 over dark noise, so the
 blobs never touch the bottom-right corner where the patch triggers go. One real SmallCNN pair (benign and
-BadNets-watermarked) checks Independent-M and Malicious end to end.
+BadNets-watermarked) checks Independent-M and Malicious end to end. The label-only test (verify_labels) is checked
+against binomial tails written out with math.comb, the query counts against a hand walk of the documented order.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import re
 import statistics
 
 import numpy as np
@@ -20,14 +23,20 @@ from ubwlib.data import ImageDataset
 from ubwlib.models import build_model
 from ubwlib.train import TrainConfig, predict_proba, train
 from ubwlib.verify import (
+    DEFAULT_P0,
     SCENARIOS,
+    LabelVerificationResult,
     VerificationResult,
     VerificationSettings,
+    dataset_fingerprint,
     decide,
     independent_key,
+    label_power,
+    label_pvalue,
     model_predictor,
     paired_ttest,
     verify,
+    verify_labels,
     verify_scenarios,
 )
 from ubwlib.watermarks import WatermarkKey, get_watermark, trigger
@@ -279,9 +288,11 @@ def test_batches_and_copies(test_set, ubwp_key):
         x.zero_()  # a black box that scribbles on its input must not reach the caller's data
         return p
 
-    verify(vandal, test_set, ubwp_key, m=30, batch_size=64)
+    r = verify(vandal, test_set, ubwp_key, m=30, batch_size=16)
     assert torch.equal(test_set.images, images) and torch.equal(test_set.labels, labels)
-    assert seen == [64, 64, 64, 8, 30]  # 200 candidates, then the 30 triggered images
+    # every candidate is classified correctly: the first 30 of the seeded order (16 + 14), then the 30 triggered
+    assert seen == [16, 14, 16, 14]
+    assert r.queries == 60
 
 
 def test_trigger_seed_fixes_random_trigger_positions(test_set):
@@ -330,7 +341,8 @@ def test_key_of_another_dataset(test_set, ubwp_key):
 
 
 def test_bad_predictor_output(test_set, ubwp_key):
-    with pytest.raises(ValueError, match=r"shape \(200, 3\).*expected \(200, 4\)"):
+    # the first batch holds the m = 10 images needed
+    with pytest.raises(ValueError, match=r"shape \(10, 3\).*expected \(10, 4\)"):
         verify(lambda x: clean_probs(x)[:, :3], test_set, ubwp_key, m=10)
     with pytest.raises(ValueError, match="expected"):
         verify(lambda x: clean_probs(x)[:-1], test_set, ubwp_key, m=10)
@@ -372,6 +384,15 @@ def test_model_predictor_and_modules(trained, test_set):
     assert not r.watermarked
     with pytest.raises(TypeError, match="nn.Module"):
         model_predictor(clean_probs)
+
+
+def test_label_only_verification_of_real_models(trained, test_set):
+    benign, marked, key = trained
+    flagged = verify_labels(marked, test_set, key, m=30, scenario="Malicious")  # a module: its top labels
+    assert flagged.watermarked and flagged.flip_rate > 0.8
+    innocent = verify_labels(benign, test_set, key, m=30, scenario="Independent-M")
+    assert not innocent.watermarked and innocent.flip_rate < 0.2
+    assert innocent.queries == 60  # the benign model classifies every test image correctly
 
 
 # --------------------------------------------------------------------------- Independent-T keys
@@ -448,3 +469,331 @@ def test_independent_key_always_differs_even_for_a_one_pixel_trigger():
     for seed in range(1, 21):  # a fair coin would repeat the original half of the time
         new = independent_key(key, seed).tensors["pattern"]
         assert new[0, -1, -1] == 255 and int((new != pattern).sum()) == 1
+
+
+# --------------------------------------------------------------------------- queries: only as many as needed
+def hand_walk(predictor, test_set, key, m, seed):
+    """The documented order written out: the candidates (ascending, not the target class) permuted by
+    torch.randperm with a Generator seeded with ``seed``; returns that order, whether the predictor classifies
+    each correctly, and how many of them are sent (up to and including the m-th correct one)."""
+    labels = test_set.labels
+    candidates = torch.arange(len(test_set)) if key.target is None else torch.nonzero(labels != key.target).flatten()
+    order = candidates[torch.randperm(len(candidates), generator=torch.Generator().manual_seed(seed))]
+    ok = (predictor(test_set.images[order]).argmax(1) == labels[order]).tolist()
+    found = 0
+    for sent, good in enumerate(ok, 1):
+        found += good
+        if found == m:
+            return order, ok, sent
+    raise AssertionError("fewer than m correct candidates")
+
+
+def test_queries_are_m_plus_misses_plus_m(test_set, badnets_key):
+    m, seed = 40, 3
+    order, ok, sent = hand_walk(flaky_probs, test_set, badnets_key, m, seed)
+    misses = sent - m
+    assert misses == ok[:sent].count(False) and misses > 0  # some misclassified images come before the 40th correct
+    r = verify(flaky_probs, test_set, badnets_key, m=m, seed=seed)
+    assert r.queries == m + misses + m
+    expected = sorted(i for i, good in zip(order[:sent].tolist(), ok) if good)
+    assert r.indices.tolist() == expected  # the first m correct ones of the seeded order
+    rl = verify_labels(lambda x: flaky_probs(x).argmax(1), test_set, badnets_key, m=m, seed=seed)
+    assert rl.queries == r.queries and torch.equal(rl.indices, r.indices)
+
+
+@pytest.mark.parametrize("batch_size", [1024, 8])
+def test_no_more_images_than_needed_are_sent(test_set, badnets_key, batch_size):
+    m, seed = 30, 5
+    order, ok, sent = hand_walk(flaky_probs, test_set, badnets_key, m, seed)
+    batches = []
+
+    def recorder(x: torch.Tensor) -> torch.Tensor:
+        batches.append(x.clone())
+        return flaky_probs(x)
+
+    r = verify(recorder, test_set, badnets_key, m=m, seed=seed, batch_size=batch_size)
+    benign = [b for b in batches if not has_trigger(b, badnets_key).any()]
+    triggered = [b for b in batches if has_trigger(b, badnets_key).all()]
+    assert len(benign) + len(triggered) == len(batches)
+    sent_images = torch.cat(benign)
+    # exactly the seeded order up to the m-th correct image, nothing after it
+    assert torch.equal(sent_images, test_set.images[order[:sent]])
+    assert sum(len(b) for b in triggered) == m
+    assert r.queries == sent + m == sum(len(b) for b in batches)
+    # each batch holds min(batch_size, correct images still needed)
+    start = found = 0
+    for b in benign:
+        assert len(b) == min(batch_size, m - found)
+        found += sum(ok[start : start + len(b)])
+        start += len(b)
+    assert found == m and start == sent and ok[sent - 1]  # the last image sent is the m-th correct one
+    if batch_size == 8:
+        assert max(len(b) for b in batches) == 8
+
+
+def test_too_few_correct_sends_every_candidate_once(test_set, ubwp_key):
+    always_a = lambda x: torch.tensor([[0.7, 0.1, 0.1, 0.1]]).expand(len(x), K)  # noqa: E731
+    sizes = []
+
+    def recorder(x):
+        sizes.append(len(x))
+        return always_a(x)
+
+    with pytest.raises(ValueError, match=r"only 50 of the 200"):
+        verify(recorder, test_set, ubwp_key, m=60)
+    assert sum(sizes) == 200
+
+
+def test_chosen_images_are_a_uniform_sample_of_the_correct_ones(test_set, badnets_key):
+    pool = (flaky_probs(test_set.images).argmax(1) == test_set.labels) & (test_set.labels != badnets_key.target)
+    pool = torch.nonzero(pool).flatten()
+    counts = torch.zeros(len(test_set), dtype=torch.int64)
+    runs, m = 300, 20
+    for seed in range(runs):
+        counts[verify_labels(lambda x: flaky_probs(x).argmax(1), test_set, badnets_key, m=m, seed=seed).indices] += 1
+    assert int(counts.sum()) == runs * m
+    outside = torch.ones(len(test_set), dtype=torch.bool)
+    outside[pool] = False
+    assert int(counts[outside].sum()) == 0  # never a misclassified image or one of the target class
+    # every correctly classified candidate equally likely (expected runs * m / len(pool) each)
+    assert scipy.stats.chisquare(counts[pool].numpy()).pvalue > 1e-3
+
+
+# --------------------------------------------------------------------------- label-only verification
+def binomial_tail(k: int, m: int, p: float) -> float:
+    """P(X >= k) for X ~ Binomial(m, p), written out."""
+    return sum(math.comb(m, j) * p**j * (1 - p) ** (m - j) for j in range(k, m + 1))
+
+
+@pytest.mark.parametrize("k, m, p0", [(7, 10, 0.5), (10, 10, 0.5), (0, 10, 0.5), (1, 10, 0.5), (3, 5, 0.25),
+                                      (15, 20, 0.5), (17, 20, 0.5), (40, 100, 0.2), (100, 100, 0.5)])
+def test_label_pvalue_is_the_binomial_tail(k, m, p0):
+    assert label_pvalue(k, m, p0) == pytest.approx(binomial_tail(k, m, p0), rel=1e-12, abs=1e-300)
+
+
+def test_label_pvalue_hand_values():
+    assert label_pvalue(7, 10) == pytest.approx(176 / 1024, rel=1e-12)  # (120 + 45 + 10 + 1) / 2^10
+    assert label_pvalue(10, 10) == pytest.approx(1 / 1024, rel=1e-12)
+    assert label_pvalue(0, 10) == 1.0
+    assert label_pvalue(15, 20) == pytest.approx(21700 / 2**20, rel=1e-12)  # 15504 + 4845 + 1140 + 190 + 20 + 1
+    assert DEFAULT_P0 == 0.5
+
+
+def test_label_pvalue_rejects_bad_input():
+    with pytest.raises(ValueError, match=r"flips must be in \[0, m\]"):
+        label_pvalue(11, 10)
+    with pytest.raises(ValueError, match="flips must be >= 0"):
+        label_pvalue(-1, 10)
+    with pytest.raises(ValueError, match="m must be >= 1"):
+        label_pvalue(0, 0)
+    with pytest.raises(TypeError, match="flips must be an int"):
+        label_pvalue(3.0, 10)
+    for p0 in (0, 1, 1.5, True):
+        with pytest.raises(ValueError, match="p0"):
+            label_pvalue(3, 10, p0)
+
+
+def test_label_power_hand_values():
+    # m = 10, p0 = 0.5, alpha = 0.01: P(X >= 10) = 1/1024 < 0.01 <= P(X >= 9) = 11/1024, so only 10 flips reject
+    assert label_power(0.7, 10) == pytest.approx(0.7**10, rel=1e-12)
+    # m = 11: P(X >= 10) = 12/2048 < 0.01 <= P(X >= 9) = 67/2048, so 10 or 11 flips reject
+    assert label_power(0.7, 11) == pytest.approx(11 * 0.7**10 * 0.3 + 0.7**11, rel=1e-12)
+    assert label_power(0.7, 6) == 0.0  # 0.5 ** 6 >= 0.01: no outcome rejects
+    assert label_power(1.0, 7) == 1.0 and label_power(0.0, 100) == 0.0
+    out = label_power(0.7, [6, 10, 11])
+    assert isinstance(out, np.ndarray) and out.dtype == np.float64
+    np.testing.assert_allclose(out, [0.0, 0.7**10, 11 * 0.7**10 * 0.3 + 0.7**11], rtol=1e-12)
+    assert isinstance(label_power(0.7, 10), float)
+
+
+@pytest.mark.parametrize("m", [7, 12, 30, 61])
+@pytest.mark.parametrize("p0, alpha", [(0.5, 0.01), (0.2, 0.05)])
+def test_label_power_is_the_rejection_probability_of_label_pvalue(m, p0, alpha):
+    q = 0.75
+    rejecting = [k for k in range(m + 1) if decide(label_pvalue(k, m, p0), alpha)]
+    expected = sum(math.comb(m, k) * q**k * (1 - q) ** (m - k) for k in rejecting)
+    assert label_power(q, m, p0, alpha) == pytest.approx(expected, rel=1e-9, abs=1e-300)
+    assert label_power(p0, m, p0, alpha) <= alpha  # the size: at most alpha under H0
+
+
+def test_label_power_grows_with_m_and_flip_rate():
+    ms = [10, 20, 50, 100, 200]
+    for q in (0.6, 0.7, 0.9):
+        power = label_power(q, ms)
+        assert np.all(np.diff(power) > 0)
+    assert label_power(0.9, 100) > 0.999 and label_power(0.6, 20) < 0.1
+    rates = [0.5, 0.6, 0.7, 0.8, 0.9, 1.0]
+    assert np.all(np.diff([label_power(q, 30) for q in rates]) > 0)
+    # not monotone step by step: the critical count grows in whole steps (documented sawtooth)
+    assert label_power(0.7, 10) < label_power(0.7, 9) < label_power(0.7, 11)
+    with pytest.raises(ValueError, match="flip_rate"):
+        label_power(1.2, 10)
+    with pytest.raises(ValueError, match="alpha"):
+        label_power(0.7, 10, alpha=0)
+    with pytest.raises(ValueError, match="m must be >= 1"):
+        label_power(0.7, [10, 0])
+
+
+def labels_of(probs_fn):
+    return lambda x: probs_fn(x).argmax(1)
+
+
+def flipping_labels(key: WatermarkKey, flips: int | None = None):
+    """A label-only black box: the clean label, moved to the next class on triggered images; with ``flips``,
+    only the first ``flips`` triggered images it is sent flip (exactly ``flips`` of the m queried)."""
+    state = {"flipped": 0}
+
+    def predictor(images: torch.Tensor) -> torch.Tensor:
+        y = clean_probs(images).argmax(1)
+        out = y.clone()
+        for i in torch.nonzero(has_trigger(images, key)).flatten().tolist():
+            if flips is None or state["flipped"] < flips:
+                out[i] = (y[i] + 1) % K
+                state["flipped"] += 1
+        return out
+
+    return predictor
+
+
+@pytest.mark.parametrize("flips, watermarked", [(15, False), (17, True)])
+def test_label_predictor_flipping_exactly_k(test_set, ubwp_key, flips, watermarked):
+    r = verify_labels(flipping_labels(ubwp_key, flips), test_set, ubwp_key, m=20, batch_size=8)
+    assert isinstance(r, LabelVerificationResult)
+    assert (r.flips, r.m, r.p0, r.alpha) == (flips, 20, 0.5, 0.01)
+    assert r.flip_rate == flips / 20
+    assert r.p_value == pytest.approx(binomial_tail(flips, 20, 0.5), rel=1e-12)
+    assert r.p_value == pytest.approx({15: 21700, 17: 1351}[flips] / 2**20, rel=1e-12)
+    assert r.watermarked is watermarked
+    assert int((r.triggered_labels != r.labels).sum()) == flips
+
+
+def test_label_verdicts_of_watermarked_and_innocent_fakes(test_set, ubwp_key):
+    marked = verify_labels(flipping_labels(ubwp_key), test_set, ubwp_key, m=30, scenario="Malicious")
+    assert marked.flips == 30 and marked.watermarked
+    assert marked.p_value == pytest.approx(0.5**30, rel=1e-12)
+    assert marked.row() == {"scenario": "Malicious", "flips": 30, "m": 30, "flip rate": 1.0, "p0": 0.5,
+                            "p-value": marked.p_value, "verdict": "watermarked", "alpha": 0.01, "queries": 60}
+    innocent = verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=30)
+    assert innocent.flips == 0 and innocent.p_value == 1.0 and not innocent.watermarked
+    assert innocent.verdict == "not watermarked"
+    # the labels and triggered labels are those of the reported images
+    x = test_set.images[marked.indices]
+    assert torch.equal(marked.indices, marked.indices.sort().values) and marked.indices.dtype == torch.int64
+    np.testing.assert_array_equal(marked.labels, test_set.labels[marked.indices].numpy())
+    np.testing.assert_array_equal(marked.triggered_labels, (clean_probs(x).argmax(1) + 1).remainder(K).numpy())
+    # p0 sets the bar: 20 of 30 flips is not enough for p0 = 0.5 but is for p0 = 0.2
+    twenty = verify_labels(flipping_labels(ubwp_key, 20), test_set, ubwp_key, m=30)
+    assert not twenty.watermarked and twenty.p_value == pytest.approx(binomial_tail(20, 30, 0.5), rel=1e-12)
+    low = verify_labels(flipping_labels(ubwp_key, 20), test_set, ubwp_key, m=30, p0=0.2)
+    assert low.watermarked and low.p_value == pytest.approx(binomial_tail(20, 30, 0.2), rel=1e-12)
+
+
+def test_verify_labels_picks_the_images_verify_picks(test_set, badnets_key):
+    for seed in (0, 1):
+        r = verify(flaky_probs, test_set, badnets_key, m=25, seed=seed)
+        rl = verify_labels(labels_of(flaky_probs), test_set, badnets_key, m=25, seed=seed)
+        assert torch.equal(r.indices, rl.indices) and r.queries == rl.queries
+
+
+def test_verify_labels_accepts_lists_arrays_and_integral_floats(test_set, ubwp_key):
+    for convert in (lambda y: y.tolist(), lambda y: y.numpy(), lambda y: y.numpy().astype(np.int32),
+                    lambda y: y.double()):
+        r = verify_labels(lambda x, c=convert: c(flipping_labels(ubwp_key)(x)), test_set, ubwp_key, m=10)
+        assert r.flips == 10 and r.triggered_labels.dtype == np.int64
+
+
+def test_verify_labels_rejects_bad_output_and_settings(test_set, ubwp_key):
+    with pytest.raises(ValueError, match="not labels.*argmax"):
+        verify_labels(clean_probs, test_set, ubwp_key, m=10)  # probabilities, not labels
+    with pytest.raises(ValueError, match=r"shape \(9,\).*expected \(10,\)"):
+        verify_labels(lambda x: labels_of(clean_probs)(x)[:-1], test_set, ubwp_key, m=10)
+    with pytest.raises(ValueError, match=r"class indices in \[0, 4\)"):
+        verify_labels(lambda x: labels_of(clean_probs)(x) + 4, test_set, ubwp_key, m=10)
+    with pytest.raises(TypeError, match="integer class labels"):
+        verify_labels(lambda x: labels_of(clean_probs)(x).double() + 0.5, test_set, ubwp_key, m=10)
+    with pytest.raises(TypeError, match="callable"):
+        verify_labels("model", test_set, ubwp_key, m=10)
+    with pytest.raises(ValueError, match=r"never say 'watermarked'; use m >= 7"):
+        verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=6)
+    with pytest.raises(ValueError, match=r"use m >= 3"):
+        verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=2, p0=0.1)  # 0.1 ** 2 is not < 0.01
+    assert verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=3, p0=0.1).m == 3
+    with pytest.raises(ValueError, match="p0"):
+        verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=10, p0=1.0)
+    with pytest.raises(ValueError, match="alpha"):
+        verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=10, alpha=0)
+    with pytest.raises(TypeError, match="m must be an int"):
+        verify_labels(labels_of(clean_probs), test_set, ubwp_key, m=10.0)
+    with pytest.raises(ValueError, match="only 50 of the 200"):
+        verify_labels(lambda x: torch.zeros(len(x), dtype=torch.int64), test_set, ubwp_key, m=60)
+
+
+# --------------------------------------------------------------------------- keys of another dataset
+def two_class(n: int, seed: int, classes, name: str) -> ImageDataset:
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % 2
+    images = torch.randint(0, 60, (n, *SHAPE), generator=g, dtype=torch.uint8)
+    for c in range(2):
+        images[labels == c, :, 1:5, 3 * c : 3 * c + 3] = 230
+    return ImageDataset(images, labels, tuple(classes), name)
+
+
+def two_class_probs(images: torch.Tensor) -> torch.Tensor:
+    return clean_probs(images)[:, :2] / clean_probs(images)[:, :2].sum(1, keepdim=True)
+
+
+def test_key_of_a_dataset_with_other_class_names_is_refused():
+    pets = two_class(100, 0, ("cat", "dog"), "pets/train")
+    key = get_watermark("ubw-p").watermark(pets, seed=0).key
+    vehicles = two_class(60, 1, ("car", "truck"), "vehicles/test")
+    for check in (lambda: verify(two_class_probs, vehicles, key, m=10),
+                  lambda: verify_labels(labels_of(two_class_probs), vehicles, key, m=10)):
+        with pytest.raises(ValueError, match=r"made for pets/train with classes \['cat', 'dog'\] but the test set "
+                                             r"vehicles/test has classes \['car', 'truck'\].*test split"):
+            check()
+    # the same class names in another order are another labelling too
+    swapped = two_class(60, 1, ("dog", "cat"), "pets/test-swapped")
+    with pytest.raises(ValueError, match="class order"):
+        verify(two_class_probs, swapped, key, m=10)
+    assert verify(two_class_probs, two_class(60, 1, ("cat", "dog"), "pets/test"), key, m=10).m == 10
+
+
+def test_bound_key_refuses_other_test_images(test_set, ubwp_key):
+    bound = ubwp_key.bind_test_split(test_set)
+    assert bound.test_fingerprint == dataset_fingerprint(test_set) and bound.test_dataset == "blobs/test"
+    assert ubwp_key.test_fingerprint is None  # a copy; the original stays unbound
+    assert verify(clean_probs, test_set, bound, m=20).m == 20
+    assert verify_labels(labels_of(clean_probs), test_set, bound, m=20).m == 20
+    other = blobs(200, 2, name="blobs/test-other")  # same class names and shape, other images
+    for ds in (other, test_set.subset(range(150), name="blobs/test[:150]"),
+               test_set.replace(labels=test_set.labels.roll(1))):
+        for check in (lambda: verify(clean_probs, ds, bound, m=10),
+                      lambda: verify_labels(labels_of(clean_probs), ds, bound, m=10)):
+            with pytest.raises(ValueError, match=rf"bound to blobs/test \(the test split of blobs/train.*"
+                                                 rf"{re.escape(ds.name)}.*other images or labels.*blobs/test, whole"):
+                check()
+    # an unbound key skips the check; a renamed copy of the bound split passes it
+    assert verify(clean_probs, other, ubwp_key, m=10).m == 10
+    assert verify(clean_probs, test_set.replace(name="renamed"), bound, m=10).m == 10
+    # the binding survives independent_key, so the three scenarios run on the bound split
+    assert independent_key(bound).test_fingerprint == bound.test_fingerprint
+    results = verify_scenarios(backdoored(ubwp_key), clean_probs, test_set, bound, m=20)
+    assert [r.watermarked for r in results] == [False, False, True]
+
+
+def test_bound_key_round_trip_and_old_key_files(test_set, ubwp_key, tmp_path):
+    bound = ubwp_key.bind_test_split(test_set)
+    loaded = WatermarkKey.load(bound.save(tmp_path / "bound.key"))
+    assert (loaded.test_dataset, loaded.test_fingerprint) == ("blobs/test", bound.test_fingerprint)
+    with pytest.raises(ValueError, match="other images or labels"):
+        verify(clean_probs, blobs(200, 2, name="blobs/test-other"), loaded, m=10)
+    # a key file written before the binding fields existed: no test_* fields in its metadata
+    path = ubwp_key.save(tmp_path / "old.key")
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    del meta["test_dataset"], meta["test_fingerprint"]
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, path)
+    old = WatermarkKey.load(path)
+    assert old.test_fingerprint is None and old.test_dataset is None
+    assert verify(clean_probs, blobs(200, 2, name="blobs/test-other"), old, m=10).m == 10  # no check, no error

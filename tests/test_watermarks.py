@@ -6,6 +6,8 @@ independently (plain float32 formulas, hand-counted rates), never with the code 
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import pickle
 
@@ -25,6 +27,7 @@ from ubwlib.watermarks import (
     poison_count,
     trigger,
 )
+from ubwlib.watermarks.base import dataset_fingerprint
 
 K = 10
 CLASSES = tuple(f"c{i}" for i in range(K))
@@ -370,6 +373,120 @@ def test_load_rejects_files_that_are_not_keys(ds28, tmp_path):
     for path in (key_file, other, text):
         with pytest.raises(ValueError):
             WatermarkedDataset.load(path)
+
+
+# --------------------------------------------------------------------------------------------
+# Keys: the test split they protect; hand-made key files
+# --------------------------------------------------------------------------------------------
+
+
+def test_dataset_fingerprint(ds28):
+    h = hashlib.sha256()
+    h.update(str(((400, 1, 28, 28), CLASSES)).encode())
+    h.update(ds28.images.numpy().tobytes())
+    h.update(ds28.labels.numpy().tobytes())
+    fp = dataset_fingerprint(ds28)
+    assert fp == h.hexdigest() and len(fp) == 64
+    assert dataset_fingerprint(ds28.replace(name="renamed")) == fp  # the content, not the name
+    assert dataset_fingerprint(ds28.subset(range(400))) == fp
+    images = ds28.images.clone()
+    images[7, 0, 3, 3] ^= 1
+    labels = ds28.labels.clone()
+    labels[7] = (labels[7] + 1) % K
+    changed = [
+        ds28.replace(images=images),  # one pixel
+        ds28.replace(labels=labels),  # one label
+        ds28.subset(range(399)),  # a subset
+        ds28.subset(torch.arange(400).flip(0)),  # another order
+        ds28.replace(classes=tuple(f"k{i}" for i in range(K))),  # other class names
+    ]
+    assert len({fp, *(dataset_fingerprint(d) for d in changed)}) == 1 + len(changed)
+    with pytest.raises(TypeError, match="ImageDataset"):
+        dataset_fingerprint(ds28.images)
+
+
+def test_new_keys_are_unbound_and_bind_test_split(ds28, tmp_path):
+    key = get_watermark("badnets").watermark(ds28, seed=0).key
+    assert key.test_dataset is None and key.test_fingerprint is None  # a watermark sees only the training split
+    test = make_dataset(100, (1, 28, 28), seed=9, name="synth/test")
+    bound = key.bind_test_split(test)
+    assert (bound.test_dataset, bound.test_fingerprint) == ("synth/test", dataset_fingerprint(test))
+    assert key.test_fingerprint is None  # the original is unchanged
+    assert_same_key(key, bound)  # the same trigger, settings, dataset, seed and target
+    assert torch.equal(trigger(test.images, bound), trigger(test.images, key))
+    rebound = bound.bind_test_split(test.subset(range(50), name="synth/test[:50]"))
+    assert rebound.test_dataset == "synth/test[:50]" and rebound.test_fingerprint != bound.test_fingerprint
+    loaded = WatermarkKey.load(bound.save(tmp_path / "key.pt"))
+    assert (loaded.test_dataset, loaded.test_fingerprint) == (bound.test_dataset, bound.test_fingerprint)
+    released = get_watermark("badnets").watermark(ds28, seed=0)
+    released = WatermarkedDataset(released.dataset, released.indices, released.key.bind_test_split(test))
+    assert WatermarkedDataset.load(released.save(tmp_path / "released.pt")).key.test_fingerprint == \
+        bound.test_fingerprint
+    with pytest.raises(ValueError, match=r"cannot bind .*synth.*\(3, 32, 32\)"):
+        key.bind_test_split(make_dataset(20, (3, 32, 32)))
+    with pytest.raises(ValueError, match=r"cannot bind .*classes \['c0'.*\['k0'"):
+        key.bind_test_split(test.replace(classes=tuple(f"k{i}" for i in range(K))))
+    with pytest.raises(TypeError, match="ImageDataset"):
+        key.bind_test_split(test.images)
+
+
+def _rewrite_meta(path, edit):
+    payload = torch.load(path, weights_only=True)
+    meta = json.loads(payload["meta"])
+    edit(meta)
+    payload["meta"] = json.dumps(meta)
+    torch.save(payload, path)
+
+
+def test_old_key_files_without_test_fields_load(ds28, tmp_path):
+    key = get_watermark("wanet").watermark(ds28, seed=0).key
+    path = key.save(tmp_path / "old.key")
+
+    def drop(meta):
+        del meta["test_dataset"], meta["test_fingerprint"]
+
+    _rewrite_meta(path, drop)
+    loaded = WatermarkKey.load(path)
+    assert_same_key(key, loaded)
+    assert loaded.test_dataset is None and loaded.test_fingerprint is None
+
+
+@pytest.mark.parametrize("missing", ["method", "settings", "image_shape", "classes", "dataset", "seed", "target"])
+def test_key_file_missing_a_field_names_the_file_and_field(missing, ds28, tmp_path):
+    path = get_watermark("badnets").watermark(ds28, seed=0).key.save(tmp_path / "hand-made.key")
+    _rewrite_meta(path, lambda meta: meta.pop(missing))
+    with pytest.raises(ValueError, match=rf"hand-made\.key: the watermark key lacks the field {missing} "):
+        WatermarkKey.load(path)
+
+
+def test_hand_made_key_files_get_clear_errors(tmp_path):
+    pattern = torch.zeros(1, 28, 28, dtype=torch.uint8)
+    path = tmp_path / "hand.key"
+    torch.save({"meta": json.dumps({"format": "ubwlib.watermark/1", "method": "badnets"}), "t/pattern": pattern}, path)
+    with pytest.raises(ValueError, match=r"hand\.key: .*lacks the fields settings, image_shape, classes, dataset, "
+                                         r"seed, target .*null for untargeted"):
+        WatermarkKey.load(path)
+    good = {"format": "ubwlib.watermark/1", "method": "badnets", "settings": {}, "image_shape": [1, 28, 28],
+            "classes": list(CLASSES), "dataset": "hand", "seed": 0, "target": 1}
+    bad_values = {
+        "image_shape": ([28, 28], "image_shape must be"),
+        "classes": ("c0 c1", "classes must be"),
+        "seed": ("0", "seed must be an int"),
+        "target": (10, r"target must be null or a class index in \[0, 10\)"),
+        "settings": ([], "settings must be"),
+        "test_fingerprint": ("abc", "test_fingerprint must be"),
+    }
+    for name, (value, message) in bad_values.items():
+        torch.save({"meta": json.dumps({**good, name: value}), "t/pattern": pattern}, path)
+        with pytest.raises(ValueError, match=rf"hand\.key: invalid watermark key: {message}"):
+            WatermarkKey.load(path)
+    for meta in ("not json", json.dumps([1, 2])):
+        torch.save({"meta": meta}, path)
+        with pytest.raises(ValueError, match=r"hand\.key is not a ubwlib watermark key"):
+            WatermarkKey.load(path)
+    torch.save({"meta": json.dumps(good), "t/pattern": pattern}, path)
+    key = WatermarkKey.load(path)
+    assert (key.image_shape, key.target, key.test_fingerprint) == ((1, 28, 28), 1, None)
 
 
 class _Evil:

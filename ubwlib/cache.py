@@ -8,14 +8,20 @@ meaning. A rebuilt book with a warm cache therefore never retrains.
 
 Layout on disk (``root`` is :func:`ubwlib._paths.cache_root` unless given)::
 
-    <root>/CACHEDIR.TAG                 marker: backup tools skip the folder; clear() checks it
+    <root>/.ubwlib-cache                marker (JSON, with a format version) written only when
+                                        ubwlib creates the root (or finds it empty); clear() needs it
+    <root>/CACHEDIR.TAG                 marker for backup tools (written together with the above)
     <root>/<namespace>/<hash20>/        one entry (hash20 = first 20 hex chars of the key)
         tensors.pt                      dict[str, Tensor] written by torch.save
         data.json                       any JSON payload (tables as records, histories, ...)
         meta.json                       namespace, version, canonical settings, full hash,
-                                        created time, ubwlib/torch versions, sha256 of both files
-    <root>/<namespace>/<hash20>.ckpt/   a resumable computation's checkpoint (checkpoint.pt)
+                                        created time, ubwlib/torch versions, sha256 of both files;
+                                        also the entry's own marker (its hash starts with <hash20>)
+    <root>/<namespace>/<hash20>.ckpt/   a resumable computation's checkpoint (checkpoint.pt, which
+                                        records namespace and full hash: its marker)
     <root>/<namespace>/.tmp-<hash20>-*  an entry being written (renamed into place atomically)
+    <root>/data/                        derived dataset copies made by ubwlib.data (decompressed IDX
+                                        files, decoded tensors) and its downloads (torchvision/)
 
 Key points of the contract:
 
@@ -29,6 +35,13 @@ Key points of the contract:
   a cache folder cannot execute code. Every read verifies the sha256 checksums recorded in
   ``meta.json``; a damaged entry is moved aside and deleted with a
   :class:`CacheCorruptionWarning`, and is then simply recomputed.
+* :meth:`Cache.clear` only deletes what the cache provably made: it refuses a root without the
+  ``.ubwlib-cache`` marker (a folder that existed with content before ubwlib used it never gets
+  one; a root written by an older ubwlib has only ``CACHEDIR.TAG`` and must be marked with
+  :meth:`Cache.adopt` first), and inside a marked root it deletes only entries whose
+  ``meta.json`` matches their folder, checkpoints whose file records their hash, leftovers holding
+  nothing but cache files, and the derived dataset copies under ``data/`` (never the downloads
+  in ``data/torchvision``, never a user's dataset: links to originals are unlinked, not followed).
 * ``Cache(enabled=False)`` never touches the disk (always computes). The environment variable
   ``UBW_NO_CACHE=1`` (also ``true``/``yes``/``on``) disables *reads* only: everything is
   recomputed, and the fresh results replace the stored ones.
@@ -45,6 +58,7 @@ import math
 import os
 import re
 import shutil
+import stat
 import tempfile
 import uuid
 import warnings
@@ -62,6 +76,7 @@ if TYPE_CHECKING:  # pandas is imported lazily: importing it costs ~0.3 s
 __all__ = [
     "CACHEDIR_TAG_NAME",
     "CACHEDIR_TAG_SIGNATURE",
+    "CACHE_MARKER_NAME",
     "Cache",
     "CacheCorruptionWarning",
     "Checkpoint",
@@ -70,6 +85,7 @@ __all__ = [
     "EntryInfo",
     "canonical_json",
     "canonical_settings",
+    "ensure_cache_root",
     "load_state_dict_tensors",
     "settings_hash",
     "state_dict_tensors",
@@ -85,6 +101,13 @@ _CACHEDIR_TAG_TEXT = (
     "# For information about cache directory tags, see:\n"
     "#\thttps://bford.info/cachedir/\n"
 )
+
+#: The root marker: written (JSON, with ``marker_format``) only when ubwlib creates the root or
+#: finds it empty, or by :meth:`Cache.adopt`; :meth:`Cache.clear` refuses a root without it.
+CACHE_MARKER_NAME = ".ubwlib-cache"
+_MARKER_WHAT = "ubwlib cache root"
+_MARKER_FORMAT = 1
+_DATA_DIR = "data"
 
 _FORMAT = 1
 _SHORT = 20  # hex characters of the key used for directory names (80 bits)
@@ -102,6 +125,11 @@ _RESERVED_NAMESPACES = frozenset({"data"})
 _ENTRY_RE = re.compile(r"[0-9a-f]{%d}" % _SHORT)
 _CKPT_RE = re.compile(r"[0-9a-f]{%d}\.ckpt" % _SHORT)
 _STALE_RE = re.compile(r"\.(?:tmp|corrupt|old)-[0-9a-f]{%d}-.+" % _SHORT)
+_FULL_HASH_RE = re.compile(r"[0-9a-f]{64}")
+# files the cache itself puts into entry and checkpoint folders (what a leftover may hold)
+_OWN_FILES = frozenset({"tensors.pt", "data.json", "meta.json", "checkpoint.pt"})
+_OWN_TMP_RE = re.compile(r"\.checkpoint\.pt\.tmp-.+")
+_MAX_MARKER_BYTES = 1 << 16
 
 
 class CacheCorruptionWarning(UserWarning):
@@ -360,6 +388,205 @@ def _parse_time(value: Any) -> datetime | None:
 
 
 # --------------------------------------------------------------------------------------
+# Markers: what proves that a folder was made by the cache
+# --------------------------------------------------------------------------------------
+
+
+def _read_json_file(path: Path, limit: int = _MAX_MARKER_BYTES) -> dict[str, Any] | None:
+    """The JSON object in a regular (non-link) file of at most ``limit`` bytes, else None."""
+    try:
+        st = os.lstat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > limit:
+            return None
+        obj = json.loads(Path(path).read_bytes())
+    except (OSError, ValueError):
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _write_text_atomic(folder: Path, name: str, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / name)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _has_cachedir_tag(root: Path) -> bool:
+    tag = root / CACHEDIR_TAG_NAME
+    try:
+        if tag.is_symlink() or not tag.is_file():
+            return False
+        with open(tag, "rb") as fh:
+            first = fh.readline(len(CACHEDIR_TAG_SIGNATURE) + 2)
+    except OSError:
+        return False
+    return first.rstrip(b"\r\n") == CACHEDIR_TAG_SIGNATURE.encode("ascii")
+
+
+def _has_root_marker(root: Path) -> bool:
+    m = _read_json_file(root / CACHE_MARKER_NAME)
+    fmt = None if m is None else m.get("marker_format")
+    return (
+        m is not None and m.get("what") == _MARKER_WHAT
+        and isinstance(fmt, int) and not isinstance(fmt, bool) and fmt >= 1
+    )
+
+
+def _mark_root(root: Path) -> None:
+    """Write the root marker (and CACHEDIR.TAG for backup tools) into ``root``."""
+    if not _has_cachedir_tag(root):
+        _write_text_atomic(root, CACHEDIR_TAG_NAME, _CACHEDIR_TAG_TEXT)
+    marker = {
+        "what": _MARKER_WHAT,
+        "marker_format": _MARKER_FORMAT,
+        "created": datetime.now(timezone.utc).isoformat(),
+        "ubwlib_version": _ubwlib_version(),
+        "note": "ubwlib clear() deletes only cache entries, checkpoints and derived dataset copies here",
+    }
+    _write_text_atomic(root, CACHE_MARKER_NAME, json.dumps(marker, indent=1) + "\n")
+
+
+def ensure_cache_root(root: Path | str) -> Path:
+    """Create the cache root ``root`` if needed; mark it only if ubwlib created it or it was empty.
+
+    A pre-existing folder holding anything (files or folders) is used but never claimed: it gets
+    no marker, so :meth:`Cache.clear` refuses to work there. Also used by :mod:`ubwlib.data` before
+    it writes derived dataset copies under ``<root>/data``. Returns ``root`` as a Path.
+    """
+    root = Path(root)
+    try:
+        root.mkdir(parents=True)
+        created = True
+    except FileExistsError:
+        created = False
+    if _has_root_marker(root):
+        return root
+    if not created:
+        with os.scandir(root) as it:
+            if next(it, None) is not None:
+                return root  # someone else's folder (or an older ubwlib's cache): not claimed
+    _mark_root(root)
+    return root
+
+
+def _hash_matches(meta: dict[str, Any] | None, namespace: str, short: str) -> bool:
+    h = None if meta is None else meta.get("hash")
+    return (
+        isinstance(h, str) and _FULL_HASH_RE.fullmatch(h) is not None and h[:_SHORT] == short
+        and meta.get("namespace") == namespace
+    )
+
+
+def _is_own_entry(path: Path, namespace: str, short: str | None = None) -> bool:
+    """An entry folder the cache wrote: its meta.json names this namespace and a hash starting
+    with the folder's name."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    meta = _read_json_file(path / _META_FILE, limit=1 << 26)
+    return meta is not None and meta.get("format") == _FORMAT and _hash_matches(
+        meta, namespace, path.name[:_SHORT] if short is None else short
+    )
+
+
+def _checkpoint_records(file: Path, namespace: str, short: str) -> bool:
+    """Whether ``file`` is a torch.save archive whose pickle records ``namespace`` and a full hash
+    starting with ``short`` (what :meth:`Checkpoint.save` writes). Reads only the pickle, never
+    unpickles it."""
+    import zipfile
+
+    try:
+        st = os.lstat(file)
+        if not stat.S_ISREG(st.st_mode):
+            return False
+        with zipfile.ZipFile(file) as zf:
+            names = [n for n in zf.namelist() if n == "data.pkl" or n.endswith("/data.pkl")]
+            if len(names) != 1 or zf.getinfo(names[0]).file_size > 1 << 26:
+                return False
+            raw = zf.read(names[0])
+    except (OSError, zipfile.BadZipFile, ValueError, RuntimeError, EOFError):
+        return False
+    pattern = rb"(?<![0-9a-f])" + re.escape(short.encode("ascii")) + rb"[0-9a-f]{%d}(?![0-9a-f])" % (64 - _SHORT)
+    return re.search(pattern, raw) is not None and namespace.encode("utf-8") in raw
+
+
+def _is_own_checkpoint(path: Path, namespace: str, short: str | None = None) -> bool:
+    """A checkpoint folder the cache wrote: its checkpoint.pt records this namespace and a hash
+    starting with the folder's name; or it holds nothing but the cache's temporary checkpoint
+    files (an interrupted first save, or a checkpoint discarded as damaged)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    short = path.name[:_SHORT] if short is None else short
+    try:
+        with os.scandir(path) as it:
+            names = [(e.name, e.is_file(follow_symlinks=False)) for e in it]
+    except OSError:
+        return False
+    if any(name == _CKPT_FILE for name, _ in names):
+        return _checkpoint_records(path / _CKPT_FILE, namespace, short)
+    return all(is_file and _OWN_TMP_RE.fullmatch(name) for name, is_file in names)
+
+
+def _holds_only_cache_files(path: Path) -> bool:
+    """A real folder whose content is only regular files the cache writes (a crashed write or
+    an interrupted delete)."""
+    if path.is_symlink() or not path.is_dir():
+        return False
+    try:
+        with os.scandir(path) as it:
+            for e in it:
+                if not e.is_file(follow_symlinks=False):
+                    return False
+                if e.name not in _OWN_FILES and not _OWN_TMP_RE.fullmatch(e.name):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _is_own_leftover(path: Path, namespace: str) -> bool:
+    """A ``.tmp-``/``.old-``/``.corrupt-`` folder the cache left behind."""
+    short = path.name.split("-", 1)[1][:_SHORT]
+    return (
+        _holds_only_cache_files(path)
+        or _is_own_entry(path, namespace, short)
+        or _is_own_checkpoint(path, namespace, short)
+    )
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes of the regular files under ``path`` (a file or folder), never following links."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return 0
+    if not os.path.isdir(path) or os.path.islink(path):
+        return st.st_size if stat.S_ISREG(st.st_mode) else 0
+    total = 0
+    for dirpath, _dirnames, filenames in os.walk(path, followlinks=False):
+        for name in filenames:
+            try:
+                fst = os.lstat(os.path.join(dirpath, name))
+            except OSError:
+                continue
+            if stat.S_ISREG(fst.st_mode):
+                total += fst.st_size
+    return total
+
+
+def _remove_tree(path: Path) -> None:
+    """Delete a file, a link (not its target) or a folder (rmtree never follows links)."""
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------
 # Public records
 # --------------------------------------------------------------------------------------
 
@@ -480,37 +707,29 @@ class Cache:
     # ---- root and marker -------------------------------------------------------------
 
     def _has_marker(self) -> bool:
-        tag = self.root / CACHEDIR_TAG_NAME
-        try:
-            if tag.is_symlink() or not tag.is_file():
-                return False
-            with open(tag, "rb") as fh:
-                first = fh.readline(len(CACHEDIR_TAG_SIGNATURE) + 2)
-        except OSError:
-            return False
-        return first.rstrip(b"\r\n") == CACHEDIR_TAG_SIGNATURE.encode("ascii")
+        """Whether the root carries the ``.ubwlib-cache`` marker (see :func:`ensure_cache_root`)."""
+        return _has_root_marker(self.root)
 
     def _ensure_root(self) -> None:
-        """Create the root and, when the folder is new or holds only directories, its marker.
+        """Create the root and, when the folder is new or empty, its markers.
 
-        A pre-existing folder holding files of its own is used but not claimed: it gets no
-        marker, so :meth:`clear` will refuse to work there.
+        A pre-existing folder holding anything of its own (files or folders) is used but not
+        claimed: it gets no marker, so :meth:`clear` will refuse to work there.
         """
+        ensure_cache_root(self.root)
+
+    def adopt(self) -> None:
+        """Mark an existing folder as this cache, so that :meth:`clear` works there.
+
+        For a cache written by an older ubwlib (it has a ``CACHEDIR.TAG`` but no
+        ``.ubwlib-cache`` marker). Even in a marked root, :meth:`clear` only deletes folders
+        that carry the cache's own markers (see there). Refuses a filesystem root and the home
+        directory (or a folder containing it).
+        """
+        self._check_not_root_or_home("mark")
         self.root.mkdir(parents=True, exist_ok=True)
-        if self._has_marker():
-            return
-        with os.scandir(self.root) as it:
-            foreign = [e.name for e in it if not e.is_dir(follow_symlinks=False)]
-        if foreign:
-            return
-        fd, tmp = tempfile.mkstemp(prefix=".CACHEDIR.TAG.", dir=self.root)
-        try:
-            with os.fdopen(fd, "w", encoding="ascii") as fh:
-                fh.write(_CACHEDIR_TAG_TEXT)
-            os.replace(tmp, self.root / CACHEDIR_TAG_NAME)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        if not _has_root_marker(self.root):
+            _mark_root(self.root)
 
     # ---- discarding damaged entries --------------------------------------------------
 
@@ -721,9 +940,15 @@ class Cache:
                 and e.name not in _RESERVED_NAMESPACES
             ]
 
-    def entries(self) -> list[EntryInfo]:
+    def entries(self, *, include_data: bool = True) -> list[EntryInfo]:
         """All entries on disk (checkpoints and temporary directories excluded), sorted by
-        namespace then hash."""
+        namespace then hash.
+
+        With ``include_data`` (the default) the derived dataset copies that :mod:`ubwlib.data`
+        keeps under ``<root>/data`` (decompressed IDX files, decoded tensors; not downloads) are
+        listed too, under the namespace ``"data"``: their ``hash`` is their path relative to
+        ``<root>/data``, ``created`` their modification time and ``version`` None.
+        """
         out: list[EntryInfo] = []
         for ns_path in self._namespace_dirs(None):
             with os.scandir(ns_path) as it:
@@ -745,12 +970,41 @@ class Cache:
                 except (OSError, ValueError):
                     pass
                 out.append(EntryInfo(ns_path.name, full, size, created, version, p))
+        if include_data:
+            out.extend(self.data_entries())
         out.sort(key=lambda i: (i.namespace, i.hash))
         return out
 
+    def _data_dir(self) -> Path | None:
+        d = self.root / _DATA_DIR
+        return d if d.is_dir() and not d.is_symlink() else None
+
+    def data_entries(self) -> list[EntryInfo]:
+        """The derived dataset copies under ``<root>/data`` (namespace ``"data"``), sorted.
+
+        Each is a folder of decompressed IDX files (with links to raw originals, counted as
+        links, never followed) or a file of decoded tensors. Downloads are not listed.
+        """
+        data_dir = self._data_dir()
+        if data_dir is None:
+            return []
+        from ubwlib.data import _derived_data_items
+
+        out = []
+        for item in _derived_data_items(data_dir):
+            try:
+                mtime = os.lstat(item).st_mtime
+            except OSError:
+                continue
+            created = datetime.fromtimestamp(mtime, timezone.utc)
+            rel = item.relative_to(data_dir).as_posix()
+            out.append(EntryInfo(_DATA_DIR, rel, _tree_size(item), created, None, item))
+        out.sort(key=lambda i: i.hash)
+        return out
+
     def size_bytes(self) -> int:
-        """Total size of all files under the root (entries, checkpoints, leftovers), without
-        following symlinks."""
+        """Total size of all files under the root (entries, checkpoints, leftovers, derived
+        dataset copies and downloads under ``data/``), without following symlinks."""
         total = 0
         if not self.root.is_dir():
             return 0
@@ -763,56 +1017,118 @@ class Cache:
                 total += st.st_size
         return total
 
-    def _check_clear_allowed(self) -> None:
+    def _check_not_root_or_home(self, action: str) -> None:
         resolved = self.root.resolve()
         if resolved.parent == resolved:
-            raise ValueError(f"refusing to clear {self.root}: it is a filesystem root")
+            raise ValueError(f"refusing to {action} {self.root}: it is a filesystem root")
         home = Path.home().resolve()
         if resolved == home or home.is_relative_to(resolved):
-            raise ValueError(f"refusing to clear {self.root}: it is (or contains) the home directory")
+            raise ValueError(f"refusing to {action} {self.root}: it is (or contains) the home directory")
+
+    def _check_clear_allowed(self) -> None:
+        self._check_not_root_or_home("clear")
         if self.root.exists() and not self._has_marker():
+            if _has_cachedir_tag(self.root):
+                why = (
+                    f"it has a {CACHEDIR_TAG_NAME} but no {CACHE_MARKER_NAME} marker (probably a cache "
+                    "written by an older ubwlib, which could also claim a pre-existing folder of yours)"
+                )
+            else:
+                why = (
+                    f"it has no ubwlib marker ({CACHE_MARKER_NAME}, {CACHEDIR_TAG_NAME}): ubwlib did not "
+                    "create it, so it is not provably a ubwlib cache"
+                )
             raise ValueError(
-                f"refusing to clear {self.root}: it has no ubwlib {CACHEDIR_TAG_NAME} marker, "
-                "so it is not provably a ubwlib cache"
+                f"refusing to clear {self.root}: {why}. If it is a ubwlib cache and holds nothing else "
+                f"of yours, mark it with `python -c \"from ubwlib.cache import Cache; Cache({str(self.root)!r})"
+                f".adopt()\"` and clear again, or delete the folder yourself; otherwise point UBW_CACHE "
+                "at a new folder"
             )
 
     def clear(self, namespace: str | None = None) -> int:
-        """Delete all entries and checkpoints (of one ``namespace``, or all); returns how many.
+        """Delete entries and checkpoints (of one ``namespace``, or all) and, for ``namespace=None``
+        or ``"data"``, the derived dataset copies under ``<root>/data``; returns how many entries,
+        checkpoints and derived copies were removed.
 
-        Safe by construction: refuses (ValueError naming the path) unless the root carries
-        the ``CACHEDIR.TAG`` marker, and always for a filesystem root or the home directory;
-        only deletes directories named like entries/checkpoints/leftover temporaries inside
-        namespace directories; never follows symlinks (a symlink is never descended into,
-        and a link inside an entry is unlinked, not its target). A missing root clears 0.
+        Safe by construction: refuses (ValueError naming the path) unless the root carries the
+        ``.ubwlib-cache`` marker, which ubwlib writes only into a root it created (or found
+        empty) or on :meth:`adopt`, and always for a filesystem root or the home directory.
+        Inside the root it deletes only
+
+        * entry folders whose ``meta.json`` names their namespace and a hash starting with the
+          folder's name, and checkpoint folders whose ``checkpoint.pt`` records the same (or that
+          hold only the cache's temporary checkpoint files);
+        * leftover ``.tmp-``/``.old-``/``.corrupt-`` folders holding only the cache's own files
+          (not counted);
+        * derived dataset copies (``data/fashion-mnist`` folders marked by their ``SOURCE.txt``,
+          ``decoded-*.pt`` memos, ``data/imagefolder/*px-*.pt``) and their stale temporary files.
+          Downloads (``data/torchvision``) are kept.
+
+        It never follows symlinks (a symlink is never descended into, and a link inside an
+        entry or a derived copy, e.g. to a raw dataset file, is unlinked, not its target). Any
+        other folder, even one named like an entry, is left untouched. A missing root clears 0.
         """
+        data_only = namespace == _DATA_DIR
+        if namespace is not None and not data_only:
+            self._check_namespace(namespace)
         self._check_clear_allowed()
         if not self.root.exists():
             return 0
         removed = 0
+        if not data_only:
+            removed += self._clear_entries(namespace)
+        if namespace is None or data_only:
+            removed += self._clear_data()
+        return removed
+
+    def _clear_entries(self, namespace: str | None) -> int:
+        removed = 0
         for ns_path in self._namespace_dirs(namespace):
+            ns = ns_path.name
             with os.scandir(ns_path) as it:
-                victims = [
-                    e for e in it
-                    if e.is_dir(follow_symlinks=False)
-                    and (_ENTRY_RE.fullmatch(e.name) or _CKPT_RE.fullmatch(e.name) or _STALE_RE.fullmatch(e.name))
-                ]
-            for e in victims:
-                counted = not _STALE_RE.fullmatch(e.name)
-                aside = ns_path / f".old-{e.name[:_SHORT]}-{uuid.uuid4().hex[:12]}"
-                if counted:
-                    try:
-                        os.rename(e.path, aside)
-                    except FileNotFoundError:
-                        continue
-                    target = aside
+                candidates = [Path(e.path) for e in it if e.is_dir(follow_symlinks=False)]
+            for path in candidates:
+                name = path.name
+                if _ENTRY_RE.fullmatch(name):
+                    counted = _is_own_entry(path, ns)
+                elif _CKPT_RE.fullmatch(name):
+                    counted = _is_own_checkpoint(path, ns)
+                elif _STALE_RE.fullmatch(name) and _is_own_leftover(path, ns):
+                    shutil.rmtree(path, ignore_errors=True)
+                    continue
                 else:
-                    target = Path(e.path)
+                    continue
+                if not counted:
+                    continue  # named like ours but not provably ours: left alone
+                aside = ns_path / f".old-{name[:_SHORT]}-{uuid.uuid4().hex[:12]}"
+                try:
+                    os.rename(path, aside)
+                except FileNotFoundError:
+                    continue
                 # rmtree does not follow symlinks (shutil.rmtree.avoids_symlink_attacks on
                 # Linux/macOS); a symlinked entry directory was excluded above.
-                shutil.rmtree(target, ignore_errors=True)
-                removed += int(counted)
+                shutil.rmtree(aside, ignore_errors=True)
+                removed += 1
             try:
                 ns_path.rmdir()  # only if now empty
+            except OSError:
+                pass
+        return removed
+
+    def _clear_data(self) -> int:
+        data_dir = self._data_dir()
+        if data_dir is None:
+            return 0
+        from ubwlib.data import _derived_data_folders, _derived_data_items, _remove_stale_temps
+
+        removed = 0
+        for item in _derived_data_items(data_dir):
+            _remove_tree(item)
+            removed += 1
+        for folder in _derived_data_folders(data_dir):
+            _remove_stale_temps(folder)
+            try:
+                folder.rmdir()  # only if now empty
             except OSError:
                 pass
         return removed

@@ -3,9 +3,13 @@
     ubw --version
     ubw data [fashion-mnist|cifar10|imagefolder:PATH|imagenet50:PATH] [--root DIR] [--download] [--check]
     ubw cache [info|clear] [--namespace NS]
-    ubw watermark METHOD --out FILE [--data SPEC] [--root DIR] [--rate G] [--seed S] [--target T]
-    ubw verify KEY WEIGHTS --arch NAME [--width W] [--data SPEC] [--root DIR] [--m M] [--tau T] [--alpha A]
-               [--seed S] [--classes C ...]
+    ubw export SPEC --out DIR                   a dataset (train and test) as an image folder of PNG files
+    ubw watermark METHOD --data SPEC --out DIR [--key FILE] [--commitment-file FILE] [--rate G] [--seed S]
+                  [--target T] [--profile P]     a publishable watermarked copy, the key, and a commitment
+    ubw verify KEY (WEIGHTS --arch NAME [--width W] | --url URL | --onnx FILE) [--labels-only]
+               [--commitment HEX [--opening FILE]] [--data SPEC] [--m M] [--tau T] [--alpha A] [--seed S]
+               [--classes C ...] [--max-queries Q]
+    ubw serve WEIGHTS --arch NAME [--width W] (--key KEY | --classes K --shape C H W) [--labels-only] [--port P]
 """
 
 from __future__ import annotations
@@ -59,87 +63,235 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_watermark(args: argparse.Namespace) -> int:
+def _load(spec: str, root, image_size: int | None = None):
+    """``load_dataset``; an image folder without ``image_size`` is read at its own size (that of its first
+    training image, which must be square), not resized, so that a release can be written back at that size."""
     from pathlib import Path
 
-    from .data import DataIntegrityError, DataNotFoundError, load_dataset
-    from .watermarks import REGISTRY, get_watermark
+    from .data import load_dataset
 
-    out = Path(args.out)
-    if out.exists() and not args.force:
-        print(f"ubw watermark: {out} exists; pass --force to overwrite it", file=sys.stderr)
-        return 1
-    settings = {"poisoning_rate": args.rate}
+    if spec.startswith("imagefolder:") and image_size is None and spec.split(":", 1)[1]:
+        from PIL import Image, UnidentifiedImageError
+
+        train = Path(spec.split(":", 1)[1]).expanduser() / "train"
+        first = next((f for d in sorted(train.iterdir()) if d.is_dir() for f in sorted(d.iterdir()) if f.is_file()),
+                     None) if train.is_dir() else None
+        if first is not None:
+            try:
+                with Image.open(first) as im:
+                    w, h = im.size
+            except (OSError, UnidentifiedImageError) as exc:
+                raise ValueError(f"cannot read {first} ({exc}); fix or remove it") from None
+            if w != h:
+                raise ValueError(f"{first} is {w} x {h} pixels, not square: pass --image-size S to load the folder "
+                                 "resized to S x S")
+            image_size = w
+    return load_dataset(spec, root=root, **({"image_size": image_size} if image_size else {}))
+
+
+def _side_files(out, key: str | None, commitment: str | None):
+    """Default paths of the key and the commitment file: siblings of the output folder, never inside it."""
+    from pathlib import Path
+
+    out = Path(out).expanduser()
+    key_path = Path(key).expanduser() if key else out.with_name(out.name + ".key")
+    commit_path = Path(commitment).expanduser() if commitment else out.with_name(out.name + ".commitment.json")
+    return out, key_path, commit_path
+
+
+def _watermark_settings(method: str, args: argparse.Namespace, splits) -> dict:
+    """A method's settings for the command: the poisoning rate and target, and for the clean-label methods the
+    surrogate's model, schedule and crafting budget of a ubwlib profile (``--profile``)."""
+    from .watermarks import REGISTRY
+
+    settings: dict = {"poisoning_rate": args.rate}
     if args.target is not None:
-        if not REGISTRY[args.method].targeted:
-            print(f"ubw watermark: {args.method} is untargeted and takes no --target", file=sys.stderr)
-            return 1
+        if not REGISTRY[method].targeted:
+            raise ValueError(f"{method} is untargeted and takes no --target")
         settings["target"] = args.target
+    if REGISTRY[method].label_type == "clean":
+        from .experiments.clean_label import clean_label_settings
+        from .experiments.profiles import get_profile
+
+        extra = clean_label_settings(get_profile(args.profile), method)
+        if "source" in extra:
+            extra["source"] = args.source
+        settings.update(extra)
+    return settings
+
+
+def _cmd_watermark(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from .data import DataIntegrityError, DataNotFoundError, DatasetSplits, load_dataset
+    from .publish import commit, export_imagefolder, publish_imagefolder, save_commitment
+    from .watermarks import get_watermark
+
+    out, key_path, commit_path = _side_files(args.out, args.key, args.commitment_file)
+    for path, what in ((out, "output folder"), (key_path, "key file"), (commit_path, "commitment file")):
+        if path.exists() or path.is_symlink():
+            print(f"ubw watermark: the {what} {path} exists; ubw never overwrites a release, a key or a commitment "
+                  "(choose another --out, --key or --commitment-file)", file=sys.stderr)
+            return 1
     try:
-        wm = get_watermark(args.method, **settings)
-        data = load_dataset(args.data, root=args.root)
-        released = wm.watermark(data.train, seed=args.seed)
-    except (DataNotFoundError, DataIntegrityError, ValueError) as exc:
+        splits = _load(args.data, args.root, args.image_size)
+        wm = get_watermark(args.method, **_watermark_settings(args.method, args, splits))
+        released = wm.watermark(splits.train, seed=args.seed, **({"progress": True} if _takes_progress(wm) else {}))
+        released = dataclasses.replace(released, key=released.key.bind_test_split(splits.test))
+        if args.data.startswith("imagefolder:"):
+            result = publish_imagefolder(args.data.split(":", 1)[1], released, out, key_path,
+                                         commitment_path=commit_path)
+            commitment = result.commitment
+        else:  # a dataset in another format: published as an image folder of lossless PNG files
+            export_imagefolder(DatasetSplits(train=released.dataset, test=splits.test), out, progress=True)
+            released.key.save(key_path)
+            commitment, salt = commit(released.key)
+            save_commitment(commit_path, commitment, salt)
+    except (DataNotFoundError, DataIntegrityError, ValueError, TypeError, FileExistsError,
+            FileNotFoundError, NotImplementedError) as exc:
         print(f"ubw watermark: {exc}", file=sys.stderr)
         return 1
-    released.save(out)
     print(f"{args.method}: {len(released.indices)} of {len(released)} training samples watermarked "
           f"(gamma = {released.poisoning_rate:.4f}, seed {args.seed})")
-    print(f"released dataset: {out}\nkey (keep it private, needed to verify): {out}.key")
+    print(f"released dataset (publish it): {out}")
+    print(f"key (private, needed to verify): {key_path}")
+    print(f"commitment file (private: it holds the salt that opens the commitment): {commit_path}")
+    print(f"commitment (publish it with the dataset, before any dispute): {commitment}")
     return 0
 
 
-def _load_suspect(path: str, arch: str, width: float, num_classes: int, channels: int):
-    """The suspicious model: ``arch`` built for the key's dataset, weights from a state_dict file read with
-    ``weights_only=True`` (no pickled code runs)."""
-    import torch
+def _takes_progress(wm) -> bool:
+    import inspect
 
-    from .models import build_model
+    return "progress" in inspect.signature(wm.watermark).parameters
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .data import DataIntegrityError, DataNotFoundError, load_dataset
+    from .publish import export_imagefolder
 
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise ValueError(f"no model weights at {path}") from None
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure: say what is expected
-        raise ValueError(f"{path} is not a weights-only state_dict file ({type(exc).__name__}: {exc}); save the "
-                         "model with torch.save(model.state_dict(), path)") from None
-    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors); save the model with "
-                         "torch.save(model.state_dict(), path)")
-    model = build_model(arch, num_classes, channels, width)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ValueError(f"the weights in {path} do not fit {arch} (width {width}, {num_classes} classes, "
-                         f"{channels} channels): {str(exc).splitlines()[0]}; check --arch and --width") from None
-    return model.eval()
+        splits = _load(args.spec, args.root, args.image_size)
+        out = export_imagefolder(splits, args.out, progress=True)
+    except (DataNotFoundError, DataIntegrityError, ValueError, TypeError, FileExistsError) as exc:
+        print(f"ubw export: {exc}", file=sys.stderr)
+        return 1
+    print(f"{splits.train.name}: {len(splits.train)} training and {len(splits.test)} test images written to {out} "
+          f"(read it back with --data imagefolder:{out})")
+    return 0
+
+
+def _predictor(args: argparse.Namespace, key):
+    """(probabilities predictor or None, labels predictor, closer, description) of the suspicious model."""
+    sources = [bool(args.weights), bool(args.url), bool(args.onnx)]
+    if sum(sources) != 1:
+        raise ValueError("give the suspicious model exactly one way: WEIGHTS with --arch, --url URL, or --onnx FILE")
+    if args.url:
+        from .remote import HTTPPredictor
+
+        pred = HTTPPredictor(args.url, num_classes=key.num_classes, max_queries=args.max_queries,
+                             timeout=args.timeout)
+        labels_only = args.labels_only
+        if not labels_only:  # an endpoint that says it answers labels only gets the label-only test
+            try:
+                labels_only = pred.info().get("outputs") == "labels"
+            except RuntimeError:  # /info is optional in the protocol
+                pass
+        return (None if labels_only else pred), pred.labels, pred.close, f"the model at {args.url}", pred
+    if args.onnx:
+        from .onnx_model import onnx_predictor
+
+        pred = onnx_predictor(args.onnx, image_shape=key.image_shape, num_classes=key.num_classes)
+        return pred, (lambda x: pred(x).argmax(1)), (lambda: None), f"the ONNX model {args.onnx}", None
+    if not args.arch:
+        raise ValueError("WEIGHTS needs --arch (and --width) to build the model; or use --url or --onnx")
+    from .models import load_weights
+    from .verify import model_predictor
+
+    model = load_weights(args.weights, args.arch, args.width, key.num_classes, key.image_shape[0])
+    pred = model_predictor(model, precision="fp32")  # float32: the same verdict on every machine
+    return pred, (lambda x: pred(x).argmax(1)), (lambda: None), f"{args.arch} weights {args.weights}", None
+
+
+def _check_opening(args: argparse.Namespace, key) -> None:
+    """Refuse a key that does not open the commitment published with the dataset (``--commitment``)."""
+    from pathlib import Path
+
+    from .publish import check_commitment, load_commitment
+
+    opening = Path(args.opening) if args.opening else Path(args.key).with_suffix(".commitment.json")
+    if not opening.exists():
+        raise FileNotFoundError(f"--commitment needs the key's salt: no commitment file at {opening} (written by "
+                                "ubw watermark beside the key); pass it with --opening FILE")
+    _, salt = load_commitment(opening)
+    if not check_commitment(key, salt, args.commitment):
+        raise ValueError(f"the key {args.key} (with the salt in {opening}) does not open the published commitment "
+                         f"{args.commitment}: it is not the key committed to at release time; refusing to verify")
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from .data import DataIntegrityError, DataNotFoundError, load_dataset
-    from .verify import verify
+    from .verify import verify, verify_labels
+    from .watermarks import WatermarkKey
+
+    close = None
+    try:
+        key = WatermarkKey.load(args.key)
+        if args.commitment:
+            _check_opening(args, key)
+            print(f"the key opens the published commitment {args.commitment}")
+        test = _load(args.data, args.root, args.image_size).test
+        probs, labels, close, what, remote = _predictor(args, key)
+        if probs is None or args.labels_only:
+            result = verify_labels(labels, test, key, m=args.m, alpha=args.alpha, seed=args.seed,
+                                   classes=args.classes, p0=args.p0)
+        else:
+            result = verify(probs, test, key, m=args.m, tau=args.tau, alpha=args.alpha, seed=args.seed,
+                            classes=args.classes)
+    except (FileNotFoundError, FileExistsError) as exc:
+        print(f"ubw verify: {exc}", file=sys.stderr)
+        return 1
+    except (DataNotFoundError, DataIntegrityError, ValueError, TypeError, RuntimeError) as exc:
+        print(f"ubw verify: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        if close is not None:
+            close()
+    print(f"{key.method} watermark, {what}, {result.m} correctly classified test images of {test.name}"
+          f"{' (classes ' + str(args.classes) + ')' if args.classes else ''}; {result.queries} images queried")
+    if hasattr(result, "flips"):
+        print(f"flips = {result.flips} of {result.m}  (triggered prediction != true label; p0 = {result.p0})")
+        print(f"p-value = {result.p_value:.3g}  (exact one-sided binomial test, alpha = {result.alpha})")
+    else:
+        print(f"Delta P = {result.delta_p:.4f}  (mean P_b - P_p; tau = {result.tau})")
+        print(f"p-value = {result.p_value:.3g}  (paired one-sided t-test, alpha = {result.alpha})")
+    print(f"verdict: {result.verdict}"
+          + (" - the model was trained on the protected dataset" if result.watermarked else ""))
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from .models import load_weights
+    from .serve import make_app, serve
     from .watermarks import WatermarkKey
 
     try:
-        key = WatermarkKey.load(args.key)
-        model = _load_suspect(args.weights, args.arch, args.width, key.num_classes, key.image_shape[0])
-        test = load_dataset(args.data, root=args.root).test
-        result = verify(model, test, key, m=args.m, tau=args.tau, alpha=args.alpha, seed=args.seed,
-                        classes=args.classes)
-    except FileNotFoundError as exc:
-        print(f"ubw verify: {exc}", file=sys.stderr)
+        if args.key:
+            key = WatermarkKey.load(args.key)
+            classes, shape = key.num_classes, tuple(key.image_shape)
+        elif args.classes and args.shape:
+            classes, shape = args.classes, tuple(args.shape)
+        else:
+            raise ValueError("give the served model's data: --key KEY, or --classes K --shape C H W")
+        model = load_weights(args.weights, args.arch, args.width, classes, shape[0])
+        app = make_app(model, num_classes=classes, image_shape=shape,
+                       outputs="labels" if args.labels_only else "probabilities", max_batch=args.max_batch)
+    except (ValueError, TypeError, FileNotFoundError) as exc:
+        print(f"ubw serve: {exc}", file=sys.stderr)
         return 1
-    except (DataNotFoundError, DataIntegrityError, ValueError, TypeError) as exc:
-        print(f"ubw verify: {exc}", file=sys.stderr)
-        return 1
-    print(f"{key.method} watermark, {result.m} correctly classified test images of {test.name}"
-          f"{' (classes ' + str(args.classes) + ')' if args.classes else ''}")
-    print(f"Delta P = {result.delta_p:.4f}  (mean P_b - P_p; tau = {result.tau})")
-    print(f"p-value = {result.p_value:.3g}  (paired one-sided t-test, alpha = {result.alpha})")
-    print(f"verdict: {result.verdict}"
-          + (" - the model was trained on the protected dataset" if result.watermarked else ""))
+    print(f"serving {args.arch} ({classes} classes, images {shape}) at http://{args.host}:{args.port} "
+          f"({'labels only' if args.labels_only else 'probabilities'}; protocol: ubwlib.remote)", flush=True)
+    serve(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
 
@@ -161,33 +313,64 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--namespace", default=None, help="only this namespace (with clear)")
     c.set_defaults(func=_cmd_cache)
 
+    from .experiments.profiles import profile_names
+    from .models import MODEL_NAMES
     from .watermarks import REGISTRY
 
-    w = sub.add_parser("watermark", help="watermark a dataset's training split and save the release and its key")
-    # clean-label watermarks train a surrogate first (hours on a CPU with the paper's schedule): Python API only
-    w.add_argument("method", choices=sorted(k for k, v in REGISTRY.items() if v.label_type == "poisoned"),
-                   help="the watermark (poisoned-label methods; the clean-label ones need a trained surrogate: "
-                        "use ubwlib.watermarks from Python)")
-    w.add_argument("--out", required=True, help="file for the released dataset (the key goes to FILE.key)")
-    w.add_argument("--data", default="fashion-mnist", help="dataset spec (default: %(default)s)")
+    e = sub.add_parser("export", help="write a dataset (train and test splits) as an image folder of PNG files")
+    e.add_argument("spec", help="fashion-mnist, cifar10, imagefolder:PATH or imagenet50:PATH")
+    e.add_argument("--out", required=True, help="the folder to create (must not exist)")
+    e.add_argument("--root", default=None, help="dataset folder")
+    e.add_argument("--image-size", type=int, default=None,
+                   help="image folders: resize to S x S (default: the folder's own size)")
+    e.set_defaults(func=_cmd_export)
+
+    w = sub.add_parser("watermark", help="watermark a dataset's training split into a publishable folder, with its "
+                                         "key and a commitment to the key")
+    w.add_argument("method", choices=sorted(REGISTRY), help="the watermark")
+    w.add_argument("--out", required=True,
+                   help="the released dataset, a folder in the input's layout (image folders) or of PNG files "
+                        "(other formats); must not exist")
+    w.add_argument("--data", default="fashion-mnist", help="dataset spec, e.g. imagefolder:PATH (default: %(default)s)")
     w.add_argument("--root", default=None, help="dataset folder")
+    w.add_argument("--image-size", type=int, default=None,
+                   help="image folders: resize to S x S (default: the folder's own size)")
+    w.add_argument("--key", default=None, help="where the private key goes (default: OUT.key; never inside OUT, "
+                                               "never overwritten)")
+    w.add_argument("--commitment-file", default=None,
+                   help="where the commitment and its salt go (default: OUT.commitment.json; private)")
     w.add_argument("--rate", type=float, default=0.1, help="poisoning rate gamma (default: %(default)s)")
     w.add_argument("--seed", type=int, default=0)
     w.add_argument("--target", type=int, default=None, help="target label of targeted watermarks (default 1)")
-    w.add_argument("--force", action="store_true", help="overwrite --out")
+    w.add_argument("--profile", default="default", choices=profile_names(),
+                   help="clean-label methods: the surrogate's model and schedule and the crafting budget of this "
+                        "ubwlib profile (default: %(default)s)")
+    w.add_argument("--source", type=int, default=0, help="UBW-C / Sleeper Agent: the source class (default 0)")
     w.set_defaults(func=_cmd_watermark)
 
-    from .models import MODEL_NAMES
-
     v = sub.add_parser("verify", help="test whether a suspicious model was trained on the watermarked dataset "
-                                      "(Proposition 1: paired one-sided t-test)")
-    v.add_argument("key", help="the watermark key (FILE.key written by `ubw watermark`)")
-    v.add_argument("weights", help="the suspicious model's state_dict (torch.save(model.state_dict(), path)); "
-                                   "read with weights_only=True")
-    v.add_argument("--arch", required=True, choices=sorted(MODEL_NAMES), help="the model's architecture")
-    v.add_argument("--width", type=float, default=1.0, help="width multiplier (default: %(default)s)")
+                                      "(Proposition 1: paired one-sided t-test; or a label-only test)")
+    v.add_argument("key", help="the watermark key (written by `ubw watermark`)")
+    v.add_argument("weights", nargs="?", default=None,
+                   help="the suspicious model's state_dict (read with weights_only=True); or use --url / --onnx")
+    v.add_argument("--arch", default=None, choices=sorted(MODEL_NAMES), help="the architecture of WEIGHTS")
+    v.add_argument("--width", type=float, default=1.0, help="width multiplier of WEIGHTS (default: %(default)s)")
+    v.add_argument("--url", default=None, help="an HTTP endpoint speaking ubwlib's protocol (see ubwlib.remote)")
+    v.add_argument("--onnx", default=None, help="an ONNX file (run by onnxruntime; no code is executed)")
+    v.add_argument("--labels-only", action="store_true",
+                   help="use only the predicted labels (exact binomial test on the flips); automatic for "
+                        "label-only endpoints")
+    v.add_argument("--p0", type=float, default=0.5, help="label-only test: flip rate allowed to an innocent model")
+    v.add_argument("--commitment", default=None, help="the commitment published with the dataset: a key that "
+                                                      "does not open it is refused")
+    v.add_argument("--opening", default=None, help="the commitment file holding the key's salt (default: the "
+                                                   "key's .commitment.json sibling)")
+    v.add_argument("--max-queries", type=int, default=None, help="--url: most images sent to the endpoint")
+    v.add_argument("--timeout", type=float, default=10.0, help="--url: seconds per request (default: %(default)s)")
     v.add_argument("--data", default="fashion-mnist", help="dataset spec whose test split is queried")
     v.add_argument("--root", default=None, help="dataset folder")
+    v.add_argument("--image-size", type=int, default=None,
+                   help="image folders: resize to S x S (default: the folder's own size)")
     v.add_argument("--m", type=int, default=100, help="test images queried (default: %(default)s)")
     v.add_argument("--tau", type=float, default=0.25, help="margin tau (default: %(default)s)")
     v.add_argument("--alpha", type=float, default=0.01, help="significance level (default: %(default)s)")
@@ -195,6 +378,20 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--classes", type=int, nargs="+", default=None,
                    help="only query test images of these classes (e.g. UBW-C's source class 0)")
     v.set_defaults(func=_cmd_verify)
+
+    s = sub.add_parser("serve", help="serve a model over HTTP with ubwlib's protocol (a real ASGI server)")
+    s.add_argument("weights", help="the model's state_dict (read with weights_only=True)")
+    s.add_argument("--arch", required=True, choices=sorted(MODEL_NAMES))
+    s.add_argument("--width", type=float, default=1.0)
+    s.add_argument("--key", default=None, help="take the classes and image shape from this watermark key")
+    s.add_argument("--classes", type=int, default=None, help="number of classes (without --key)")
+    s.add_argument("--shape", type=int, nargs=3, default=None, metavar=("C", "H", "W"), help="image shape (without --key)")
+    s.add_argument("--labels-only", action="store_true", help="answer the top label only")
+    s.add_argument("--max-batch", type=int, default=1024)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
+    s.set_defaults(func=_cmd_serve)
     return ap
 
 

@@ -12,9 +12,19 @@ Everything ends up as one type, :class:`ImageDataset`: ``uint8`` images ``N x C 
 * ``"imagenet50:<path>"`` — the public UBW code's ImageNet subset: the first 50 classes (sorted folder
   names) of such a tree, at 64 x 64 (see :data:`IMAGEFOLDER_PRESETS`).
 
-Nothing is ever written into a user's dataset folder: decompressed IDX files, decoded image folders
-and downloads live under :func:`ubwlib._paths.data_cache_dir`. Cached tensors are read back with
-``torch.load(..., weights_only=True)``.
+Nothing is ever written into (or deleted from) a user's dataset folder: decompressed IDX files, decoded
+image folders and downloads live under :func:`ubwlib._paths.data_cache_dir` (``<cache root>/data``; the
+root is created and marked with :func:`ubwlib.cache.ensure_cache_root`). Cached tensors are read back with
+``torch.load(..., weights_only=True)``. Files are written to a unique temporary name (naming host and
+process) and renamed into place; temporaries left by a killed process are removed by the next write into
+the same folder. ``ubw cache info`` lists the derived copies and ``ubw cache clear`` removes them
+(:meth:`ubwlib.cache.Cache.clear`); downloads are kept.
+
+Errors: :class:`DataNotFoundError` (a ``FileNotFoundError``) when the data is not there;
+:class:`DataIntegrityError` (a ``RuntimeError``) when files are there but unreadable (a truncated or
+corrupted ``.gz``/IDX file, an image that cannot be decoded, ...; the message names the file and the fix).
+Its subclasses :class:`DatasetSpecError` (an invalid spec) and :class:`DataLayoutError` (an image folder
+whose layout or annotations are wrong) are also ``ValueError`` s.
 """
 
 from __future__ import annotations
@@ -26,9 +36,14 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
+import socket
+import stat
 import struct
-import tempfile
+import time
+import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,13 +53,16 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ._paths import data_cache_dir
+from ._paths import cache_root, data_cache_dir
+from .cache import ensure_cache_root
 
 __all__ = [
     "ImageDataset",
     "DatasetSplits",
     "DataNotFoundError",
     "DataIntegrityError",
+    "DatasetSpecError",
+    "DataLayoutError",
     "load_dataset",
     "describe_sources",
     "FASHION_MNIST_SYSTEM_DIR",
@@ -84,7 +102,21 @@ class DataNotFoundError(FileNotFoundError):
 
 
 class DataIntegrityError(RuntimeError):
-    """Dataset files were found but failed a check (e.g. torchvision's md5 sums for CIFAR-10)."""
+    """Dataset files were found but failed a check or could not be read (e.g. torchvision's md5 sums for
+    CIFAR-10, a truncated ``.gz`` file, an image that cannot be decoded); the message names the file and
+    the fix. ubwlib never modifies or deletes the files it names."""
+
+
+class DatasetSpecError(DataIntegrityError, ValueError):
+    """The dataset spec is invalid (unknown name, or a folder spec without a path); the message lists the
+    valid specs. A ``ValueError``; also a :class:`DataIntegrityError` so that handlers of data problems
+    (the CLI ``ubw data``) report it, but never a :class:`DataNotFoundError`, so that code falling back
+    on missing data does not hide a typo."""
+
+
+class DataLayoutError(DataIntegrityError, ValueError):
+    """An image folder's layout or annotation file is inconsistent (e.g. a ``val/`` class that ``train/``
+    lacks, a malformed ``val_annotations.txt``). A ``ValueError`` and a :class:`DataIntegrityError`."""
 
 
 # --------------------------------------------------------------------------------------------------
@@ -363,13 +395,147 @@ class DatasetSplits:
 # --------------------------------------------------------------------------------------------------
 
 
+#: Temporaries older than this are stale whoever wrote them (a live writer keeps its file's mtime fresh).
+_STALE_TMP_AGE_S = 3600.0
+_HOST_TAG = hashlib.sha256(socket.gethostname().encode("utf-8", "replace")).hexdigest()[:8]
+_TMP_RE = re.compile(r"\..+\.ubwtmp-(?P<host>[0-9a-f]{8})-(?P<pid>[0-9]+)-[0-9a-f]{8}\.tmp")
+_ANY_TMP_RE = re.compile(r"\..+\.tmp")  # also the mkstemp names of older versions
+_FASHION_COPY_RE = re.compile(r"[0-9a-f]{16}")
+_FASHION_MEMO_RE = re.compile(r"decoded-[0-9a-f]{24}\.pt")
+_IMAGEFOLDER_MEMO_RE = re.compile(r".+-[0-9]+px-[0-9a-f]{24}\.pt")
+_SOURCE_NOTE = "SOURCE.txt"
+_SOURCE_PREFIX = "derived copy of "
+_DERIVED_FOLDERS = ("fashion-mnist", "imagefolder")  # under data_cache_dir(); "torchvision" holds downloads
+
+
+def _temp_name(dest: Path, pid: int | None = None) -> Path:
+    """A unique temporary name next to ``dest`` that names this host and process (see :func:`_is_stale_temp`)."""
+    pid = os.getpid() if pid is None else pid
+    return dest.parent / f".{dest.name}.ubwtmp-{_HOST_TAG}-{pid}-{uuid.uuid4().hex[:8]}.tmp"
+
+
+def _make_temp(dest: Path) -> tuple[int, Path]:
+    """Create (``O_EXCL``) and open a temporary file for ``dest``; returns the fd and its path."""
+    for _ in range(100):
+        tmp = _temp_name(dest)
+        try:
+            return os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o644), tmp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"could not create a temporary file next to {dest}")
+
+
+def _pid_is_dead(pid: int) -> bool:
+    if os.name != "posix" or pid <= 0:
+        return False  # cannot tell (and os.kill(pid, 0) is not a probe on Windows)
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # EPERM: it exists
+        return False
+    return False
+
+
+def _is_stale_temp(path: Path) -> bool:
+    """A temporary file (``.NAME....tmp``) whose writer is gone: its process (on this host) no longer
+    exists, or it was not modified for :data:`_STALE_TMP_AGE_S` seconds."""
+    if not _ANY_TMP_RE.fullmatch(path.name):
+        return False
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    if not (stat.S_ISREG(st.st_mode) or stat.S_ISLNK(st.st_mode)):
+        return False
+    m = _TMP_RE.fullmatch(path.name)
+    if m and m["host"] == _HOST_TAG and int(m["pid"]) != os.getpid() and _pid_is_dead(int(m["pid"])):
+        return True
+    return time.time() - st.st_mtime > _STALE_TMP_AGE_S
+
+
+def _remove_stale_temps(folder: Path) -> int:
+    """Delete the stale temporaries directly in ``folder`` (one of ubwlib's own data folders); returns how many."""
+    removed = 0
+    try:
+        if folder.is_symlink() or not folder.is_dir():
+            return 0
+        with os.scandir(folder) as it:
+            names = [e.name for e in it if _ANY_TMP_RE.fullmatch(e.name)]
+    except OSError:
+        return 0
+    for name in names:
+        p = folder / name
+        if _is_stale_temp(p):
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+    return removed
+
+
+def _derived_dir(*parts: str) -> Path:
+    """``data_cache_dir()/parts``, created; the cache root is created (and marked) first when missing."""
+    with contextlib.suppress(OSError):  # a read-only location fails below, with the real error
+        ensure_cache_root(cache_root())
+    folder = data_cache_dir().joinpath(*parts)
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _derived_data_folders(data_dir: Path) -> list[Path]:
+    """The folders of ``data_dir`` (a ``data_cache_dir()``) that hold derived copies (not downloads)."""
+    out = []
+    for name in _DERIVED_FOLDERS:
+        p = data_dir / name
+        if p.is_dir() and not p.is_symlink():
+            out.append(p)
+    return out
+
+
+def _is_fashion_copy(path: Path) -> bool:
+    note = path / _SOURCE_NOTE
+    try:
+        if path.is_symlink() or not path.is_dir() or note.is_symlink() or not note.is_file():
+            return False
+        with open(note, "rb") as f:
+            return f.read(len(_SOURCE_PREFIX)) == _SOURCE_PREFIX.encode()
+    except OSError:
+        return False
+
+
+def _derived_data_items(data_dir: Path) -> list[Path]:
+    """The derived dataset copies ubwlib made under ``data_dir`` (used by ``Cache.entries``/``clear``).
+
+    Folders ``fashion-mnist/<16 hex>/`` marked by their ``SOURCE.txt`` (decompressed IDX copies, links to
+    raw originals), files ``fashion-mnist/decoded-<24 hex>.pt`` and ``imagefolder/<name>-<N>px-<24 hex>.pt``.
+    Never the downloads (``torchvision/``), never anything else.
+    """
+    items: list[Path] = []
+    for folder in _derived_data_folders(data_dir):
+        try:
+            with os.scandir(folder) as it:
+                found = sorted(it, key=lambda e: e.name)
+                for e in found:
+                    p = Path(e.path)
+                    if folder.name == "fashion-mnist":
+                        if _FASHION_COPY_RE.fullmatch(e.name) and _is_fashion_copy(p):
+                            items.append(p)
+                        elif _FASHION_MEMO_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                            items.append(p)
+                    elif _IMAGEFOLDER_MEMO_RE.fullmatch(e.name) and e.is_file(follow_symlinks=False):
+                        items.append(p)
+        except OSError:
+            continue
+    return items
+
+
 def _atomic_torch_save(obj: Any, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = _make_temp(path)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
-        os.chmod(tmp, 0o644)
+        os.chmod(tmp, 0o644)  # as readable as the source (also under a restrictive umask)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -447,67 +613,222 @@ def _fashion_candidates(root: str | Path | None) -> list[tuple[str, Path]]:
     env = _env_data_root()
     if env is not None:
         out.append(("$UBW_DATA", env))
-    out.append(("system package dataset-fashion-mnist", Path(FASHION_MNIST_SYSTEM_DIR)))
-    out.append(("download cache", data_cache_dir() / "torchvision"))
+    out.append((_SYSTEM_LABEL, Path(FASHION_MNIST_SYSTEM_DIR)))
+    out.append((_DOWNLOAD_LABEL, data_cache_dir() / "torchvision"))
     return out
 
 
-def _gzip_size(path: Path) -> int:
-    """Uncompressed size recorded in a gzip trailer (mod 2**32)."""
+_IDX_SPEC = {  # magic number and number of dimensions of each file
+    "train-images-idx3-ubyte": (2051, 3),
+    "train-labels-idx1-ubyte": (2049, 1),
+    "t10k-images-idx3-ubyte": (2051, 3),
+    "t10k-labels-idx1-ubyte": (2049, 1),
+}
+_SYSTEM_LABEL = "system package dataset-fashion-mnist"
+_DOWNLOAD_LABEL = "download cache"
+
+
+class _BadSource(Exception):
+    """Internal: a source file could not be read or decompressed (becomes a DataIntegrityError)."""
+
+    def __init__(self, src: Path, exc: BaseException) -> None:
+        super().__init__(f"{src}: {type(exc).__name__}: {exc}")
+        self.src = src
+        self.problem = f"it cannot be read or decompressed, it is truncated or corrupted ({type(exc).__name__}: {exc})"
+
+
+def _gzip_size(path: Path) -> int | None:
+    """Uncompressed size recorded in a gzip trailer (mod 2**32); None for a file too short to have one."""
     with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        if f.tell() < 4:
+            return None
         f.seek(-4, os.SEEK_END)
         return struct.unpack("<I", f.read(4))[0]
 
 
-def _materialize_raw(src: Path, dest: Path) -> None:
-    """Make ``dest`` an uncompressed copy of ``src`` (``.gz``) or a link to it (raw); atomic, idempotent."""
-    st = src.stat()
-    if src.suffix == ".gz":
-        if dest.is_file() and not dest.is_symlink():
-            dst = dest.stat()
-            if dst.st_size % (1 << 32) == _gzip_size(src) and dst.st_mtime_ns == st.st_mtime_ns:
+def _gunzip_into(src: Path, out: Any) -> None:
+    """Decompress ``src`` into the open file ``out``; errors reading ``src`` raise :class:`_BadSource`."""
+    try:
+        inp = gzip.open(src, "rb")
+    except OSError as exc:
+        raise _BadSource(src, exc) from exc
+    with inp:
+        while True:
+            try:
+                chunk = inp.read(1 << 22)
+            except (EOFError, zlib.error, OSError) as exc:  # gzip.BadGzipFile is an OSError
+                raise _BadSource(src, exc) from exc
+            if not chunk:
                 return
-        fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".tmp", dir=dest.parent)
+            out.write(chunk)
+
+
+def _materialize_raw(src: Path, dest: Path, force: bool = False) -> bool:
+    """Make ``dest`` an uncompressed copy of ``src`` (``.gz``) or a link to it (raw); atomic, idempotent.
+
+    Returns True when ``dest`` was (re)written. Stale temporaries of killed runs in ``dest``'s folder are
+    removed first. A ``src`` that cannot be read or decompressed raises :class:`_BadSource` (``src`` is only
+    ever read).
+    """
+    try:
+        st = src.stat()
+    except OSError as exc:
+        raise _BadSource(src, exc) from exc
+    _remove_stale_temps(dest.parent)
+    if src.suffix == ".gz":
+        if not force and dest.is_file() and not dest.is_symlink():
+            dst = dest.stat()
+            try:
+                trailer = _gzip_size(src)
+            except OSError as exc:
+                raise _BadSource(src, exc) from exc
+            if dst.st_size % (1 << 32) == trailer and dst.st_mtime_ns == st.st_mtime_ns:
+                return False
+        fd, tmp = _make_temp(dest)
         try:
-            with os.fdopen(fd, "wb") as out, gzip.open(src, "rb") as inp:
-                shutil.copyfileobj(inp, out, length=1 << 22)
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; derived copies are as readable as the source
+            with os.fdopen(fd, "wb") as out:
+                _gunzip_into(src, out)
+            os.chmod(tmp, 0o644)  # derived copies are as readable as the source
             os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
             os.replace(tmp, dest)
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
             raise
-        return
+        return True
     target = str(src.resolve())
-    if dest.is_symlink() and os.readlink(dest) == target:
-        return
-    tmp = dest.parent / f".{dest.name}.{os.getpid()}.{id(dest)}.tmp"
+    if not force and dest.is_symlink() and os.readlink(dest) == target:
+        return False
+    tmp = _temp_name(dest)
     try:
         os.symlink(target, tmp)
     except OSError:  # no symlinks here (e.g. some Windows setups): copy instead
-        shutil.copyfile(src, tmp)
+        try:
+            shutil.copyfile(src, tmp)
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise _BadSource(src, exc) from exc
     os.replace(tmp, dest)
+    return True
 
 
-def _fashion_torchvision_root(folder: Path, files: dict[str, Path]) -> Path:
-    """A root that torchvision's FashionMNIST can read: the source itself, or a derived copy in the cache."""
+def _fashion_torchvision_root(folder: Path, files: dict[str, Path]) -> tuple[Path, set[str]]:
+    """A root that torchvision's FashionMNIST can read: the source itself, or a derived copy in the cache.
+
+    Returns the root and the files (re)written into the copy. Raises :class:`_BadSource`.
+    """
     if (
         folder.name == "raw"
         and folder.parent.name == "FashionMNIST"
         and all(p.suffix != ".gz" for p in files.values())
     ):
-        return folder.parent.parent
+        return folder.parent.parent, set()
     key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:16]
-    tv_root = data_cache_dir() / "fashion-mnist" / key
+    tv_root = _derived_dir("fashion-mnist", key)
+    note = tv_root / _SOURCE_NOTE  # written first: it marks the folder as ubwlib's derived copy
+    text = f"{_SOURCE_PREFIX}{folder.resolve()}\n"
+    if note.is_symlink() or not note.is_file() or note.read_text(errors="replace") != text:
+        fd, tmp = _make_temp(note)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(text)
+            os.replace(tmp, note)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
     raw = tv_root / "FashionMNIST" / "raw"
     raw.mkdir(parents=True, exist_ok=True)
-    note = tv_root / "SOURCE.txt"
-    text = f"derived copy of {folder.resolve()}\n"
-    if not note.is_file() or note.read_text() != text:
-        note.write_text(text)
+    written = set()
     for base, src in files.items():
-        _materialize_raw(src, raw / base)
+        if _materialize_raw(src, raw / base):
+            written.add(base)
+    return tv_root, written
+
+
+def _fashion_fix(label: str, folder: Path) -> str:
+    """How to repair damaged Fashion-MNIST files found at the candidate location ``label``."""
+    if label == _SYSTEM_LABEL:
+        return "reinstall the package: `sudo apt-get install --reinstall dataset-fashion-mnist`"
+    if label == _DOWNLOAD_LABEL:
+        return (
+            f"delete ubwlib's downloaded copy {folder} and download it again: "
+            "load_dataset('fashion-mnist', download=True) or `ubw data fashion-mnist --download`"
+        )
+    return (
+        "replace it with an intact copy: re-download the four IDX files (e.g. from "
+        "https://github.com/zalandoresearch/fashion-mnist), or drop root=/UBW_DATA and use Debian's "
+        "dataset-fashion-mnist package or load_dataset('fashion-mnist', download=True)"
+    )
+
+
+def _damaged(label: str, folder: Path, src: Path, problem: str) -> DataIntegrityError:
+    return DataIntegrityError(
+        f"Fashion-MNIST file {src} is damaged: {problem}. ubwlib has not changed it. To fix it, "
+        f"{_fashion_fix(label, folder)}."
+    )
+
+
+def _idx_check(path: Path, magic: int, ndim: int) -> tuple[str | None, tuple[int, ...]]:
+    """``(problem or None, dims)`` of the IDX file ``path``: magic number, header and exact length."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(4 + 4 * ndim)
+    except OSError as exc:
+        return f"it cannot be read ({type(exc).__name__}: {exc})", ()
+    if len(head) < 4:
+        return f"it holds {size} bytes, too few for an IDX header (truncated; the standard IDX files " \
+               "have magic numbers 2051/2049)", ()
+    got = struct.unpack(">I", head[:4])[0]
+    if got != magic:
+        return (
+            f"its IDX magic number is {got}, expected {magic} (the standard IDX files have magic numbers "
+            "2051/2049 for images/labels)"
+        ), ()
+    if len(head) < 4 + 4 * ndim:
+        return f"it holds {size} bytes, too few for its IDX header (truncated)", ()
+    dims = struct.unpack(f">{ndim}I", head[4:])
+    need = 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+    if size != need:
+        shape = " x ".join(str(d) for d in dims)
+        kind = "truncated" if size < need else "with trailing bytes"
+        return f"its header announces {shape} values ({need} bytes in all) but it holds {size} bytes ({kind})", ()
+    return None, tuple(int(d) for d in dims)
+
+
+def _prepare_fashion(label: str, folder: Path, files: dict[str, Path]) -> Path:
+    """The torchvision root of checked, decompressed IDX files; :class:`DataIntegrityError` naming the file."""
+    try:
+        tv_root, written = _fashion_torchvision_root(folder, files)
+    except _BadSource as exc:
+        raise _damaged(label, folder, exc.src, exc.problem) from exc.__cause__
+    raw = tv_root / "FashionMNIST" / "raw"
+    dims: dict[str, tuple[int, ...]] = {}
+    for base in _IDX_FILES:
+        src = files[base]
+        magic, ndim = _IDX_SPEC[base]
+        problem, d = _idx_check(raw / base, magic, ndim)
+        if problem is not None and src.suffix == ".gz" and base not in written:
+            # the derived copy itself may be damaged: decompress the source again and look once more
+            try:
+                _materialize_raw(src, raw / base, force=True)
+            except _BadSource as exc:
+                raise _damaged(label, folder, exc.src, exc.problem) from exc.__cause__
+            problem, d = _idx_check(raw / base, magic, ndim)
+        if problem is not None:
+            after = " (after decompression)" if src.suffix == ".gz" else ""
+            raise _damaged(label, folder, src, problem + after)
+        dims[base] = d
+    for images, labels in ((_IDX_FILES[0], _IDX_FILES[1]), (_IDX_FILES[2], _IDX_FILES[3])):
+        if dims[images][0] != dims[labels][0]:
+            raise DataIntegrityError(
+                f"Fashion-MNIST files {files[images]} ({dims[images][0]} images) and {files[labels]} "
+                f"({dims[labels][0]} labels) do not match: one of them is damaged or from another release. "
+                f"ubwlib has not changed them. To fix it, {_fashion_fix(label, folder)}."
+            )
     return tv_root
 
 
@@ -524,6 +845,38 @@ def _fashion_decoded(train: Any, test: Any) -> dict:
         out[f"{split}_images"] = torch.as_tensor(ds.data).to(torch.uint8).contiguous()
         out[f"{split}_labels"] = torch.as_tensor(ds.targets).to(torch.int64).clone()
     return out
+
+
+def _bad_label_split(decoded: dict) -> str | None:
+    """``"train"``/``"test"`` when that split has a label outside ``[0, len(classes))``, else None."""
+    n = len(decoded["classes"])
+    for split in ("train", "test"):
+        labels = decoded[f"{split}_labels"]
+        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= n):
+            return split
+    return None
+
+
+def _decode_fashion(label: str, folder: Path, files: dict[str, Path]) -> dict:
+    tv_root = _prepare_fashion(label, folder, files)
+    try:
+        decoded = _fashion_decoded(_torchvision_fashion(tv_root, True), _torchvision_fashion(tv_root, False))
+    except Exception as exc:  # torchvision's readers raise AssertionError on a bad magic number
+        raise DataIntegrityError(
+            f"Fashion-MNIST IDX files in {folder} could not be read ({type(exc).__name__}: {exc}); check that "
+            "they are the standard IDX files (magic numbers 2051/2049). ubwlib has not changed them. To fix "
+            f"it, {_fashion_fix(label, folder)}."
+        ) from exc
+    bad = _bad_label_split(decoded)
+    if bad is not None:
+        f = files[_IDX_FILES[1] if bad == "train" else _IDX_FILES[3]]
+        labels = decoded[f"{bad}_labels"]
+        raise _damaged(
+            label, folder, f,
+            f"it holds label values up to {int(labels.max())}, but Fashion-MNIST has "
+            f"{len(decoded['classes'])} classes (labels 0..{len(decoded['classes']) - 1})",
+        )
+    return decoded
 
 
 _DECODED_KEYS = ("train_images", "train_labels", "test_images", "test_labels")
@@ -550,8 +903,11 @@ def _read_decoded(path: Path) -> dict | None:
         ok = (isinstance(d, dict) and all(isinstance(d.get(k), torch.Tensor) for k in _DECODED_KEYS)
               and d["train_images"].dtype == torch.uint8 and d["test_images"].dtype == torch.uint8
               and d["train_images"].dim() == 3 and d["test_images"].dim() == 3
+              and d["train_labels"].dtype == torch.int64 and d["test_labels"].dtype == torch.int64
+              and d["train_labels"].dim() == 1 and d["test_labels"].dim() == 1
               and len(d["train_images"]) == len(d["train_labels"]) and len(d["test_images"]) == len(d["test_labels"])
-              and isinstance(d.get("classes"), (list, tuple)) and all(isinstance(c, str) for c in d["classes"]))
+              and isinstance(d.get("classes"), (list, tuple)) and len(d["classes"]) > 0
+              and all(isinstance(c, str) for c in d["classes"]) and _bad_label_split(d) is None)
     except Exception:  # truncated, corrupt or foreign file: decode again
         return None
     return d if ok else None
@@ -560,17 +916,10 @@ def _read_decoded(path: Path) -> dict | None:
 def _write_decoded(path: Path, decoded: dict) -> None:
     """Atomic; a read-only or full cache is not an error (the next load decodes again)."""
     try:
+        _derived_dir()  # the cache root (marked when ubwlib creates it) and its data folder
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        try:
-            torch.save(decoded, tmp)
-            os.chmod(tmp, 0o644)  # as readable as the derived IDX copies
-            os.replace(tmp, path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
+        _remove_stale_temps(path.parent)
+        _atomic_torch_save(decoded, path)
     except OSError:
         pass
 
@@ -608,7 +957,7 @@ def _fashion_help(searched: Sequence[tuple[str, Path]]) -> str:
 
 def _load_fashion(root: str | Path | None, download: bool, size: int | None) -> DatasetSplits:
     candidates = _fashion_candidates(root)
-    for _label, cand in candidates:
+    for label, cand in candidates:
         hit = _find_fashion(cand)
         if hit is None:
             continue
@@ -618,20 +967,13 @@ def _load_fashion(root: str | Path | None, download: bool, size: int | None) -> 
         memo = _decoded_path(files)
         decoded = _read_decoded(memo)
         if decoded is None:
-            tv_root = _fashion_torchvision_root(folder, files)
-            try:
-                decoded = _fashion_decoded(_torchvision_fashion(tv_root, True), _torchvision_fashion(tv_root, False))
-            except Exception as exc:  # torchvision's readers raise AssertionError on a bad magic number
-                raise DataIntegrityError(
-                    f"Fashion-MNIST IDX files in {folder} could not be read ({exc}); check that they are the "
-                    "standard IDX files (magic numbers 2051/2049)"
-                ) from exc
+            decoded = _decode_fashion(label, folder, files)
             _write_decoded(memo, decoded)
         return _fashion_splits(decoded, size)
     if download and root is None:
         tv_root = data_cache_dir() / "torchvision"
         try:
-            tv_root.mkdir(parents=True, exist_ok=True)
+            tv_root = _derived_dir("torchvision")
             train = _torchvision_fashion(tv_root, True, download=True)
             test = _torchvision_fashion(tv_root, False, download=True)
         except Exception as exc:  # offline, proxy, disk full, ...
@@ -738,6 +1080,13 @@ def _load_cifar10(
                 "is a re-packed or test copy whose md5 sums differ from the official release, pass "
                 "check_integrity=False (only the files' presence is then checked)."
             ) from exc
+        except Exception as exc:  # a truncated or corrupted batch file (UnpicklingError, EOFError, ...)
+            raise DataIntegrityError(
+                f"CIFAR-10 files in {tv_root / _CIFAR_FOLDER} could not be read ({type(exc).__name__}: {exc}): "
+                "a batch file is truncated or corrupted. ubwlib has not changed them. To fix it, replace the "
+                f"folder with a fresh extract of cifar-10-python.tar.gz (or delete it if it is ubwlib's download "
+                f"under {data_cache_dir() / 'torchvision'} and load with download=True)."
+            ) from exc
         return DatasetSplits(
             train=_cifar_to_dataset(train, "train", size), test=_cifar_to_dataset(test, "test", size)
         )
@@ -752,7 +1101,7 @@ def _load_cifar10(
     if download and root is None:
         tv_root = data_cache_dir() / "torchvision"
         try:
-            tv_root.mkdir(parents=True, exist_ok=True)
+            tv_root = _derived_dir("torchvision")
             train = cls(root=str(tv_root), train=True, download=True)
             test = cls(root=str(tv_root), train=False, download=True)
         except Exception as exc:
@@ -772,12 +1121,35 @@ def _load_cifar10(
 # --------------------------------------------------------------------------------------------------
 
 
+class _BadImage(Exception):
+    """Internal: an image file that PIL cannot decode (collected by :func:`_decode_all`)."""
+
+    def __init__(self, path: Path, exc: BaseException) -> None:
+        super().__init__(f"{path}: {type(exc).__name__}: {exc}")
+        self.path = path
+        self.exc = exc
+
+
+def _image_errors() -> tuple[type[BaseException], ...]:
+    """What decoding a bad image file raises (PIL: UnidentifiedImageError and "image file is truncated" are
+    OSErrors; broken chunks raise SyntaxError, ValueError, struct.error, zlib.error, ...)."""
+    from PIL import Image
+
+    return (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error, LookupError, TypeError,
+            Image.DecompressionBombError)
+
+
 def _decode_image(path: str, size: int) -> torch.Tensor:
     """Decode one image file to ``uint8`` ``3 x size x size`` (RGB; bilinear + antialias resize)."""
     from torchvision.datasets.folder import pil_loader
 
-    img = pil_loader(path)  # opens, converts to RGB
-    arr = np.array(img, dtype=np.uint8)
+    try:
+        img = pil_loader(path)  # opens, converts to RGB
+        arr = np.array(img, dtype=np.uint8)
+        if arr.ndim != 3 or arr.shape[2] != 3 or min(arr.shape[:2]) < 1:
+            raise ValueError(f"decoded to an array of shape {arr.shape}, not H x W x 3")
+    except _image_errors() as exc:
+        raise _BadImage(Path(path), exc) from exc
     x = torch.from_numpy(arr).permute(2, 0, 1).unsqueeze(0)
     return _resize_uint8(x, size)[0].contiguous()
 
@@ -836,15 +1208,24 @@ def _imagefolder_samples(
         annotations = test_dir / "val_annotations.txt"
     if annotations.is_file():  # Tiny-ImageNet: <split>/images/*.JPEG + <split>/val_annotations.txt
         extra.append(annotations)
-        for lineno, line in enumerate(annotations.read_text().splitlines(), 1):
+        try:
+            text = annotations.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise DataLayoutError(
+                f"{annotations} cannot be read as a text file ({type(exc).__name__}: {exc}); it should hold lines "
+                "'<file>\\t<class>...' (replace it with the dataset's original)"
+            ) from exc
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             parts = line.split("\t")
             if len(parts) < 2:
-                raise ValueError(f"{annotations}:{lineno}: expected '<file>\\t<class>...'; got {line!r}")
+                raise DataLayoutError(f"{annotations}:{lineno}: expected '<file>\\t<class>...'; got {line!r}")
             fname, cls = parts[0].strip(), parts[1].strip()
             if cls not in all_set:
-                raise ValueError(f"{annotations}:{lineno}: class {cls!r} is not a class folder of {train_dir}")
+                raise DataLayoutError(
+                    f"{annotations}:{lineno}: class {cls!r} is not a class folder of {train_dir}"
+                )
             if cls in class_to_idx:
                 f = test_dir / "images" / fname
                 if not f.is_file():
@@ -858,7 +1239,7 @@ def _imagefolder_samples(
                 " (for Tiny-ImageNet's val/images layout, val_annotations.txt must be present)"
                 if "images" in unknown else ""
             )
-            raise ValueError(
+            raise DataLayoutError(
                 f"{test_dir} has classes that {train_dir} lacks: {unknown[:10]}{hint}; the test split must "
                 "use the train split's class list"
             )
@@ -870,12 +1251,17 @@ def _imagefolder_samples(
     return tuple(classes), train, test, test_name, extra
 
 
-def _decode_all(files: Sequence[Path], size: int) -> torch.Tensor:
+def _decode_all(files: Sequence[Path], size: int, where: Path | None = None) -> torch.Tensor:
+    """Decode ``files``; unreadable ones raise one :class:`DataIntegrityError` naming every bad file."""
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     workers = max(1, min(8, os.cpu_count() or 1))
+    failures: list[tuple[Path, BaseException]] = []
 
     def work(i: int) -> None:
-        out[i] = _decode_image(str(files[i]), size)
+        try:
+            out[i] = _decode_image(str(files[i]), size)
+        except _BadImage as bad:
+            failures.append((bad.path, bad.exc))  # list.append is atomic
 
     if workers == 1 or len(files) < 64:
         for i in range(len(files)):
@@ -883,6 +1269,17 @@ def _decode_all(files: Sequence[Path], size: int) -> torch.Tensor:
     else:
         with ThreadPoolExecutor(max_workers=workers) as pool:
             list(pool.map(work, range(len(files))))
+    if failures:
+        failures.sort(key=lambda f: str(f[0]))
+        shown = "\n".join(f"  {p}: {type(e).__name__}: {e}" for p, e in failures[:10])
+        more = f"\n  ... and {len(failures) - 10} more" if len(failures) > 10 else ""
+        n = len(failures)
+        raise DataIntegrityError(
+            f"{n} image file{'s' if n > 1 else ''}{f' in {where}' if where is not None else ''} could not be "
+            f"decoded (truncated, corrupted or not an image):\n{shown}{more}\n"
+            f"ubwlib has not changed {'them' if n > 1 else 'it'}. Replace each bad file with an intact copy "
+            "(re-download or re-extract the dataset), or remove it from the image folder, then load again."
+        )
     return out
 
 
@@ -896,7 +1293,13 @@ def _load_imagefolder(
     resolved = path.resolve()
     listing = []
     for f in sorted({p for p, _ in train} | {p for p, _ in test} | set(extra)):
-        st = f.stat()
+        try:
+            st = f.stat()
+        except OSError as exc:  # e.g. a dangling symbolic link
+            raise DataNotFoundError(
+                f"image file {f} cannot be opened ({type(exc).__name__}: {exc}); a broken link? Restore it or "
+                "remove it from the image folder"
+            ) from exc
         listing.append((str(f.relative_to(path)), st.st_size, st.st_mtime_ns))
     key_src = json.dumps(
         {
@@ -910,7 +1313,7 @@ def _load_imagefolder(
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:24]
     safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in resolved.name) or "root"
-    cache_file = data_cache_dir() / "imagefolder" / f"{safe}-{size}px-{key}.pt"
+    cache_file = data_cache_dir() / "imagefolder" / f"{safe}-{size}px-{key}.pt"  # see _IMAGEFOLDER_MEMO_RE
     payload = None
     if cache_file.is_file():
         try:
@@ -923,12 +1326,16 @@ def _load_imagefolder(
         payload = {
             "key": key,
             "classes": tuple(classes),
-            "train_images": _decode_all([p for p, _ in train], size),
+            "train_images": _decode_all([p for p, _ in train], size, path / "train"),
             "train_labels": torch.tensor([y for _, y in train], dtype=torch.int64),
-            "test_images": _decode_all([p for p, _ in test], size),
+            "test_images": _decode_all([p for p, _ in test], size, path / _test_name),
             "test_labels": torch.tensor([y for _, y in test], dtype=torch.int64),
         }
-        _atomic_torch_save(payload, cache_file)
+        try:
+            _remove_stale_temps(_derived_dir("imagefolder"))
+            _atomic_torch_save(payload, cache_file)
+        except OSError:  # a read-only or full cache is not an error (the next load decodes again)
+            pass
     cls_tuple = tuple(payload["classes"])
     return DatasetSplits(
         train=ImageDataset(payload["train_images"], payload["train_labels"], cls_tuple, f"{base_name}/train"),
@@ -943,7 +1350,7 @@ def _load_imagefolder(
 
 def _parse_spec(spec: str) -> tuple[str, str | None]:
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"dataset spec must be a non-empty string; valid specs: {_valid_specs()}")
+        raise DatasetSpecError(f"dataset spec must be a non-empty string; got {spec!r}; valid specs: {_valid_specs()}")
     spec = spec.strip()
     head, sep, rest = spec.partition(":")
     kind = head.strip().lower()
@@ -953,7 +1360,7 @@ def _parse_spec(spec: str) -> tuple[str, str | None]:
         return "cifar10", None
     if kind == "imagefolder" or kind in IMAGEFOLDER_PRESETS:
         return kind, (rest if sep and rest else None)
-    raise ValueError(f"unknown dataset spec {spec!r}; valid specs: {_valid_specs()}")
+    raise DatasetSpecError(f"unknown dataset spec {spec!r}; valid specs: {_valid_specs()}")
 
 
 def _valid_specs() -> str:
@@ -985,7 +1392,12 @@ def load_dataset(
     ``check_integrity``: CIFAR-10 only; False skips torchvision's md5 check (re-packed copies).
     ``max_classes``: image folders only; keep the first classes in sorted folder-name order.
 
-    Raises :class:`DataNotFoundError` (with the ways to provide the data) when it is not found.
+    Raises :class:`DataNotFoundError` (with the ways to provide the data) when it is not found;
+    :class:`DataIntegrityError` naming the file and the fix when files are there but unreadable (a truncated
+    or corrupted ``.gz``/IDX file, an image that cannot be decoded, CIFAR-10's failed md5 check);
+    :class:`DatasetSpecError` (a ``ValueError`` and a ``DataIntegrityError``) for an invalid ``spec``, and
+    :class:`DataLayoutError` (likewise) for an inconsistent image folder. Other bad arguments
+    (``image_size``, ``max_classes``) raise a plain ``ValueError``.
     """
     kind, path = _parse_spec(spec)
     size = _check_image_size(image_size)
@@ -1001,7 +1413,10 @@ def load_dataset(
         return _load_cifar10(root, bool(download), size, bool(check_integrity))
     if path is None:
         if root is None:
-            raise ValueError(f"{kind!r} needs a folder: use '{kind}:<path>' or pass root=<path>")
+            raise DatasetSpecError(
+                f"dataset spec {spec!r} names no folder: use '{kind}:<path>' or pass root=<path> "
+                f"(--root in the CLI); valid specs: {_valid_specs()}"
+            )
         path = str(root)
     preset = IMAGEFOLDER_PRESETS.get(kind, {})
     eff_size = size if size is not None else int(preset.get("image_size", _DEFAULT_IMAGEFOLDER_SIZE))

@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters"]
+__all__ = ["BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters", "load_weights"]
 
 
 def _channels(base: int, width: float) -> int:
@@ -157,3 +157,56 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def load_weights(path, arch: str, width: float, num_classes: int, channels: int) -> nn.Module:
+    """The model ``arch`` (:data:`MODEL_NAMES`) with ``width``, ``num_classes`` and ``channels``, its weights
+    from a state_dict file read with ``torch.load(path, map_location="cpu", weights_only=True)`` (no pickled code
+    runs), in eval mode. A ``{"state_dict": ...}`` checkpoint is accepted too. Raises ``ValueError`` saying what
+    to fix: a missing file, a file that is not a state_dict, weights made for another number of classes or
+    channels (another dataset than the one the caller expects), or weights of another architecture or width
+    (with the offending parameter names, e.g. a ``module.`` prefix left by ``DataParallel``)."""
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise ValueError(f"no model weights at {path}") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure: say what is expected
+        raise ValueError(f"{path} is not a weights-only state_dict file ({type(exc).__name__}: {exc}); save the "
+                         "model with torch.save(model.state_dict(), path)") from None
+    if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} does not hold a state_dict (a dict of tensors); save the model with "
+                         "torch.save(model.state_dict(), path)")
+    model = build_model(arch, num_classes, channels, width)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    if unexpected and all(k.startswith("module.") for k in state):
+        raise ValueError(f"the parameter names in {path} start with 'module.' (saved from DataParallel or "
+                         f"DistributedDataParallel), e.g. {unexpected[0]!r}; save model.module.state_dict() "
+                         "instead, or strip the prefix")
+    if missing or unexpected:
+        raise ValueError(f"the weights in {path} are not those of {arch} at width {width}: missing "
+                         f"{missing[:3]}{'...' if len(missing) > 3 else ''}, unexpected "
+                         f"{unexpected[:3]}{'...' if len(unexpected) > 3 else ''}; check the architecture")
+    shapes = [(k, tuple(state[k].shape), tuple(v.shape)) for k, v in own.items() if state[k].shape != v.shape]
+    if shapes:
+        first_w = next(k for k, v in own.items() if v.dim() == 4)
+        last_w = [k for k, v in own.items() if v.dim() == 2][-1]
+        only_io = {k for k, _, _ in shapes} <= {first_w, last_w, last_w.replace("weight", "bias")}
+        a, b = state[first_w].shape, own[first_w].shape
+        io_ok = (a[0], *a[2:]) == (b[0], *b[2:]) and state[last_w].shape[1:] == own[last_w].shape[1:]
+        if only_io and io_ok:
+            got_k, got_c = state[last_w].shape[0], state[first_w].shape[1]
+            raise ValueError(f"the weights in {path} are for {got_k} classes and {got_c}-channel images, but "
+                             f"{num_classes} classes and {channels} channels are expected: the model was trained "
+                             "on another dataset than the one given (use the key and test data of the dataset "
+                             "this model was trained on)")
+        listed = ", ".join(f"{k}: {a} in the file, {b} expected" for k, a, b in shapes[:3])
+        raise ValueError(f"the weights in {path} do not fit {arch} at width {width} ({listed}"
+                         f"{', ...' if len(shapes) > 3 else ''}); check the architecture and its width")
+    model.load_state_dict(state)
+    return model.eval()

@@ -8,6 +8,7 @@ class their watermark is built for); the other methods on all classes (non-targe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 
 import numpy as np
 import pandas as pd
@@ -15,10 +16,12 @@ import torch
 
 from ..train import predict_proba
 from ..verify import (
+    DEFAULT_P0,
     SCENARIOS,
     VerificationSettings,
     decide,
     independent_key,
+    label_pvalue,
     paired_ttest,
     verify,
 )
@@ -30,10 +33,13 @@ from .profiles import Profile
 from .watermarking import method_run
 
 __all__ = ["VERIFY_METHODS", "verification_classes", "scenario_table", "compare_verification",
-           "false_positive_table", "power_curve", "independent_seeds", "verification_settings"]
+           "false_positive_table", "power_curve", "independent_seeds", "verification_settings", "forgery_table"]
 
 VERIFY_METHODS = ("ubw-p", "ubw-c")
 PAPER_TABLES = {"ubw-p": TABLE3_UBWP, "ubw-c": TABLE4_UBWC}
+#: How :func:`ubwlib.verify.verify` draws its images (part of the cached tables' keys): "seeded order" queries the
+#: candidates in a seeded random order until m are correctly classified (before: every candidate was queried).
+VERIFY_DRAW = "seeded order"
 
 
 def verification_settings(profile: Profile, m: int | None = None) -> VerificationSettings:
@@ -75,7 +81,7 @@ def scenario_table(profile: Profile, method: str, seed: int | None = None,
 
     return cached_table("verification-scenarios", {"method": method, "model": run.trained.key,
                                                    "benign": benign.key, "key": key_digest(key), "seed": seed,
-                                                   "settings": s}, compute, cache)
+                                                   "settings": s, "draw": VERIFY_DRAW}, compute, cache)
 
 
 def compare_verification(ours: pd.DataFrame, method: str, profile: Profile) -> pd.DataFrame:
@@ -113,15 +119,19 @@ def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_m
 
     return cached_table("verification-false-positives",
                         {"method": method, "model": run.trained.key, "benign": [m.key for m in models],
-                         "key": key_digest(key), "n_triggers": n_triggers, "seed": seed, "settings": s},
+                         "key": key_digest(key), "n_triggers": n_triggers, "seed": seed, "settings": s,
+                         "draw": VERIFY_DRAW},
                         compute, cache)
 
 
 def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repeats: int = 50,
                 seed: int | None = None, settings: VerificationSettings = VerificationSettings(), cache=None,
-                progress: bool = True) -> pd.DataFrame:
-    """p-value and verdict of the t-test against the number of queries m, for Malicious and Independent-M,
-    over ``repeats`` random draws of m correctly classified test images per m.
+                progress: bool = True, p0: float = DEFAULT_P0) -> pd.DataFrame:
+    """p-value and verdict against the number of queries m, for Malicious and Independent-M, over ``repeats``
+    random draws of m correctly classified test images per m, for two tests on the same draws (column ``test``):
+    the paper's t-test on probabilities, and the label-only test (:func:`ubwlib.verify.label_pvalue`: how many of
+    the m images the trigger flips, against a flip rate ``p0`` allowed to an innocent model) for endpoints that
+    return only the top label.
 
     Each model is queried once on every candidate image, clean and triggered; the draws then subsample those
     probabilities (exactly what :func:`ubwlib.verify.verify` computes for a draw, without re-querying)."""
@@ -147,6 +157,7 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
             rows_idx = torch.arange(len(labels))
             pb = probs[rows_idx, labels].double().numpy()
             pp = probs_trig[rows_idx, labels].double().numpy()
+            flipped = (probs_trig.argmax(1) != labels).numpy()
             gen = torch.Generator().manual_seed(seed)
             for m in ms:
                 if m > len(correct):
@@ -154,12 +165,65 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
                 for rep in range(repeats):
                     pick = correct[torch.randperm(len(correct), generator=gen)[:m]].numpy()
                     _, p = paired_ttest(pb[pick], pp[pick], settings.tau)
-                    rows.append({"scenario": name, "m": m, "repeat": rep, "p-value": p,
+                    rows.append({"scenario": name, "test": "t-test", "m": m, "repeat": rep, "p-value": p,
                                  "Delta P": float(np.mean(pb[pick] - pp[pick])),
                                  "flagged": decide(p, settings.alpha)})
+                    flips = int(flipped[pick].sum())
+                    p_l = label_pvalue(flips, m, p0)
+                    rows.append({"scenario": name, "test": "label-only", "m": m, "repeat": rep, "p-value": p_l,
+                                 "flips": flips, "flagged": decide(p_l, settings.alpha)})
         return pd.DataFrame(rows)
 
     return cached_table("verification-power",
                         {"method": method, "model": run.trained.key, "benign": benign.key, "key": key_digest(key),
-                         "ms": list(ms), "repeats": repeats, "seed": seed,
+                         "ms": list(ms), "repeats": repeats, "seed": seed, "p0": p0,
                          "settings": dataclasses.asdict(settings)}, compute, cache)
+
+
+def forgery_table(profile: Profile, method: str, n_models: int = 3, steps: int = 100, seed: int | None = None,
+                  settings: VerificationSettings = VerificationSettings(), cache=None,
+                  progress: bool = True) -> pd.DataFrame:
+    """Forged ownership claims against innocent models (cached): for each of ``n_models`` benign models (the
+    profile's and independent seeds), a forger who knows the method and its trigger geometry but not the key
+    optimises a pattern on the public training images to lower that model's true-class probability
+    (:func:`ubwlib.forgery.forge_key`, ``steps`` Adam steps), then runs the t-test and the label-only test with it.
+    ``commitment accepts`` says whether the forged key matches the owner's commitment made at release time
+    (:func:`ubwlib.publish.commit`; it never should)."""
+    from ..forgery import forge_key
+    from ..publish import check_commitment, commit
+    from ..verify import verify_labels
+
+    seed = profile.seed if seed is None else seed
+    run = method_run(profile, method, seed, cache, progress)
+    key = run.released.key
+    data = load_data(profile)
+    model_seeds = [seed, *independent_seeds(profile, n_models - 1)]
+    models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in model_seeds]
+    s = dataclasses.asdict(settings)
+    classes = verification_classes(method)
+    # the owner's commitment, published with the dataset (a fixed salt here, so that the table is reproducible)
+    salt = hashlib.sha256(f"owner's salt, kept private until a dispute; seed {seed}".encode()).digest()
+    commitment, _ = commit(key, salt)
+
+    def compute() -> pd.DataFrame:
+        rows = []
+        for j, (bm, bm_seed) in enumerate(zip(models, model_seeds)):
+            forged = forge_key(bm.model, data.train.images, data.train.labels, key, steps=steps,
+                               seed=derived_forgery_seed(seed, j))
+            r = verify(bm.model, data.test, forged, seed=seed + j, classes=classes, scenario="forged", **s)
+            lab = verify_labels(bm.model, data.test, forged, m=settings.m, alpha=settings.alpha, seed=seed + j,
+                                classes=classes)
+            rows.append({"case": f"innocent model #{j + 1} (seed {bm_seed}), forged key", "Delta P": r.delta_p,
+                         "p-value": r.p_value, "verdict": r.verdict, "label-only p-value": lab.p_value,
+                         "label-only verdict": lab.verdict,
+                         "commitment accepts": check_commitment(forged, salt, commitment)})
+        return pd.DataFrame(rows).set_index("case")
+
+    return cached_table("verification-forgery",
+                        {"method": method, "benign": [m.key for m in models], "key": key_digest(key),
+                         "steps": steps, "seed": seed, "settings": s, "draw": VERIFY_DRAW}, compute, cache)
+
+
+def derived_forgery_seed(seed: int, j: int) -> int:
+    """The forger's seed for the j-th innocent model (distinct from every training seed of the profile)."""
+    return 50_000 + 100 * int(seed) + j

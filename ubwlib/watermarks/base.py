@@ -14,6 +14,7 @@ Every watermark registers itself in :data:`REGISTRY` under its ``name``, so that
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -28,6 +29,7 @@ from ..data import ImageDataset
 
 __all__ = [
     "WatermarkKey",
+    "dataset_fingerprint",
     "WatermarkedDataset",
     "Watermark",
     "REGISTRY",
@@ -95,12 +97,47 @@ def choose_indices(n: int, count: int, generator: torch.Generator, pool: torch.T
     return pick.sort().values
 
 
+def dataset_fingerprint(ds: ImageDataset) -> str:
+    """SHA-256 (64 hex digits) of a dataset's content, not its name.
+
+    The digest covers, in this order: ``str((tuple(images.shape), classes))`` encoded as UTF-8, the bytes of the
+    uint8 images (C order) and the bytes of the int64 labels (C order, native byte order), all read on the CPU.
+    Two datasets get the same fingerprint iff (up to SHA-256 collisions) they hold the same images with the same
+    labels in the same order and the same class names; any subset, reordering or modified image gives another
+    one. On CPU datasets it equals ``ubwlib.experiments.core.fingerprint``, the key of the book's cached results.
+    """
+    if not isinstance(ds, ImageDataset):
+        raise TypeError(f"dataset_fingerprint takes an ubwlib.data.ImageDataset, got {type(ds).__name__}")
+    h = hashlib.sha256()
+    h.update(str((tuple(ds.images.shape), ds.classes)).encode())
+    h.update(memoryview(ds.images.detach().cpu().contiguous().numpy()).cast("B"))
+    h.update(memoryview(ds.labels.detach().cpu().contiguous().numpy()).cast("B"))
+    return h.hexdigest()
+
+
+def _is_sha256_hex(value: Any) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdef" for c in value)
+
+
+#: The metadata every key file must hold (``target`` is ``null`` for untargeted watermarks).
+_REQUIRED_META = ("method", "settings", "image_shape", "classes", "dataset", "seed", "target")
+
+
 @dataclass(frozen=True, eq=False)
 class WatermarkKey:
     """Everything needed to trigger and verify a watermark later.
 
     ``settings`` are the method's settings (JSON-able), ``tensors`` its trigger material (pattern, mask, warping
-    grid...), ``image_shape``/``classes`` describe the dataset it was made for (``trigger`` refuses other shapes).
+    grid...), ``image_shape``/``classes``/``dataset`` describe the dataset it was made for (``dataset`` is the
+    name of the training split that was watermarked; ``trigger`` refuses other image shapes), ``seed`` the
+    watermark's seed and ``target`` the target class (None for untargeted watermarks).
+
+    ``test_dataset`` and ``test_fingerprint`` identify the test split whose images verify the watermark: its name
+    and its :func:`dataset_fingerprint`. A watermark only sees the training split, so a new key has neither
+    (None); :meth:`bind_test_split` returns a copy that has both, and the CLI's ``ubw watermark`` binds the key
+    it writes to the test split of its ``--data``. ``ubwlib.verify`` refuses test sets whose class names differ
+    from ``classes`` and, when ``test_fingerprint`` is set, test sets with another fingerprint; an unbound key
+    (including every key file written before these fields existed) skips the fingerprint check.
     """
 
     method: str
@@ -111,10 +148,31 @@ class WatermarkKey:
     dataset: str
     seed: int
     target: int | None = None
+    test_dataset: str | None = None
+    test_fingerprint: str | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    def bind_test_split(self, test_set: ImageDataset) -> "WatermarkKey":
+        """A copy of this key bound to ``test_set``, the test split of the dataset it protects.
+
+        The copy records ``test_set.name`` as ``test_dataset`` and :func:`dataset_fingerprint` ``(test_set)`` as
+        ``test_fingerprint``; everything else (trigger tensors, settings, seed...) is shared unchanged. A test
+        set whose image shape or class names differ from the key's is refused (``ValueError``): it cannot be a
+        test split of the dataset the key was made for. Binding an already bound key rebinds it.
+        """
+        if not isinstance(test_set, ImageDataset):
+            raise TypeError(f"test_set must be an ubwlib.data.ImageDataset, got {type(test_set).__name__}")
+        if tuple(test_set.image_shape) != tuple(self.image_shape) or tuple(test_set.classes) != tuple(self.classes):
+            raise ValueError(
+                f"cannot bind the {self.method} key made for {self.dataset} (images {tuple(self.image_shape)}, "
+                f"classes {_short_names(self.classes)}) to {test_set.name} (images {tuple(test_set.image_shape)}, "
+                f"classes {_short_names(test_set.classes)}); bind it to the test split of the dataset whose training "
+                f"split is {self.dataset}")
+        return dataclasses.replace(self, tensors=dict(self.tensors), settings=dict(self.settings),
+                                   test_dataset=test_set.name, test_fingerprint=dataset_fingerprint(test_set))
 
     def save(self, path: str | Path) -> Path:
         """Write the key to one file (tensors + JSON metadata; read back without unpickling code)."""
@@ -128,6 +186,8 @@ class WatermarkKey:
             "dataset": self.dataset,
             "seed": self.seed,
             "target": self.target,
+            "test_dataset": self.test_dataset,
+            "test_fingerprint": self.test_fingerprint,
         }
         payload = {"meta": json.dumps(meta), **{f"t/{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}}
         _atomic_save(payload, path)
@@ -135,21 +195,49 @@ class WatermarkKey:
 
     @classmethod
     def load(cls, path: str | Path) -> "WatermarkKey":
+        """Read a key written by :meth:`save` (``torch.load(weights_only=True)``; no code is unpickled).
+
+        The metadata must hold ``method``, ``settings``, ``image_shape``, ``classes``, ``dataset``, ``seed`` and
+        ``target`` (``null`` for untargeted watermarks); a file that lacks one or holds one of the wrong type
+        raises ``ValueError`` naming the file and the fields. ``test_dataset`` and ``test_fingerprint`` are
+        optional: files written before they existed load as unbound keys.
+        """
         payload = _load_payload(path, "ubwlib watermark key")
-        if not isinstance(payload, dict) or "meta" not in payload:
+        if not isinstance(payload, dict) or not isinstance(payload.get("meta"), str):
             raise ValueError(f"{path} is not a ubwlib watermark key")
-        meta = json.loads(payload["meta"])
+        try:
+            meta = json.loads(payload["meta"])
+        except ValueError:
+            meta = None
+        if not isinstance(meta, dict):
+            raise ValueError(f"{path} is not a ubwlib watermark key (its metadata is not a JSON object)")
         if meta.get("format") != _FORMAT:
             raise ValueError(f"{path}: unsupported watermark key format {meta.get('format')!r} (expected {_FORMAT})")
+        missing = [name for name in _REQUIRED_META if name not in meta]
+        if missing:
+            raise ValueError(
+                f"{path}: the watermark key lacks the field{'s' if len(missing) > 1 else ''} {', '.join(missing)} "
+                f"(a key needs {', '.join(_REQUIRED_META)}; target is null for untargeted watermarks); write keys "
+                "with WatermarkKey.save")
+        problems = _meta_problems(meta)
+        if problems:
+            raise ValueError(f"{path}: invalid watermark key: {'; '.join(problems)}")
+        tensors = {k[2:]: v for k, v in payload.items() if isinstance(k, str) and k.startswith("t/")}
+        bad = sorted(k for k, v in tensors.items() if not isinstance(v, torch.Tensor))
+        if bad:
+            raise ValueError(f"{path}: invalid watermark key: the entries {', '.join('t/' + k for k in bad)} are not "
+                             "tensors")
         return cls(
             method=meta["method"],
             settings=meta["settings"],
-            tensors={k[2:]: v for k, v in payload.items() if k.startswith("t/")},
-            image_shape=tuple(meta["image_shape"]),
+            tensors=tensors,
+            image_shape=tuple(int(v) for v in meta["image_shape"]),
             classes=tuple(meta["classes"]),
             dataset=meta["dataset"],
             seed=int(meta["seed"]),
-            target=meta["target"],
+            target=None if meta["target"] is None else int(meta["target"]),
+            test_dataset=meta.get("test_dataset"),
+            test_fingerprint=meta.get("test_fingerprint"),
         )
 
     def check_images(self, images: torch.Tensor) -> None:
@@ -162,6 +250,54 @@ class WatermarkKey:
         if tuple(images.shape[1:]) != tuple(self.image_shape):
             raise ValueError(f"this {self.method} key was made for images of shape {tuple(self.image_shape)} "
                              f"({self.dataset}), got {tuple(images.shape[1:])}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _meta_problems(meta: dict) -> list[str]:
+    """What is wrong with the fields of a key file's metadata (empty when nothing is)."""
+    out = []
+    if not isinstance(meta["method"], str) or not meta["method"]:
+        out.append(f"method must be a watermark name, got {meta['method']!r}")
+    if not isinstance(meta["settings"], dict):
+        out.append(f"settings must be a JSON object, got {type(meta['settings']).__name__}")
+    shape = meta["image_shape"]
+    if not (isinstance(shape, list) and len(shape) == 3 and all(_is_int(v) and v >= 1 for v in shape)):
+        out.append(f"image_shape must be [C, H, W] (positive ints), got {shape!r}")
+    classes = meta["classes"]
+    if not (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)):
+        out.append(f"classes must be a non-empty list of class names, got {_short_repr(classes)}")
+    elif len(set(classes)) != len(classes):
+        out.append("classes must be unique names")
+    if not isinstance(meta["dataset"], str):
+        out.append(f"dataset must be a name, got {meta['dataset']!r}")
+    if not _is_int(meta["seed"]):
+        out.append(f"seed must be an int, got {meta['seed']!r}")
+    target = meta["target"]
+    n = len(classes) if isinstance(classes, list) else None
+    if target is not None and not (_is_int(target) and target >= 0 and (n is None or target < n)):
+        out.append(f"target must be null or a class index in [0, {n}), got {target!r}")
+    if meta.get("test_dataset") is not None and not isinstance(meta["test_dataset"], str):
+        out.append(f"test_dataset must be null or a name, got {meta['test_dataset']!r}")
+    fp = meta.get("test_fingerprint")
+    if fp is not None and not _is_sha256_hex(fp):
+        out.append(f"test_fingerprint must be null or a SHA-256 hex digest (64 lowercase hex digits), got {fp!r}")
+    return out
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _short_names(classes: tuple[str, ...] | list[str], limit: int = 6) -> str:
+    """Class names for a message: all of them, or the first ``limit`` and the count."""
+    names = list(classes)
+    if len(names) <= limit:
+        return repr(names)
+    return "[" + ", ".join(repr(n) for n in names[:limit]) + f", ...] ({len(names)} classes)"
 
 
 @dataclass(frozen=True, eq=False)
@@ -296,7 +432,11 @@ class Watermark:
         target: int | None,
         noise_indices: torch.Tensor | None = None,
     ) -> WatermarkedDataset:
-        """Bundle the released images/labels with the key (shared by every watermark)."""
+        """Bundle the released images/labels with the key (shared by every watermark).
+
+        The key is unbound (``test_fingerprint`` None): a watermark sees only the training split. Whoever knows
+        the test split that will verify the watermark binds the key with :meth:`WatermarkKey.bind_test_split`
+        (``ubw watermark`` does, with the test split of its ``--data``)."""
         key = WatermarkKey(
             method=self.name,
             settings=self.settings_dict(),
