@@ -439,6 +439,17 @@ def test_commitment_survives_key_save_and_load(tmp_path):
                    classes=("T-shirt/top", "Trouser", "Ünïcode"))
     key.save(tmp_path / "k.key")
     assert canonical_key_bytes(WatermarkKey.load(tmp_path / "k.key")) == canonical_key_bytes(key)
+    test = ImageDataset(torch.zeros(3, 1, 3, 4, dtype=torch.uint8), torch.arange(3), key.classes, "tiny/test")
+    bound = key.bind_test_split(test)
+    assert canonical_key_bytes(bound) != canonical_key_bytes(key)  # the commitment binds the test split too
+    bound.save(tmp_path / "bound.key")
+    assert canonical_key_bytes(WatermarkKey.load(tmp_path / "bound.key")) == canonical_key_bytes(bound)
+
+
+def test_commitment_test_split_binding_changes_the_commitment():
+    base, _ = commit(make_key(test_dataset="tiny/test", test_fingerprint="0" * 64), SALT)
+    other, _ = commit(make_key(test_dataset="tiny/test", test_fingerprint="1" + "0" * 63), SALT)
+    assert base != other
 
 
 VARIANTS = {
@@ -458,6 +469,7 @@ VARIANTS = {
                                   "alpha": torch.linspace(0, 1, 12).reshape(1, 3, 4)}),
     "tensor dtype": dict(tensors={"pattern": torch.arange(12, dtype=torch.int8).reshape(1, 3, 4),
                                   "alpha": torch.linspace(0, 1, 12).reshape(1, 3, 4)}),
+    "test split": dict(test_dataset="tiny/test", test_fingerprint="0" * 64),
     "extra tensor": dict(tensors={"pattern": torch.arange(12, dtype=torch.uint8).reshape(1, 3, 4),
                                   "alpha": torch.linspace(0, 1, 12).reshape(1, 3, 4),
                                   "z": torch.zeros(0)}),

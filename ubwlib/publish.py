@@ -715,8 +715,10 @@ def canonical_key_bytes(key: WatermarkKey) -> bytes:
 
     ``lp(J) || count || for each tensor name in sorted order: lp(name) || lp(dtype) || lp(shape) || lp(data)``
 
-    * ``J``: UTF-8 JSON of ``{"classes", "dataset", "image_shape", "method", "seed", "settings", "target"}``
-      with sorted keys at every level, separators ``","`` and ``":"``, non-ASCII characters as they are
+    * ``J``: UTF-8 JSON of ``{"classes", "dataset", "image_shape", "method", "seed", "settings", "target"}``,
+      plus ``"test_dataset"`` and ``"test_fingerprint"`` for a key bound to its test split
+      (:meth:`~ubwlib.watermarks.WatermarkKey.bind_test_split`; an unbound key has neither entry), with sorted
+      keys at every level, separators ``","`` and ``":"``, non-ASCII characters as they are
       (``json.dumps(..., sort_keys=True, separators=(",", ":"), ensure_ascii=False)``); tuples are lists;
     * ``count``: the number of tensors, 8-byte little-endian unsigned;
     * ``name``: UTF-8; ``dtype``: ASCII torch dtype name without ``torch.`` (``"uint8"``, ``"float32"``);
@@ -734,6 +736,10 @@ def canonical_key_bytes(key: WatermarkKey) -> bytes:
         "settings": key.settings,
         "target": None if key.target is None else int(key.target),
     }
+    for name in ("test_dataset", "test_fingerprint"):  # the test split a bound key verifies with
+        value = getattr(key, name, None)
+        if value is not None:
+            meta[name] = value
     parts = [_lp(json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")),
              struct.pack("<Q", len(key.tensors))]
     for name in sorted(key.tensors):
