@@ -13,7 +13,8 @@ PKG = Path(__file__).resolve().parent.parent / "ubwlib"
 RANK = {
     "_paths": 0, "cache": 0, "data": 0, "models": 0, "metrics": 0,
     "train": 1,
-    "watermarks": 2, "verify": 2, "defenses": 2,
+    "remote": 1, "onnx_model": 1,
+    "watermarks": 2, "verify": 2, "defenses": 2, "forgery": 2, "publish": 2, "serve": 2,
     "experiments": 3,
     "book": 4, "bench": 4, "cli": 4, "__init__": 4,
 }
