@@ -444,3 +444,32 @@ def test_serve_and_verify_over_http(tmp_path, capsys, one_cpu_thread):
         proc.wait(timeout=30)
     assert main([*base, "--url", f"http://127.0.0.1:{port}", "--timeout", "1"]) == 1  # nothing listens now
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_watermark_ubw_c_with_a_profile_and_a_surrogate(tmp_path, capsys, one_cpu_thread):
+    """UBW-C from the command line: the smoke profile's crafting budget, a surrogate trained or given."""
+    from ubwlib.data import load_dataset
+    from ubwlib.models import build_model
+    from ubwlib.watermarks import WatermarkKey
+
+    root = tmp_path / "fm"
+    write_fashion_fixture(root, n_train=60, n_test=20)
+    out = tmp_path / "ubwc"
+    assert main(["watermark", "ubw-c", "--root", str(root), "--out", str(out), "--profile", "smoke",
+                 "--rate", "0.1"]) == 0
+    text = capsys.readouterr().out
+    assert "6 of 60 training samples watermarked" in text
+    key = WatermarkKey.load(tmp_path / "ubwc.key")
+    assert key.method == "ubw-c" and "patch" in key.tensors
+    published = load_dataset(f"imagefolder:{out}", image_size=28)
+    benign = load_dataset("fashion-mnist", root=root)
+    assert torch.equal(published.train.labels.sort().values, benign.train.labels.sort().values)  # clean labels
+    # with a given surrogate (its architecture is what the crafting retrains)
+    weights = tmp_path / "sur.pt"
+    torch.save(build_model("smallcnn", 10, 1, 0.25, seed=0).state_dict(), weights)
+    assert main(["watermark", "ubw-c", "--root", str(root), "--out", str(tmp_path / "b"), "--profile", "smoke",
+                 "--surrogate", str(weights), "--arch", "smallcnn", "--width", "0.25"]) == 0
+    capsys.readouterr()
+    assert main(["watermark", "ubw-p", "--root", str(root), "--out", str(tmp_path / "c"), "--surrogate",
+                 str(weights), "--arch", "smallcnn"]) == 1
+    assert "takes no surrogate" in capsys.readouterr().err

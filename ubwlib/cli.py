@@ -102,6 +102,8 @@ def _side_files(out, key: str | None, commitment: str | None):
 def _watermark_settings(method: str, args: argparse.Namespace, splits) -> dict:
     """A method's settings for the command: the poisoning rate and target, and for the clean-label methods the
     surrogate's model, schedule and crafting budget of a ubwlib profile (``--profile``)."""
+    import dataclasses
+
     from .watermarks import REGISTRY
 
     settings: dict = {"poisoning_rate": args.rate}
@@ -116,8 +118,26 @@ def _watermark_settings(method: str, args: argparse.Namespace, splits) -> dict:
         extra = clean_label_settings(get_profile(args.profile), method)
         if "source" in extra:
             extra["source"] = args.source
+        if args.surrogate and "crafting" in extra:  # retrainings use the given surrogate's architecture
+            extra["crafting"] = dataclasses.replace(extra["crafting"], model=args.arch, width=args.width)
         settings.update(extra)
+    elif args.surrogate:
+        raise ValueError(f"{method} takes no surrogate (--surrogate is for ubw-c and sleeper-agent)")
     return settings
+
+
+def _surrogate(method: str, args: argparse.Namespace, splits) -> dict:
+    """``{"surrogate": model}`` for a gradient-matching method given ``--surrogate WEIGHTS --arch``, else {}."""
+    if not args.surrogate:
+        return {}
+    if method not in ("ubw-c", "sleeper-agent"):
+        raise ValueError(f"{method} takes no surrogate (--surrogate is for ubw-c and sleeper-agent)")
+    if not args.arch:
+        raise ValueError("--surrogate needs --arch (and --width) to build the model")
+    from .models import load_weights
+
+    return {"surrogate": load_weights(args.surrogate, args.arch, args.width, splits.train.num_classes,
+                                      splits.train.image_shape[0])}
 
 
 def _cmd_watermark(args: argparse.Namespace) -> int:
@@ -136,7 +156,8 @@ def _cmd_watermark(args: argparse.Namespace) -> int:
     try:
         splits = _load(args.data, args.root, args.image_size)
         wm = get_watermark(args.method, **_watermark_settings(args.method, args, splits))
-        released = wm.watermark(splits.train, seed=args.seed, **({"progress": True} if _takes_progress(wm) else {}))
+        kwargs = {"progress": True} if _takes_progress(wm) else {}
+        released = wm.watermark(splits.train, seed=args.seed, **kwargs, **_surrogate(args.method, args, splits))
         released = dataclasses.replace(released, key=released.key.bind_test_split(splits.test))
         if args.data.startswith("imagefolder:"):
             result = publish_imagefolder(args.data.split(":", 1)[1], released, out, key_path,
@@ -346,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="clean-label methods: the surrogate's model and schedule and the crafting budget of this "
                         "ubwlib profile (default: %(default)s)")
     w.add_argument("--source", type=int, default=0, help="UBW-C / Sleeper Agent: the source class (default 0)")
+    w.add_argument("--surrogate", default=None, help="UBW-C / Sleeper Agent: a trained benign model's state_dict "
+                                                     "to craft against (else one is trained); needs --arch")
+    w.add_argument("--arch", default=None, choices=sorted(MODEL_NAMES), help="the architecture of --surrogate")
+    w.add_argument("--width", type=float, default=1.0, help="the width of --surrogate (default: %(default)s)")
     w.set_defaults(func=_cmd_watermark)
 
     v = sub.add_parser("verify", help="test whether a suspicious model was trained on the watermarked dataset "
