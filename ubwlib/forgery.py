@@ -24,6 +24,7 @@ from torch import nn
 
 from .train import resolve_device
 from .watermarks import WatermarkKey
+from .watermarks.patch import paste_random
 
 __all__ = ["forge_key", "FORGEABLE"]
 
@@ -38,20 +39,6 @@ def _layout(key: WatermarkKey) -> str:
         return "patch"
     raise NotImplementedError(f"forging a {key.method} key is not supported: its trigger is neither a blend "
                               "(pattern + alpha) nor a random-position patch")
-
-
-def _paste(x: torch.Tensor, patch: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Differentiable in ``patch``: ``patch`` (C x p x q, float) pasted at a random position into each image."""
-    n, c, h, w = x.shape
-    p, q = patch.shape[-2:]
-    ys = torch.randint(0, h - p + 1, (n,), generator=gen).to(x.device)
-    xs = torch.randint(0, w - q + 1, (n,), generator=gen).to(x.device)
-    rows = (ys[:, None] + torch.arange(p, device=x.device)).view(n, 1, p, 1)
-    cols = (xs[:, None] + torch.arange(q, device=x.device)).view(n, 1, 1, q)
-    out = x.clone()
-    out[torch.arange(n, device=x.device).view(n, 1, 1, 1), torch.arange(c, device=x.device).view(1, c, 1, 1),
-        rows, cols] = patch.expand(n, c, p, q)
-    return out
 
 
 def forge_key(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, template: WatermarkKey, *,
@@ -90,7 +77,7 @@ def forge_key(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, temp
             if layout == "blend":
                 xt = torch.lerp(x, pattern.expand_as(x), alpha.expand_as(x))
             else:
-                xt = _paste(x, pattern, gen)
+                xt = paste_random(x, pattern, gen)
             prob = F.softmax(model(xt).float(), 1).gather(1, y[:, None]).mean()
             opt.zero_grad(set_to_none=True)
             prob.backward()

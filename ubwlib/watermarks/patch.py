@@ -87,19 +87,21 @@ def resized_square(channels: int, size: int = 8) -> torch.Tensor:
 
 
 def paste_random(images: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Paste ``patch`` (uint8, C x p x q) at a random position (fully inside, drawn per image from
-    ``generator``) into each uint8 image; vectorised, returns a new tensor."""
+    """Paste ``patch`` (C x p x q) at a random position (fully inside, drawn per image from ``generator``) into
+    each image; vectorised, returns a new tensor. uint8 images and patch for the watermarks; float ones work the
+    same way and the result is differentiable in ``patch`` (a forger's optimised patch)."""
     n, c, h, w = images.shape
     p, q = patch.shape[-2:]
     if p > h or q > w:
         raise ValueError(f"a {p}x{q} patch does not fit into {h}x{w} images")
-    ys = torch.randint(0, h - p + 1, (n,), generator=generator).to(images.device)
-    xs = torch.randint(0, w - q + 1, (n,), generator=generator).to(images.device)
-    rows = (ys[:, None] + torch.arange(p, device=images.device)).view(n, 1, p, 1)
-    cols = (xs[:, None] + torch.arange(q, device=images.device)).view(n, 1, 1, q)
+    dev = images.device
+    ys = torch.randint(0, h - p + 1, (n,), generator=generator).to(dev)
+    xs = torch.randint(0, w - q + 1, (n,), generator=generator).to(dev)
+    rows = (ys[:, None] + torch.arange(p, device=dev)).view(n, 1, p, 1)
+    cols = (xs[:, None] + torch.arange(q, device=dev)).view(n, 1, 1, q)
     out = images.clone()
-    out[torch.arange(n, device=images.device).view(n, 1, 1, 1), torch.arange(c, device=images.device).view(1, c, 1, 1),
-        rows, cols] = patch.to(images.device).expand(n, c, p, q)
+    out[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
+        rows, cols] = patch.to(dev).expand(n, c, p, q)
     return out
 
 
