@@ -173,7 +173,7 @@ def test_probabilities_over_http_equal_in_process(server, marked, test_set):
     with HTTPPredictor(server, batch_size=16) as remote:
         out = remote(x)
         assert out.dtype == np.float64 and out.shape == (50, K)
-        np.testing.assert_allclose(out, predict_proba(model, x).double().numpy(), rtol=0, atol=1e-7)
+        np.testing.assert_allclose(out, predict_proba(model, x, precision="fp32").double().numpy(), rtol=0, atol=1e-7)
         assert remote.queries == 50  # 4 requests: 16 + 16 + 16 + 2
         np.testing.assert_array_equal(remote(x.numpy()), out)  # numpy images alike
         assert remote(x[:0]).shape == (0, K)
@@ -183,7 +183,7 @@ def test_probabilities_over_http_equal_in_process(server, marked, test_set):
 
 def test_verify_over_http_equals_verify_in_process(server, marked, test_set):
     model, key = marked
-    local = verify(model_predictor(model), test_set, key, m=30, seed=3)
+    local = verify(model_predictor(model, precision="fp32"), test_set, key, m=30, seed=3)
     with HTTPPredictor(server, batch_size=1024, max_queries=400) as remote:  # the batches verify sends
         over_http = verify(remote, test_set, key, m=30, seed=3)
         assert remote.queries == over_http.queries == local.queries
@@ -197,7 +197,7 @@ def test_verify_over_http_equals_verify_in_process(server, marked, test_set):
 
 def test_small_batches_give_the_same_result(server, marked, test_set):
     model, key = marked
-    local = verify(model_predictor(model), test_set, key, m=30, seed=3, batch_size=20)
+    local = verify(model_predictor(model, precision="fp32"), test_set, key, m=30, seed=3, batch_size=20)
     with HTTPPredictor(server, batch_size=7) as remote:
         r = verify(remote, test_set, key, m=30, seed=3, batch_size=20)
         assert remote.queries == r.queries
@@ -226,14 +226,14 @@ def test_label_only_server(label_server, marked, test_set):
     with HTTPPredictor(label_server, batch_size=16) as remote:
         labels = remote.labels(x)
         assert labels.dtype == np.int64
-        np.testing.assert_array_equal(labels, predict_proba(model, x).argmax(1).numpy())
+        np.testing.assert_array_equal(labels, predict_proba(model, x, precision="fp32").argmax(1).numpy())
         assert remote.num_classes == K  # learned from GET /info to check the labels
         with pytest.raises(RemoteModelError, match=r"label-only.*verify_labels"):
             remote(x)
     with HTTPPredictor(label_server, batch_size=1024) as remote:
         over_http = verify_labels(remote.labels, test_set, key, m=30, seed=3)
         assert remote.queries == over_http.queries
-    local = verify_labels(model, test_set, key, m=30, seed=3)
+    local = verify_labels(lambda x: predict_proba(model, x, precision="fp32").argmax(1), test_set, key, m=30, seed=3)
     assert over_http.watermarked and over_http.flips == local.flips == 30
     assert over_http.p_value == local.p_value and torch.equal(over_http.indices, local.indices)
 
@@ -562,7 +562,7 @@ def test_app_answers_the_protocol(client, app_model, images):
     assert client.get("/info").json() == _info(outputs="probabilities")
     r = client.post("/predict", json=encode_images(images))
     assert r.status_code == 200
-    np.testing.assert_allclose(np.array(r.json()["probabilities"]), predict_proba(app_model, images).numpy(),
+    np.testing.assert_allclose(np.array(r.json()["probabilities"]), predict_proba(app_model, images, precision="fp32").numpy(),
                                rtol=0, atol=1e-7)
     assert client.post("/predict", json=encode_images(images[:0])).json() == {"probabilities": []}
 
@@ -571,7 +571,7 @@ def test_label_only_app(app_model, images):
     with TestClient(make_app(app_model, num_classes=K, image_shape=SHAPE, outputs="labels")) as c:
         assert c.get("/info").json()["outputs"] == "labels"
         labels = c.post("/predict", json=encode_images(images)).json()
-        assert labels == {"labels": predict_proba(app_model, images).argmax(1).tolist()}
+        assert labels == {"labels": predict_proba(app_model, images, precision="fp32").argmax(1).tolist()}
 
 
 @pytest.mark.parametrize("send, code, match", [
