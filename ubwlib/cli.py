@@ -95,8 +95,13 @@ def _side_files(out, key: str | None, commitment: str | None):
 
     out = Path(out).expanduser()
     key_path = Path(key).expanduser() if key else out.with_name(out.name + ".key")
-    commit_path = Path(commitment).expanduser() if commitment else out.with_name(out.name + ".commitment.json")
+    commit_path = Path(commitment).expanduser() if commitment else _commitment_beside(key_path)
     return out, key_path, commit_path
+
+
+def _commitment_beside(key_path):
+    """The default commitment file of a key: ``NAME.commitment.json`` beside ``NAME.key``."""
+    return key_path.with_suffix(".commitment.json")
 
 
 def _watermark_settings(method: str, args: argparse.Namespace, splits) -> dict:
@@ -218,12 +223,12 @@ def _predictor(args: argparse.Namespace, key):
                 labels_only = pred.info().get("outputs") == "labels"
             except RuntimeError:  # /info is optional in the protocol
                 pass
-        return (None if labels_only else pred), pred.labels, pred.close, f"the model at {args.url}", pred
+        return (None if labels_only else pred), pred.labels, pred.close, f"the model at {args.url}"
     if args.onnx:
         from .onnx_model import onnx_predictor
 
         pred = onnx_predictor(args.onnx, image_shape=key.image_shape, num_classes=key.num_classes)
-        return pred, (lambda x: pred(x).argmax(1)), (lambda: None), f"the ONNX model {args.onnx}", None
+        return pred, (lambda x: pred(x).argmax(1)), (lambda: None), f"the ONNX model {args.onnx}"
     if not args.arch:
         raise ValueError("WEIGHTS needs --arch (and --width) to build the model; or use --url or --onnx")
     from .models import load_weights
@@ -231,7 +236,7 @@ def _predictor(args: argparse.Namespace, key):
 
     model = load_weights(args.weights, args.arch, args.width, key.num_classes, key.image_shape[0])
     pred = model_predictor(model, precision="fp32")  # float32: the same verdict on every machine
-    return pred, (lambda x: pred(x).argmax(1)), (lambda: None), f"{args.arch} weights {args.weights}", None
+    return pred, (lambda x: pred(x).argmax(1)), (lambda: None), f"{args.arch} weights {args.weights}"
 
 
 def _check_opening(args: argparse.Namespace, key) -> None:
@@ -240,7 +245,7 @@ def _check_opening(args: argparse.Namespace, key) -> None:
 
     from .publish import check_commitment, load_commitment
 
-    opening = Path(args.opening) if args.opening else Path(args.key).with_suffix(".commitment.json")
+    opening = Path(args.opening) if args.opening else _commitment_beside(Path(args.key))
     if not opening.exists():
         raise FileNotFoundError(f"--commitment needs the key's salt: no commitment file at {opening} (written by "
                                 "ubw watermark beside the key); pass it with --opening FILE")
@@ -262,7 +267,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
             _check_opening(args, key)
             print(f"the key opens the published commitment {args.commitment}")
         test = _load(args.data, args.root, args.image_size).test
-        probs, labels, close, what, remote = _predictor(args, key)
+        probs, labels, close, what = _predictor(args, key)
         if probs is None or args.labels_only:
             result = verify_labels(labels, test, key, m=args.m, alpha=args.alpha, seed=args.seed,
                                    classes=args.classes, p0=args.p0)

@@ -234,8 +234,19 @@ def label_power(flip_rate: float, m_values: int | Iterable[int], p0: float = DEF
     return float(out[0]) if scalar else out
 
 
+class _Verdict:
+    """The verdict of a result with a boolean ``watermarked``."""
+
+    watermarked: bool
+
+    @property
+    def verdict(self) -> str:
+        """``"watermarked"`` or ``"not watermarked"``."""
+        return "watermarked" if self.watermarked else "not watermarked"
+
+
 @dataclass(frozen=True, eq=False)
-class VerificationResult:
+class VerificationResult(_Verdict):
     """The outcome of :func:`verify`.
 
     ``delta_p = mean(P_b - P_p)``; ``p_value`` and ``statistic`` of :func:`paired_ttest`; ``watermarked`` the
@@ -259,11 +270,6 @@ class VerificationResult:
     scenario: str = ""
     queries: int | None = None
 
-    @property
-    def verdict(self) -> str:
-        """``"watermarked"`` or ``"not watermarked"``."""
-        return "watermarked" if self.watermarked else "not watermarked"
-
     def row(self) -> dict:
         """One table row: scenario, Delta P, p-value, verdict, m, tau, alpha (not ``queries``)."""
         return {
@@ -278,7 +284,7 @@ class VerificationResult:
 
 
 @dataclass(frozen=True, eq=False)
-class LabelVerificationResult:
+class LabelVerificationResult(_Verdict):
     """The outcome of :func:`verify_labels`.
 
     ``flips`` of the ``m`` queried images (correctly classified without the trigger) get another label with it;
@@ -305,11 +311,6 @@ class LabelVerificationResult:
     def flip_rate(self) -> float:
         """``flips / m``."""
         return self.flips / self.m
-
-    @property
-    def verdict(self) -> str:
-        """``"watermarked"`` or ``"not watermarked"``."""
-        return "watermarked" if self.watermarked else "not watermarked"
 
     def row(self) -> dict:
         """One table row: scenario, flips, m, flip rate, p0, p-value, verdict, alpha, queries."""

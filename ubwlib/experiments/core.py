@@ -9,7 +9,6 @@ warm cache therefore loads every model instead of retraining it.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -20,6 +19,7 @@ from ..cache import Cache, load_state_dict_tensors, state_dict_tensors, table_fr
 from ..data import DatasetSplits, ImageDataset, load_dataset
 from ..models import build_model
 from ..train import resolve_device, train
+from ..watermarks.base import dataset_fingerprint
 from .profiles import Profile
 
 __all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache",
@@ -37,12 +37,9 @@ def default_cache() -> Cache:
 
 
 def fingerprint(dataset: ImageDataset) -> str:
-    """sha256 of a dataset's images, labels and class names (its content, not its name)."""
-    h = hashlib.sha256()
-    h.update(str((tuple(dataset.images.shape), dataset.classes)).encode())
-    h.update(memoryview(dataset.images.contiguous().numpy()).cast("B"))
-    h.update(memoryview(dataset.labels.contiguous().numpy()).cast("B"))
-    return h.hexdigest()
+    """sha256 of a dataset's images, labels and class names (its content, not its name): the one a watermark
+    key binds (:func:`ubwlib.watermarks.base.dataset_fingerprint`), here the key of cached results."""
+    return dataset_fingerprint(dataset)
 
 
 @lru_cache(maxsize=8)
