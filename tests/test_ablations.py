@@ -15,7 +15,6 @@ from ubwlib.cache import Cache
 from ubwlib.data import DataNotFoundError
 from ubwlib.experiments import get_profile, load_data
 from ubwlib.experiments.ablations import (
-    GRIDS,
     METRICS,
     ablation_claims,
     ablation_grid,
@@ -35,7 +34,7 @@ SMOKE = get_profile("smoke")
 
 
 def test_grids_per_profile_contain_the_table1_points():
-    for name in ("smoke", "default", "paper"):
+    for name in ("smoke", "default", "study", "full", "paper"):
         g = ablation_grid(get_profile(name))
         assert set(g) == {"gammas", "lambdas"} and set(g["gammas"]) == {"ubw-p", "ubw-c"}
         for gs in g["gammas"].values():
@@ -53,13 +52,15 @@ def test_grid_overrides():
     assert g["gammas"] == {"ubw-p": (0.02, 0.1), "ubw-c": (0.02, 0.1)}
     assert g["lambdas"] == (0.0, 3.0)
     g = ablation_grid(SMOKE, gammas={"ubw-c": [0.1]})
-    assert g["gammas"]["ubw-c"] == (0.1,) and g["gammas"]["ubw-p"] == tuple(GRIDS["smoke"]["gammas"]["ubw-p"])
+    assert g["gammas"]["ubw-c"] == (0.1,) and g["gammas"]["ubw-p"] == SMOKE.grid.ubw_p_gammas
     with pytest.raises(ValueError, match="empty"):
         ablation_grid(SMOKE, lambdas=[])
     with pytest.raises(ValueError, match="repeated"):
         ablation_grid(SMOKE, lambdas=[1, 1.0])
-    # an unnamed profile falls back to the default grid
-    assert ablation_grid(SMOKE.replace(name="custom")) == ablation_grid(get_profile("default"))
+    # the grid belongs to the profile, not to its name: a renamed profile keeps it, a new grid is one field
+    assert ablation_grid(SMOKE.replace(name="custom")) == ablation_grid(SMOKE)
+    custom = get_profile(SMOKE.replace(name="custom"), grid={"lambdas": (0.5, 1.5)})
+    assert ablation_grid(custom) == {"gammas": {"ubw-p": (0.05, 0.1), "ubw-c": (0.05, 0.1)}, "lambdas": (0.5, 1.5)}
 
 
 def test_gamma_sweep_needs_gammas_for_every_method():

@@ -127,8 +127,8 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_profiles_with_documented_datasets_and_models():
-    assert profile_names() == ("smoke", "default", "study", "paper")
-    assert set(PROFILES) == {"smoke", "default", "study", "paper"}
+    assert profile_names() == ("smoke", "default", "study", "full", "paper")
+    assert set(PROFILES) == {"smoke", "default", "study", "full", "paper"}
     for name, prof in PROFILES.items():
         assert prof.name == name and isinstance(prof.train, TrainConfig) and prof.description
     smoke, default, paper = PROFILES["smoke"], PROFILES["default"], PROFILES["paper"]
@@ -138,6 +138,15 @@ def test_profiles_with_documented_datasets_and_models():
     assert (paper.dataset, paper.model, paper.width) == ("cifar10", "resnet18-cifar", 1.0)
     assert paper.train_size is None and paper.test_size is None  # the full CIFAR-10 splits
     assert paper.seed == 666 and paper.seeds[0] == 666
+    full = PROFILES["full"]  # issue 12: all of Fashion-MNIST, the paper's ResNet-18, its schedule shape
+    assert (full.dataset, full.model, full.width, full.train_size, full.test_size) == (
+        "fashion-mnist", "resnet18-cifar", 1.0, None, None)
+    assert full.train.schedule == "multistep" and [m / full.train.epochs for m in full.train.milestones] == [
+        m / 200 for m in TrainConfig().milestones]
+    # every profile owns its sizes; each is hashable (profiles key in-process memos)
+    for prof in PROFILES.values():
+        hash(prof)
+        assert prof.crafting.steps >= 1 and prof.verification.m >= 1 and prof.grid.lambdas
 
 
 def test_paper_schedule_is_the_trainconfig_default():
@@ -186,6 +195,11 @@ def test_overrides_including_train_dict():
         get_profile("smoke", bogus=1)
     with pytest.raises(ValueError, match="unknown train setting.*bogus"):
         get_profile("smoke", train={"bogus": 1})
+    for group in ("crafting", "grid", "verification"):
+        with pytest.raises(ValueError, match=f"unknown {group} setting.*bogus"):
+            get_profile("smoke", **{group: {"bogus": 1}})
+    v = get_profile("smoke", verification={"m": 9})
+    assert v.verification.m == 9 and v.verification.power_repeats == PROFILES["smoke"].verification.power_repeats
 
 
 def test_profiles_are_frozen():
@@ -525,8 +539,32 @@ def test_crafting_budget_follows_the_profile():
     paper = crafting_budget(get_profile("paper"))
     assert (paper.steps, paper.retrain_every, paper.lr, paper.eps) == (250, 50, 0.025, 16 / 255)
     assert paper.retrain.epochs == 40 and paper.pretrain.epochs == 100
+    assert paper.precision == "fp32" and paper.held_out == 0
     smoke = crafting_budget(get_profile("smoke"))
     assert smoke.model == "smallcnn" and smoke.retrain == get_profile("smoke").train and smoke.steps < paper.steps
+    assert (smoke.steps, smoke.retrain_every, smoke.held_out, smoke.precision) == (4, 2, 1, "auto")
+    # the budget belongs to the profile, not to its name: a renamed profile keeps its own budget (it used to
+    # get the paper's 250 steps silently), and a new budget is one override
+    renamed = crafting_budget(get_profile("smoke").replace(name="my-profile"))
+    assert renamed == smoke
+    custom = crafting_budget(get_profile(get_profile("smoke").replace(name="my-profile"), crafting={"steps": 7, "schedule": "public"}))
+    assert custom.steps == 7 and custom.retrain_every == 2 and custom.retrain.epochs == 40
+    full = crafting_budget(get_profile("full"))
+    assert (full.steps, full.retrain_every) == (250, 50) and full.retrain == get_profile("full").train
+    with pytest.raises(ValueError, match="unknown crafting setting"):
+        get_profile("smoke", crafting={"stepz": 1})
+    with pytest.raises(ValueError, match="schedule must be"):
+        get_profile("smoke", crafting={"schedule": "fast"})
+
+
+def test_verification_counts_follow_the_profile():
+    from ubwlib.experiments.verification import verification_settings
+
+    assert verification_settings(get_profile("paper")).m == 100
+    assert verification_settings(get_profile("smoke")).m == 20
+    assert verification_settings(get_profile("smoke").replace(name="other")).m == 20
+    assert verification_settings(get_profile("default", verification={"m": 30})).m == 30
+    assert verification_settings(get_profile("smoke"), m=7).m == 7
 
 
 @pytest.mark.parametrize("method", ["ubw-c", "label-consistent"])

@@ -8,7 +8,7 @@ Every point is an ordinary run, the same as :func:`~ubwlib.experiments.watermark
 :func:`~ubwlib.experiments.clean_label.clean_label_run` (UBW-C) with the setting changed, and shares their cache
 entries (release, trained model); its evaluation row is cached too (keyed by the model's cache key, the trigger
 and the test set), so a warm rebuild only reads the cache. The grids depend on the profile
-(:data:`GRIDS`): each UBW-C point crafts its own gradient-matching poisons, minutes on the default profile, so the
+(``profile.grid``, an :class:`~ubwlib.experiments.profiles.AblationGrid`): each UBW-C point crafts its own gradient-matching poisons, minutes on the default profile, so the
 default grid is small. The points gamma = 0.1 and lambda = 2 are the paper's settings, i.e. the Table 1 runs, and
 cost nothing once the UBW-C chapter has run.
 
@@ -33,7 +33,6 @@ from .profiles import Profile
 from .watermarking import watermarked_dataset
 
 __all__ = [
-    "GRIDS",
     "METRICS",
     "ablation_grid",
     "gamma_sweep",
@@ -48,27 +47,6 @@ __all__ = [
 #: The UBW-C settings of Table 1 (the lambda sweep runs at this gamma, the gamma sweep at this lambda).
 TABLE1_GAMMA = UBWCSettings().poisoning_rate
 TABLE1_LAMBDA = UBWCSettings().lam
-
-#: Sweep grids per profile. UBW-P points cost one training each (about 40 s on the default profile on two CPU
-#: cores); UBW-C points craft gradient-matching poisons and then train (2-3 minutes each there), except
-#: gamma = 0.1 / lambda = 2, the Table 1 run. The paper's exact grid is not published (its figures span gamma
-#: of about 0.02..0.10 and lambda of about 0..3); the paper grid below covers those ranges, with gamma = 0.03,
-#: the point its text names. The default grid stretches lambda to 4 so that the lever is long enough to show
-#: an effect above the noise of 4-epoch runs.
-GRIDS: dict[str, dict] = {
-    "smoke": {
-        "gammas": {"ubw-p": (0.05, 0.1), "ubw-c": (0.05, 0.1)},
-        "lambdas": (0.0, 2.0),
-    },
-    "default": {
-        "gammas": {"ubw-p": (0.01, 0.03, 0.05, 0.1), "ubw-c": (0.03, 0.1)},
-        "lambdas": (0.0, 2.0, 4.0),
-    },
-    "paper": {
-        "gammas": {"ubw-p": (0.02, 0.03, 0.04, 0.06, 0.08, 0.1), "ubw-c": (0.02, 0.03, 0.04, 0.06, 0.08, 0.1)},
-        "lambdas": (0.0, 1.0, 2.0, 3.0),
-    },
-}
 
 #: Columns of a sweep row taken from the evaluation (rates as fractions).
 METRICS = ("BA", "ASR-A", "ASR-C", "D_p", "D_s (triggered)")
@@ -98,19 +76,18 @@ def _gammas_for(gammas, methods: Sequence[str]) -> dict[str, tuple[float, ...]]:
 
 
 def ablation_grid(profile: Profile, gammas=None, lambdas=None) -> dict:
-    """The sweep grid of ``profile`` (:data:`GRIDS`; an unknown profile name gets the default profile's grid):
+    """The sweep grid of ``profile`` (its :class:`~ubwlib.experiments.profiles.AblationGrid`):
     ``{"gammas": {"ubw-p": (...), "ubw-c": (...)}, "lambdas": (...)}``.
 
     ``gammas`` overrides the gammas of every method (a sequence) or of some methods (a mapping, merged into the
     profile's); ``lambdas`` overrides the lambdas. Values are returned as sorted tuples of floats."""
-    base = GRIDS.get(profile.name, GRIDS["default"])
-    g = dict(base["gammas"])
+    g = profile.grid.gammas()
     if isinstance(gammas, Mapping):
         g.update(gammas)
     elif gammas is not None:
         g = {m: gammas for m in g}
     return {"gammas": {m: _floats(v, f"gammas[{m!r}]") for m, v in g.items()},
-            "lambdas": _floats(base["lambdas"] if lambdas is None else lambdas, "lambdas")}
+            "lambdas": _floats(profile.grid.lambdas if lambdas is None else lambdas, "lambdas")}
 
 
 def _evaluation(trained: TrainedModel, key: WatermarkKey, source_class: int | None, seed: int, profile: Profile,

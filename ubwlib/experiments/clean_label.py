@@ -40,12 +40,6 @@ SOURCE_CLASS = 0
 VERSION = "2"
 
 #: Gradient-matching budgets per profile (the paper profile uses the public code's: 250 steps, retrain every 50).
-_BUDGETS = {
-    "smoke": dict(steps=4, retrain_every=2, checkpoint_every=2, held_out=1, diagnostic_every=2),
-    "default": dict(steps=20, retrain_every=10, checkpoint_every=5, held_out=1, diagnostic_every=5),
-    "study": dict(steps=40, retrain_every=20, checkpoint_every=5, held_out=1, diagnostic_every=5),
-    "paper": dict(),
-}
 #: The victim of a clean-label release is trained with ``seed + VICTIM_SEED_OFFSET``: a seed that no model of the
 #: crafting used (the surrogate is the benign model of ``seed``; the other crafting models have derived seeds).
 VICTIM_SEED_OFFSET = 1000
@@ -57,12 +51,14 @@ def victim_seed(seed: int) -> int:
 
 
 def crafting_budget(profile: Profile) -> GradientMatchingSettings:
-    """The gradient-matching settings of a profile: its model, its schedule for (re)training the surrogate,
-    and the crafting budget (steps, retraining period)."""
-    budget = _BUDGETS.get(profile.name, {})
-    base = GradientMatchingSettings()
-    extra = {} if profile.name == "paper" else {"pretrain": profile.train, "retrain": profile.train, "precision": "auto"}
-    return dataclasses.replace(base, model=profile.model, width=profile.width, **extra, **budget)
+    """The gradient-matching settings of a profile: its model, the schedule of (re)training the surrogate and
+    the crafting budget, all from the profile's :class:`~ubwlib.experiments.profiles.CraftingBudget`."""
+    b = profile.crafting
+    schedule = {"pretrain": profile.train, "retrain": profile.train} if b.schedule == "profile" else {}
+    return dataclasses.replace(GradientMatchingSettings(), model=profile.model, width=profile.width, **schedule,
+                               steps=b.steps, retrain_every=b.retrain_every, precision=b.precision,
+                               held_out=b.held_out, diagnostic_every=b.diagnostic_every,
+                               checkpoint_every=b.checkpoint_every)
 
 
 def clean_label_settings(profile: Profile, method: str, **overrides) -> dict:

@@ -3,7 +3,13 @@
 - ``smoke``: tests and CI; seconds per chapter (small Fashion-MNIST subsets, a small CNN, 4 epochs).
 - ``default``: the book on 2 CPU cores; Fashion-MNIST with a narrow ResNet-18 and a short one-cycle schedule.
 - ``study``: the UBW-C recipe study (``make study``): a fast model trained long enough for the poisons to act.
+- ``full``: all of Fashion-MNIST with the paper's ResNet-18 and the paper's schedule shape, for a GPU
+  (``make results PROFILE=full`` stores its tables under ``results/full/``).
 - ``paper``: CIFAR-10 with ResNet-18 and the paper's 200-epoch schedule, for a GPU.
+
+A profile owns every size that depends on it: the model and data (above), the gradient-matching budget
+(:class:`CraftingBudget`), the ablation grid (:class:`AblationGrid`) and the verification counts
+(:class:`VerificationSizes`). A new profile is one :class:`Profile`; nothing is looked up by profile name.
 
 ``UBW_PROFILE`` selects the profile when none is named (so ``UBW_PROFILE=paper jupyter-book build book/``
 rebuilds the book on the paper profile); any field can be overridden with :func:`get_profile`'s keywords.
@@ -17,7 +23,68 @@ from dataclasses import dataclass, field
 
 from ..train import TrainConfig
 
-__all__ = ["Profile", "PROFILES", "get_profile", "profile_names"]
+__all__ = ["Profile", "PROFILES", "CraftingBudget", "AblationGrid", "VerificationSizes", "get_profile",
+           "profile_names"]
+
+
+@dataclass(frozen=True)
+class CraftingBudget:
+    """How much gradient matching (Sleeper Agent, UBW-C) a profile affords. Defaults: the public code's."""
+
+    steps: int = 250
+    """Crafting steps."""
+    retrain_every: int = 50
+    """Retrain the surrogate from scratch every this many steps (0: never)."""
+    schedule: str = "public"
+    """How the surrogate is pre-trained and retrained: ``public`` (the public code's 100 and 40 epochs) or
+    ``profile`` (the profile's own training schedule, so that surrogates and victims are trained alike)."""
+    precision: str = "fp32"
+    """Precision of the double-backward passes (``fp32`` or ``auto``: bf16 where the device supports it)."""
+    held_out: int = 0
+    """Held-out models for the transfer diagnostic (0: none)."""
+    diagnostic_every: int = 5
+    """Steps between two evaluations of the transfer diagnostic."""
+    checkpoint_every: int = 10
+    """Steps between two checkpoints of an interrupted crafting."""
+
+    def __post_init__(self) -> None:
+        if self.schedule not in ("public", "profile"):
+            raise ValueError(f"schedule must be 'public' or 'profile', got {self.schedule!r}")
+
+
+@dataclass(frozen=True)
+class AblationGrid:
+    """The points of the ablations chapter (Figures 4 and 5). Defaults: a grid over the ranges of the paper's
+    figures (gamma about 0.02..0.10, lambda 0..3; the exact grid is not published), with gamma = 0.03, the point
+    its text names."""
+
+    ubw_p_gammas: tuple[float, ...] = (0.02, 0.03, 0.04, 0.06, 0.08, 0.1)
+    ubw_c_gammas: tuple[float, ...] = (0.02, 0.03, 0.04, 0.06, 0.08, 0.1)
+    lambdas: tuple[float, ...] = (0.0, 1.0, 2.0, 3.0)
+    """UBW-C's lambda (Figure 5), at the Table 1 poisoning rate."""
+
+    def gammas(self) -> dict[str, tuple[float, ...]]:
+        return {"ubw-p": tuple(self.ubw_p_gammas), "ubw-c": tuple(self.ubw_c_gammas)}
+
+
+@dataclass(frozen=True)
+class VerificationSizes:
+    """The counts of the verification chapter. Defaults: the paper's m = 100 and this book's choices."""
+
+    m: int = 100
+    """Images per hypothesis test (Proposition 1)."""
+    false_positive_triggers: int = 8
+    """Independent triggers per method in the false-positive table."""
+    false_positive_models: int = 3
+    """Independent (benign) models per method in the false-positive table."""
+    power_ms: tuple[int, ...] = (3, 5, 10, 20, 50, 100, 200)
+    """The m of the power curve."""
+    power_repeats: int = 50
+    """Random draws per point of the power curve."""
+    forgery_models: int = 3
+    """Innocent models per method in the forgery table."""
+    forgery_steps: int = 100
+    """Optimisation steps of each forged key."""
 
 
 @dataclass(frozen=True)
@@ -39,6 +106,12 @@ class Profile:
     seeds: tuple[int, ...] = (0,)
     """Seeds for experiments repeated over seeds; ``seeds[0]`` is the seed of single runs."""
     subset_seed: int = 0
+    crafting: CraftingBudget = field(default_factory=CraftingBudget)
+    """The gradient-matching budget."""
+    grid: AblationGrid = field(default_factory=AblationGrid)
+    """The ablation grid."""
+    verification: VerificationSizes = field(default_factory=VerificationSizes)
+    """The verification counts."""
     description: str = ""
     data_root: str | None = field(default=None, compare=False)
     """Where to look for the dataset first (else ``$UBW_DATA``, then the system folder); not part of any cache key."""
@@ -52,10 +125,17 @@ class Profile:
 
     def summary(self) -> dict:
         """A flat ``{setting: value}`` view for the settings tables of the book."""
-        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("train", "description", "data_root")}
-        out.update({f"train.{k}": v for k, v in dataclasses.asdict(self.train).items()})
+        nested = ("train", "crafting", "grid", "verification")
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in (*nested, "description", "data_root")}
+        for group in nested:
+            out.update({f"{group}.{k}": v for k, v in dataclasses.asdict(getattr(self, group)).items()})
         return out
 
+
+#: The gradient-matching budget and the ablation grid of the CPU profiles (default, study).
+_CPU_CRAFTING = CraftingBudget(steps=20, retrain_every=10, schedule="profile", precision="auto", held_out=1,
+                               diagnostic_every=5, checkpoint_every=5)
+_CPU_GRID = AblationGrid(ubw_p_gammas=(0.01, 0.03, 0.05, 0.1), ubw_c_gammas=(0.03, 0.1), lambdas=(0.0, 2.0, 4.0))
 
 PROFILES: dict[str, Profile] = {
     "smoke": Profile(
@@ -69,6 +149,12 @@ PROFILES: dict[str, Profile] = {
         test_size=500,
         seeds=(0, 1, 2),
         description="Tests and CI: seconds per chapter.",
+        crafting=CraftingBudget(steps=4, retrain_every=2, schedule="profile", precision="auto", held_out=1,
+                                diagnostic_every=2, checkpoint_every=2),
+        grid=AblationGrid(ubw_p_gammas=(0.05, 0.1), ubw_c_gammas=(0.05, 0.1), lambdas=(0.0, 2.0)),
+        # m = 20: the smoke test set holds too few correctly classified source-class images for 100
+        verification=VerificationSizes(m=20, false_positive_triggers=2, false_positive_models=1, power_ms=(3, 5, 10),
+                                       power_repeats=10, forgery_models=2, forgery_steps=5),
     ),
     "default": Profile(
         name="default",
@@ -81,6 +167,9 @@ PROFILES: dict[str, Profile] = {
         test_size=10000,
         seeds=(0, 1, 2),
         description="The book on 2 CPU cores: Fashion-MNIST, ResNet-18 at 1/8 width, a short one-cycle schedule.",
+        crafting=_CPU_CRAFTING,
+        # lambda up to 4: the lever must be long enough to show an effect above the noise of 4-epoch runs
+        grid=_CPU_GRID,
     ),
     "study": Profile(
         name="study",
@@ -94,6 +183,24 @@ PROFILES: dict[str, Profile] = {
         seeds=(0, 1, 2),
         description="The UBW-C recipe study on 2 CPU cores: 10k Fashion-MNIST images, the small CNN at half "
                     "width, 16 epochs (one release plus one victim in about 4 minutes).",
+        crafting=dataclasses.replace(_CPU_CRAFTING, steps=40, retrain_every=20),
+        grid=_CPU_GRID,
+    ),
+    "full": Profile(
+        name="full",
+        dataset="fashion-mnist",
+        model="resnet18-cifar",
+        width=1.0,
+        # the paper's schedule shape (SGD, lr x0.1 at 75% and 90% of the epochs), shortened to fit a GPU's minutes
+        train=TrainConfig(epochs=20, milestones=(15, 18), seed=0),
+        train_size=None,
+        test_size=None,
+        seeds=(0, 1, 2),
+        # the public code's budget (250 steps, a retraining every 50), surrogates trained like the victims
+        crafting=CraftingBudget(schedule="profile", precision="auto", held_out=1, diagnostic_every=25,
+                                checkpoint_every=25),
+        description="Full scale on a GPU: all of Fashion-MNIST (60k/10k), the paper's ResNet-18, its schedule shape "
+                    "over 20 epochs, the public code's crafting budget.",
     ),
     "paper": Profile(
         name="paper",
@@ -116,7 +223,8 @@ def profile_names() -> tuple[str, ...]:
 def get_profile(name: str | Profile | None = None, **overrides) -> Profile:
     """The profile ``name`` (``None``: ``$UBW_PROFILE``, else ``default``), with ``overrides`` applied.
 
-    ``train`` overrides may be given as a dict, e.g. ``get_profile("smoke", train={"epochs": 1})``.
+    ``train``, ``crafting``, ``grid`` and ``verification`` overrides may be given as dicts of their fields, e.g.
+    ``get_profile("smoke", train={"epochs": 1}, crafting={"steps": 8})``.
     """
     if isinstance(name, Profile):
         prof = name
@@ -126,12 +234,14 @@ def get_profile(name: str | Profile | None = None, **overrides) -> Profile:
             prof = PROFILES[key]
         except KeyError:
             raise ValueError(f"unknown profile {key!r}; choose one of {', '.join(PROFILES)}") from None
-    if "train" in overrides and isinstance(overrides["train"], dict):
-        valid = {f.name for f in dataclasses.fields(TrainConfig)}
-        bad_train = set(overrides["train"]) - valid
-        if bad_train:
-            raise ValueError(f"unknown train setting(s) {sorted(bad_train)}; valid: {sorted(valid)}")
-        overrides["train"] = prof.train.replace(**overrides["train"])
+    for group in ("train", "crafting", "grid", "verification"):
+        if group in overrides and isinstance(overrides[group], dict):
+            current = getattr(prof, group)
+            valid = {f.name for f in dataclasses.fields(current)}
+            bad_group = set(overrides[group]) - valid
+            if bad_group:
+                raise ValueError(f"unknown {group} setting(s) {sorted(bad_group)}; valid: {sorted(valid)}")
+            overrides[group] = dataclasses.replace(current, **overrides[group])
     bad = set(overrides) - {f.name for f in dataclasses.fields(Profile)}
     if bad:
         raise ValueError(f"unknown profile setting(s) {sorted(bad)}; valid: {[f.name for f in dataclasses.fields(Profile)]}")

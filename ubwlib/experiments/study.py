@@ -369,7 +369,10 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
 def study_settings_hash(profile: Profile) -> str:
     """A hash of everything the stored study depends on: the profile, the rows and the settings they expand to.
     The book flags a stored table whose hash differs from the current code's."""
-    settings = {"profile": dataclasses.asdict(profile.replace(data_root=None)), "rows": study_rows(),
+    # the crafting budget enters through the UBW-C settings; the profile's other size groups play no part here
+    shape = {k: v for k, v in dataclasses.asdict(profile.replace(data_root=None)).items()
+             if k not in ("crafting", "grid", "verification")}
+    settings = {"profile": shape, "rows": study_rows(),
                 "ubw-c": clean_label_settings(profile, "ubw-c"), "victim seed": victim_seed(profile.seed)}
     return settings_hash("study", settings, "1")
 

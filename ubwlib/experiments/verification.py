@@ -44,9 +44,9 @@ VERIFY_DRAW = "seeded order"
 
 def verification_settings(profile: Profile, m: int | None = None) -> VerificationSettings:
     """The settings of the verification chapter (and of the report, which reads its cached tables): the paper's
-    m = 100, tau = 0.25, alpha = 0.01, with m = 20 on the smoke profile (its test set holds too few correctly
-    classified source-class images for 100); ``m`` overrides."""
-    return VerificationSettings(m=m or (20 if profile.name == "smoke" else VerificationSettings.m))
+    tau = 0.25 and alpha = 0.01 with the profile's m (``profile.verification.m``, the paper's 100 by default);
+    ``m`` overrides."""
+    return VerificationSettings(m=m or profile.verification.m)
 
 
 def verification_classes(method: str) -> list[int] | None:
