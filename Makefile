@@ -9,12 +9,13 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.ubw-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: book test runs bench study install data clean-book clean-cache help
+.PHONY: book test runs results bench study install data clean-book clean-cache help
 
 help:
 	@echo "make book      build the book (HTML in book/_build/html) on the default profile"
 	@echo "make test      run every test, including the chapters with smoke parameters (nbval)"
 	@echo "make runs PROFILE=smoke|default|paper   execute every chapter with papermill into book/_build/runs/<profile>/"
+	@echo "make results PROFILE=full [CHAPTERS=\"ubw_p ubw_c\"] [VIA=recipes]   store every table of the chapters in results/<profile>/"
 	@echo "make bench     print the trainer's images/s against a plain PyTorch loop"
 	@echo "make study     recompute the UBW-C recipe study (cached, resumable) and store it in results/study/"
 
@@ -70,6 +71,13 @@ test: data
 
 runs: data
 	$(BIN)/python -m ubwlib.book --profile $(PROFILE)
+
+# Stored results (issue 12): every table the chapters compute, with provenance, under results/<profile>/; the book
+# shows them beside the paper's numbers and the live ones. VIA=recipes needs no Jupyter (e.g. on a GPU machine).
+CHAPTERS ?=
+VIA ?= papermill
+results: data
+	TQDM_DISABLE=1 $(BIN)/python -m ubwlib.book --store --via $(VIA) --profile $(PROFILE) $(CHAPTERS)
 
 bench: data
 	$(BIN)/python -m ubwlib.bench

@@ -484,9 +484,10 @@ def test_model_dispersibility_on_fixture(tiny, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_table1_rows_and_paper_comparison(tiny):
+def test_table1_rows_and_paper_comparison(tiny, tmp_path):
     from ubwlib.experiments.paper import TABLE1_CIFAR10
-    from ubwlib.experiments.watermarking import compare_with_paper, table1, watermark_run
+    from ubwlib.experiments.stored import load_stored, three_columns
+    from ubwlib.experiments.watermarking import table1, watermark_run
 
     t1 = table1(tiny, ("badnets", "ubw-p"), progress=False)
     assert list(t1.index) == ["No Attack", "BadNets", "UBW-P"]
@@ -499,10 +500,11 @@ def test_table1_rows_and_paper_comparison(tiny):
     # the watermarked models are cached like any other: a second table loads them
     run = watermark_run(tiny, "badnets", progress=False)
     assert run.trained.cached
-    both = compare_with_paper(t1, tiny)
-    paper = both["paper (CIFAR-10)"]
-    assert paper.loc["UBW-P", "D_p"] == TABLE1_CIFAR10.loc["UBW-P", "D_p"] == 2.2548
-    assert both[both.columns[0][0]].loc["BadNets", "BA"] == pytest.approx(100 * t1.loc["BadNets", "BA"])
+    nothing = load_stored("ubw_p", "table1", "full", root=tmp_path)  # an empty results folder
+    both = three_columns(t1, nothing, TABLE1_CIFAR10, ["BA", "D_p"], live_profile=tiny).table
+    assert both.loc["UBW-P", ("D_p", "paper (CIFAR-10)")] == TABLE1_CIFAR10.loc["UBW-P", "D_p"] == 2.2548
+    assert both.loc["BadNets", ("BA", f"{tiny.name} (live)")] == pytest.approx(100 * t1.loc["BadNets", "BA"])
+    assert both[("BA", "full (stored)")].isna().all()  # missing is shown as missing, never filled in
 
 
 def test_triggered_confusion_rows_are_distributions(tiny):

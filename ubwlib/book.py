@@ -8,6 +8,11 @@ Run every chapter on a profile (what ``make runs PROFILE=...`` does)::
 
     python -m ubwlib.book --profile smoke            # -> book/_build/runs/smoke/*.ipynb
 
+Store every table the chapters compute, with provenance (what ``make results PROFILE=...`` does)::
+
+    python -m ubwlib.book --store --profile smoke ubw_p verification      # -> results/smoke/...
+    python -m ubwlib.book --store --via recipes --profile full ubw_p      # no Jupyter: e.g. on a GPU machine
+
 One chapter by hand::
 
     jupytext --to ipynb -o /tmp/dispersibility.ipynb book/dispersibility.md
@@ -21,7 +26,7 @@ import sys
 import time
 from pathlib import Path
 
-__all__ = ["BOOK_DIR", "chapter_paths", "read_chapter", "write_test_notebook", "run_chapters", "main"]
+__all__ = ["BOOK_DIR", "chapter_paths", "read_chapter", "write_test_notebook", "run_chapters", "store_results", "main"]
 
 BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 
@@ -121,13 +126,73 @@ def run_chapters(profile: str, out_dir: Path | str | None = None, chapters: list
     return timings
 
 
+def store_results(profile: str, chapters: list[str] | None = None, *, root: Path | str | None = None,
+                  via: str = "papermill", command: str = "", notebooks: Path | str | None = None
+                  ) -> list[tuple[str, float]]:
+    """Store every table of ``chapters`` (default: all chapters with tables, in the order a GPU session runs
+    them) under ``root/<profile>/`` (default: the repository's ``results/``), with provenance and the wall time
+    of each chapter (``make results``). ``via="papermill"`` executes each chapter, whose
+    :func:`~ubwlib.experiments.stored.chapter_table` calls store its tables (a registered table the chapter did
+    not compute is an error; the executed notebooks go to ``notebooks``, default ``book/_build/runs/<profile>``);
+    ``via="recipes"`` calls the registered recipes directly (no Jupyter needed). Returns (chapter, seconds)."""
+    import os
+
+    from .experiments import get_profile
+    from .experiments import stored
+
+    P = get_profile(profile)
+    chapters = list(chapters or stored.CHAPTERS)
+    for c in chapters:
+        stored.chapter_tables(c)  # an unknown chapter fails before anything runs
+    if via not in ("papermill", "recipes"):
+        raise ValueError(f"via must be 'papermill' or 'recipes', got {via!r}")
+    directory = Path(root if root is not None else stored.RESULTS_ROOT) / P.name
+    command = command or f"python -m ubwlib.book --store --via {via} --profile {P.name} {' '.join(chapters)}"
+    done = []
+    for chapter in chapters:
+        t0, started = time.perf_counter(), time.time()
+        if via == "recipes":
+            stored.store_chapter(P, chapter, directory, command=command)
+        else:
+            saved = {k: os.environ.get(k) for k in (stored.STORE_ENV, stored.COMMAND_ENV)}
+            os.environ[stored.STORE_ENV], os.environ[stored.COMMAND_ENV] = str(directory), command
+            try:
+                run_chapters(P.name, out_dir=notebooks, chapters=[chapter])
+            finally:
+                for k, v in saved.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+            missing = stored.unstored_since(directory, chapter, started)
+            if missing:
+                raise RuntimeError(f"chapter {chapter} ran but did not store {missing}: a chapter must compute its "
+                                   "registered tables with ubwlib.experiments.stored.chapter_table")
+        seconds = time.perf_counter() - t0
+        stored.record_chapter(directory, chapter, seconds, via=via, command=command)
+        done.append((chapter, seconds))
+        print(f"{chapter}: tables stored in {seconds:.1f} s -> {directory / chapter}", flush=True)
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m ubwlib.book", description="Run the book's chapters with papermill.")
-    ap.add_argument("--profile", default="default", help="smoke, default or paper (default: %(default)s)")
-    ap.add_argument("--out", default=None, help="output folder (default: book/_build/runs/<profile>)")
-    ap.add_argument("chapters", nargs="*", help="chapter names (file stems); default: all")
+    ap.add_argument("--profile", default="default", help="smoke, default, study, full or paper (default: %(default)s)")
+    ap.add_argument("--out", default=None, help="output folder (default: book/_build/runs/<profile>; with --store: "
+                                                "the results folder, default results/)")
+    ap.add_argument("--store", action="store_true",
+                    help="store every table of the chapters under results/<profile>/ with provenance (make results)")
+    ap.add_argument("--via", choices=("papermill", "recipes"), default="papermill",
+                    help="with --store: execute the chapters (default) or call their recipes directly (no Jupyter)")
+    ap.add_argument("chapters", nargs="*", help="chapter names (file stems, commas allowed); default: all")
     args = ap.parse_args(argv)
-    timings = run_chapters(args.profile, args.out, args.chapters or None)
+    chapters = [c for arg in args.chapters for c in arg.split(",") if c]
+    if args.store:
+        command = " ".join(["python -m ubwlib.book", *(argv if argv is not None else sys.argv[1:])])
+        timings = store_results(args.profile, chapters or None, root=args.out, via=args.via, command=command)
+        print(f"total: {sum(t for _, t in timings):.1f} s for {len(timings)} chapter(s)")
+        return 0
+    timings = run_chapters(args.profile, args.out, chapters or None)
     print(f"total: {sum(t for _, t in timings):.1f} s for {len(timings)} chapter(s)")
     return 0
 

@@ -29,12 +29,13 @@ from ..watermarks import UBWCSettings, WatermarkKey
 from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_release, victim_seed
 from .core import TrainedModel, benign_model, cached_evaluation, load_data, trained_model
 from .paper import METHOD_LABELS
-from .profiles import Profile
+from .profiles import AblationGrid, Profile
 from .watermarking import watermarked_dataset
 
 __all__ = [
     "METRICS",
     "ablation_grid",
+    "with_grid",
     "gamma_sweep",
     "lambda_sweep",
     "benign_baseline",
@@ -47,6 +48,16 @@ __all__ = [
 #: The UBW-C settings of Table 1 (the lambda sweep runs at this gamma, the gamma sweep at this lambda).
 TABLE1_GAMMA = UBWCSettings().poisoning_rate
 TABLE1_LAMBDA = UBWCSettings().lam
+
+def with_grid(profile: Profile, gammas=None, lambdas=None) -> Profile:
+    """``profile`` with its ablation grid overridden (``gammas`` and ``lambdas`` as :func:`ablation_grid` reads
+    them): a chapter run with another grid is another profile, so its stored tables say so."""
+    if gammas is None and lambdas is None:
+        return profile
+    g = ablation_grid(profile, gammas, lambdas)
+    return profile.replace(grid=AblationGrid(ubw_p_gammas=g["gammas"]["ubw-p"], ubw_c_gammas=g["gammas"]["ubw-c"],
+                                             lambdas=g["lambdas"]))
+
 
 #: Columns of a sweep row taken from the evaluation (rates as fractions).
 METRICS = ("BA", "ASR-A", "ASR-C", "D_p", "D_s (triggered)")

@@ -6,7 +6,8 @@ import math
 
 import pandas as pd
 
-__all__ = ["TABLE1_CIFAR10", "TABLE2_IMAGENET", "TABLE3_UBWP", "TABLE4_UBWC", "METHOD_LABELS", "paper_table"]
+__all__ = ["TABLE1_CIFAR10", "TABLE2_IMAGENET", "TABLE3_UBWP", "TABLE4_UBWC", "VERIFICATION_TABLES", "METHOD_LABELS",
+           "paper_table", "paper_verification"]
 
 #: Display names of the methods, in the paper's order.
 METHOD_LABELS = {
@@ -77,6 +78,19 @@ TABLE4_UBWC = pd.DataFrame(
     },
     index=_SCEN,
 )
+
+
+#: Tables 3 and 4 by method.
+VERIFICATION_TABLES = {"ubw-p": TABLE3_UBWP, "ubw-c": TABLE4_UBWC}
+
+
+def paper_verification(method: str) -> dict[str, pd.DataFrame]:
+    """Table 3 (``ubw-p``) or 4 (``ubw-c``) as ``{"paper (CIFAR-10)": ..., "paper (ImageNet)": ...}``, each with
+    the columns ``Delta P`` and ``p-value`` by scenario."""
+    if method not in VERIFICATION_TABLES:
+        raise ValueError(f"the paper reports verification for {sorted(VERIFICATION_TABLES)}, not {method!r}")
+    t = VERIFICATION_TABLES[method]
+    return {f"paper ({d})": t[d] for d in ("CIFAR-10", "ImageNet")}
 
 
 def paper_table(dataset: str = "cifar10") -> pd.DataFrame:

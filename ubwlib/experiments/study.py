@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import datetime
 import json
 import math
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +38,7 @@ from .clean_label import (
 )
 from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data, trained_model
 from .profiles import Profile, get_profile
+from .provenance import provenance
 from ..train import predict
 
 __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
@@ -312,29 +310,6 @@ def study_table(profile: Profile | str = "study", *, seed: int | None = None, vi
     return pd.DataFrame(out).set_index("row")
 
 
-def _git(*args: str) -> str:
-    try:
-        return subprocess.run(["git", *args], cwd=RESULTS_DIR.parents[1], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
-def _machine() -> str:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from ..train import cpu_supports_bf16
-
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {model}"
-    return f"{dev}, {torch.get_num_threads()} threads, bf16 {'yes' if cpu_supports_bf16() else 'no (float32)'}"
-
-
 def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
                 directory: Path | str = RESULTS_DIR, trajectories: pd.DataFrame | None = None,
                 fine_tune: pd.DataFrame | None = None, missing: list[str] = ()) -> Path:
@@ -351,13 +326,7 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
         fine_tune.to_csv(directory / f"{STUDY_FILE}-finetune.csv", float_format="%.4f", index=False)
     meta = {
         "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
-        "commit": _git("rev-parse", "HEAD"),
-        "dirty": bool(_git("status", "--porcelain", "--untracked-files=no")),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "machine": _machine(),
-        "torch": torch.__version__,
-        "command": command,
-        "wall seconds": round(seconds, 1),
+        **{k: v for k, v in provenance(command, seconds).items() if k != "python"},
         "profile": profile.name,
         "settings hash": study_settings_hash(profile),
         "rows missing": list(missing),

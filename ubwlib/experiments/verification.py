@@ -28,15 +28,13 @@ from ..verify import (
 from ..watermarks import trigger
 from .clean_label import SOURCE_CLASS
 from .core import benign_model, cached_table, key_digest, load_data
-from .paper import TABLE3_UBWP, TABLE4_UBWC
 from .profiles import Profile
 from .watermarking import method_run
 
-__all__ = ["VERIFY_METHODS", "verification_classes", "scenario_table", "compare_verification",
+__all__ = ["VERIFY_METHODS", "verification_classes", "scenario_table",
            "false_positive_table", "power_curve", "independent_seeds", "verification_settings", "forgery_table"]
 
 VERIFY_METHODS = ("ubw-p", "ubw-c")
-PAPER_TABLES = {"ubw-p": TABLE3_UBWP, "ubw-c": TABLE4_UBWC}
 #: How :func:`ubwlib.verify.verify` draws its images (part of the cached tables' keys): "seeded order" queries the
 #: candidates in a seeded random order until m are correctly classified (before: every candidate was queried).
 VERIFY_DRAW = "seeded order"
@@ -82,13 +80,6 @@ def scenario_table(profile: Profile, method: str, seed: int | None = None,
     return cached_table("verification-scenarios", {"method": method, "model": run.trained.key,
                                                    "benign": benign.key, "key": key_digest(key), "seed": seed,
                                                    "settings": s, "draw": VERIFY_DRAW}, compute, cache)
-
-
-def compare_verification(ours: pd.DataFrame, method: str, profile: Profile) -> pd.DataFrame:
-    """Our Delta P and p-value beside the paper's (CIFAR-10 and ImageNet) for ``method``."""
-    mine = ours[["Delta P", "p-value", "verdict"]]
-    mine.columns = pd.MultiIndex.from_product([[f"ours ({profile.name}: {profile.dataset})"], mine.columns])
-    return pd.concat([mine, PAPER_TABLES[method]], axis=1)
 
 
 def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_models: int = 3,

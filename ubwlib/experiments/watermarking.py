@@ -1,7 +1,7 @@
 """Recipes of the watermark chapters: watermark the profile's training set, train on it (cached), evaluate.
 
 ``table1(profile)`` builds the rows of the paper's Table 1 (No Attack + one row per watermark) on the profile's
-dataset; ``compare_with_paper`` puts them beside the paper's CIFAR-10 (and ImageNet) numbers.
+dataset; ``stored.three_columns`` puts them beside the paper's numbers and the stored full-scale ones.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from .core import (
     load_data,
     trained_model,
 )
-from .paper import METHOD_LABELS, TABLE1_CIFAR10, TABLE2_IMAGENET
+from .paper import METHOD_LABELS
 from .profiles import Profile
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
     "watermark_run",
     "no_attack_row",
     "table1",
-    "compare_with_paper",
     "triggered_confusion",
     "settings_table",
     "gallery_images",
@@ -154,19 +153,6 @@ def noise_control_table(profile: Profile, seed: int | None = None, cache: Cache 
             "same poisons, random noise (0 crafting steps)": control.source_row,
             f"UBW-C ({crafting_budget(profile).steps} crafting steps)": src.loc["UBW-C"].to_dict()}
     return pd.DataFrame(list(rows.values()), index=list(rows))
-
-
-def compare_with_paper(ours: pd.DataFrame, profile: Profile, imagenet: bool = False) -> pd.DataFrame:
-    """Our BA/ASR-A/ASR-C (in %) and D_p beside the paper's CIFAR-10 (and ImageNet) numbers."""
-    cols = ["BA", "ASR-A", "ASR-C", "D_p"]
-    mine = ours[cols].copy()
-    for c in ("BA", "ASR-A", "ASR-C"):
-        mine[c] = mine[c] * 100
-    parts = {f"ours ({profile.name}: {profile.dataset})": mine,
-             "paper (CIFAR-10)": TABLE1_CIFAR10.reindex(mine.index)[cols]}
-    if imagenet:
-        parts["paper (ImageNet)"] = TABLE2_IMAGENET.reindex(mine.index)[cols]
-    return pd.concat(parts, axis=1)
 
 
 def triggered_confusion(run: WatermarkRun, test_set: ImageDataset, seed: int | None = None,

@@ -1,0 +1,59 @@
+"""Provenance of a stored result: which code, machine and command produced it, and when.
+
+Shared by the stored chapter tables (:mod:`ubwlib.experiments.stored`) and the stored UBW-C study
+(:mod:`ubwlib.experiments.study`).
+"""
+
+from __future__ import annotations
+
+import datetime
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+__all__ = ["REPO_ROOT", "git", "machine", "provenance"]
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def git(*args: str) -> str:
+    """``git <args>`` in the repository (stripped output), or ``"unknown"`` outside a git checkout."""
+    try:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine() -> str:
+    """The device that computes: the GPU's name, else the CPU's model, its threads and whether it has bf16."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    from ..train import cpu_supports_bf16
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {model}"
+    return f"{dev}, {torch.get_num_threads()} threads, bf16 {'yes' if cpu_supports_bf16() else 'no (float32)'}"
+
+
+def provenance(command: str, seconds: float | None = None) -> dict:
+    """Commit (and whether tracked files differed from it), UTC date, device, torch and Python versions, the
+    command and its wall time in seconds."""
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "command": command,
+        "wall seconds": None if seconds is None else round(float(seconds), 1),
+    }
