@@ -661,6 +661,31 @@ def test_study_rows_victims_and_summary(tiny):
     assert math.isnan(table.loc["benign model", "release seconds"])
 
 
+def test_study_victim_lever_changes_the_victims_only(tiny):
+    """A lever's ``victim`` entry retrains the victims (and their benign baselines) with another schedule on the
+    same release: the release's cache entry is the one without it."""
+    from ubwlib.experiments.clean_label import clean_label_release, victim_seed
+    from ubwlib.experiments.core import cached_evaluation
+    from ubwlib.experiments.study import _overrides, _resolve, study_row
+
+    longer = tiny.train.epochs + 1
+    lever = {"crafting": {"fresh_seeds": False}, "victim": {"train": {"epochs": longer}}}
+    prof, overrides, victims = _resolve(tiny, lever)
+    assert prof == tiny and victims.train.epochs == longer and victims.train.lr == tiny.train.lr
+    assert overrides == _overrides(tiny, {"crafting": {"fresh_seeds": False}})  # the release ignores it
+    row = study_row(tiny, "short victims", lever, victims=1, progress=False)
+    rel = clean_label_release(tiny, "ubw-c", progress=False, **overrides)
+    assert rel.report["cached"] is True
+    m = trained_model(victims, rel.dataset, seed=victim_seed(tiny.seed))
+    assert m.cached and m.key != trained_model(tiny, rel.dataset, seed=victim_seed(tiny.seed), progress=False).key
+    test = load_data(tiny).test
+    assert row["ASR-A"] == cached_evaluation(m, test, rel.key, source_class=0, seed=tiny.seed)["ASR-A"]
+    short_benign = benign_model(victims, seed=victim_seed(tiny.seed))
+    assert short_benign.cached  # the baseline is the benign model of the victims' schedule
+    assert row["benign ASR-A"] == cached_evaluation(short_benign, test, rel.key, source_class=0,
+                                                    seed=tiny.seed)["ASR-A"]
+
+
 def test_store_and_load_study_with_provenance(tiny, tmp_path):
     from ubwlib.experiments.study import load_stored_study, store_study
 

@@ -74,6 +74,7 @@ if TYPE_CHECKING:  # pandas is imported lazily: importing it costs ~0.3 s
     import pandas as pd
 
 __all__ = [
+    "write_text_atomic",
     "CACHEDIR_TAG_NAME",
     "CACHEDIR_TAG_SIGNATURE",
     "CACHE_MARKER_NAME",
@@ -402,6 +403,14 @@ def _read_json_file(path: Path, limit: int = _MAX_MARKER_BYTES) -> dict[str, Any
     except (OSError, ValueError):
         return None
     return obj if isinstance(obj, dict) else None
+
+
+def write_text_atomic(path: Path | str, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and an atomic rename, so
+    that a reader sees the old file or the new one, never a half-written one. Creates the folder."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_text_atomic(path.parent, path.name, text)
 
 
 def _write_text_atomic(folder: Path, name: str, text: str) -> None:

@@ -32,7 +32,7 @@ from typing import Callable, Mapping, Sequence
 
 import pandas as pd
 
-from ..cache import settings_hash, table_from_data, table_to_data
+from ..cache import settings_hash, table_from_data, table_to_data, write_text_atomic
 from .profiles import PROFILES, Profile, get_profile
 from .provenance import REPO_ROOT, provenance
 
@@ -252,13 +252,6 @@ def _paths(directory: Path, spec: TableSpec) -> tuple[Path, Path]:
     return folder / f"{spec.name}.json", folder / f"{spec.name}.csv"
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def store_table(spec: TableSpec, profile: Profile, table: pd.DataFrame, directory: Path | str, *, seconds: float,
                 command: str, via: str) -> Path:
     """Write ``table`` to ``directory/<chapter>/<name>.json`` (the table, exactly, with its provenance and the hash
@@ -268,8 +261,8 @@ def store_table(spec: TableSpec, profile: Profile, table: pd.DataFrame, director
     meta = {"table": spec.id, "what": spec.what, "profile": profile.name, "settings hash": table_hash(spec, profile),
             "via": via, **provenance(command, seconds)}
     json_path, csv_path = _paths(directory, spec)
-    _write_atomic(json_path, json.dumps({"provenance": meta, "data": table_to_data(table)}, indent=1) + "\n")
-    _write_atomic(csv_path, table.to_csv(float_format="%.6g"))
+    write_text_atomic(json_path, json.dumps({"provenance": meta, "data": table_to_data(table)}, indent=1) + "\n")
+    write_text_atomic(csv_path, table.to_csv(float_format="%.6g"))
     return json_path
 
 
@@ -493,11 +486,11 @@ def record_chapter(directory: Path | str, chapter: str, seconds: float, *, via: 
         if path.exists():
             doc = json.loads(path.read_text())
             doc["provenance"]["chapter seconds"] = round(seconds, 1)
-            _write_atomic(path, json.dumps(doc, indent=1) + "\n")
+            write_text_atomic(path, json.dumps(doc, indent=1) + "\n")
     manifest = directory / "manifest.json"
     doc = json.loads(manifest.read_text()) if manifest.exists() else {}
     doc.setdefault("chapters", {})[chapter] = {
         "seconds": round(seconds, 1), "via": via, "tables": [s.name for s in chapter_tables(chapter)],
         **{k: v for k, v in provenance(command).items() if k in ("commit", "dirty", "date", "machine", "torch",
                                                                    "command")}}
-    _write_atomic(manifest, json.dumps(doc, indent=1, sort_keys=True) + "\n")
+    write_text_atomic(manifest, json.dumps(doc, indent=1, sort_keys=True) + "\n")

@@ -79,6 +79,8 @@ LEVERS: dict[str, dict] = {
     "no retraining": {"crafting": {"fresh_seeds": False, "retrain_every": 0}},
     "lambda 0 (no entropy term)": {"crafting": {"fresh_seeds": False}, "lam": 0.0},
     "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
+    "victims trained 4x longer (64 epochs; same release)": {"crafting": {"fresh_seeds": False},
+                                                            "victim": {"train": {"epochs": 64}}},
 
 }
 REFERENCE = "single surrogate, reused seed"
@@ -100,15 +102,17 @@ CHECK_LEVERS: dict[str, tuple[str, dict]] = {
 METRICS = ("ASR-A", "ASR-C", "D_p", "BA", "source clean accuracy", "ASR (targeted)")
 
 
-def _resolve(profile: Profile, lever: dict | str | None) -> tuple[Profile, dict]:
-    """(profile, UBW-C release overrides) of a lever: a dict of settings (its ``profile`` entry changes the
-    model or schedule), ``"noise"`` (the noise control: 0 crafting steps) or None (the profile's own recipe)."""
+def _resolve(profile: Profile, lever: dict | str | None) -> tuple[Profile, dict, Profile]:
+    """(profile, UBW-C release overrides, the victims' profile) of a lever: a dict of settings (its ``profile``
+    entry changes the model or schedule of everything, its ``victim`` entry only the victims' and their benign
+    baselines'), ``"noise"`` (the noise control: 0 crafting steps) or None (the profile's own recipe)."""
     if lever == "noise":
-        return profile, _overrides(profile, {"crafting": {"steps": 0}})
+        return profile, _overrides(profile, {"crafting": {"steps": 0}}), profile
     lever = dict(lever or {})
+    victim = lever.pop("victim", None)
     if "profile" in lever:  # a row on another model or schedule
         profile = get_profile(profile, **lever.pop("profile"))
-    return profile, _overrides(profile, lever)
+    return profile, _overrides(profile, lever), (get_profile(profile, **victim) if victim else profile)
 
 
 def _overrides(profile: Profile, lever: dict) -> dict:
@@ -137,25 +141,29 @@ def _summary(rows: list[dict], extra: dict) -> dict:
 def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = "ubw-c", seed: int | None = None,
               victims: int = 2, cache: Cache | None = None, progress: bool = True) -> dict:
     """One row: ``lever`` (None: the benign model; ``"noise"``: the noise control) released with ``seed``, then
-    ``victims`` models trained from scratch on it (seeds :func:`victim_seed` onwards), evaluated on the triggered
+    ``victims`` models trained from scratch on it (seeds :func:`victim_seed` onwards; a lever's ``victim`` entry
+    overrides the profile for the victims and their benign baselines only, e.g. a longer schedule), evaluated on
+    the triggered
     test images of the source class (targeted methods: their targeted ASR there; Label-Consistent: all non-target
     test images)."""
     seed = profile.seed if seed is None else seed
+    victim_profile = profile
     if lever is not None:
-        profile, overrides = _resolve(profile, lever)
+        profile, overrides, victim_profile = _resolve(profile, lever)
     data = load_data(profile)
     t0 = time.perf_counter()
     extra: dict = {"row": name, "method": method}
     if lever is None:  # the benign model: the trigger of the UBW-C release with the study's crafting settings
         key = clean_label_release(profile, "ubw-c", seed, cache, progress, **_overrides(profile, {})).key
-        models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in _victims(profile, seed, victims)]
+        models = [benign_model(victim_profile, seed=s, cache=cache, progress=progress)
+                  for s in _victims(profile, seed, victims)]
         extra["method"] = "no attack"
     else:
         if method == "label-consistent":  # no crafting settings: the profile's recipe
             overrides = {}
         released = clean_label_release(profile, method, seed, cache, progress, **overrides)
         key = released.key
-        models = [trained_model(profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
+        models = [trained_model(victim_profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
                   for s in _victims(profile, seed, victims)]
         report = released.report or {}
         hist = report.get("history")
@@ -175,7 +183,7 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
         for r, m in zip(rows, models):
             r["source clean accuracy"] = float((predict(m.model, clean_src) == source).float().mean())
     if lever is not None:  # the benign models of the same seeds (and of this row's profile) under the same trigger
-        benign = [cached_evaluation(benign_model(profile, seed=s, cache=cache, progress=progress), data.test, key,
+        benign = [cached_evaluation(benign_model(victim_profile, seed=s, cache=cache, progress=progress), data.test, key,
                                     source_class=source, seed=seed, cache=cache)
                   for s in _victims(profile, seed, victims)]
         extra["benign ASR-A"] = float(np.mean([r["ASR-A"] for r in benign]))
@@ -205,7 +213,7 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
     from ..watermarks.gradient_matching import transfer_loss
 
     seed = profile.seed if seed is None else seed
-    profile, overrides = _resolve(profile, lever)
+    profile, overrides, victim_profile = _resolve(profile, lever)
     released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
     data = load_data(profile)
     wm = get_watermark("ubw-c", **clean_label_settings(profile, "ubw-c", **overrides))
@@ -214,7 +222,7 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
     poisons, clean = released.dataset.images[idx].float() / 255, data.train.images[idx].float() / 255
     labels = data.train.labels[idx]
     vseed = victim_seed(seed)
-    cfg = profile.train.replace(seed=vseed)
+    cfg = victim_profile.train.replace(seed=vseed)
 
     def compute() -> pd.DataFrame:
         rows = []
@@ -229,7 +237,8 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
                          "same images, unperturbed": transfer_loss([model], [(t, tn)], clean, labels, 256),
                          "ASR-A": r["ASR-A"], "BA": r["BA"]})
 
-        model = build_model(profile.model, data.train.num_classes, data.train.image_shape[0], profile.width, seed=vseed)
+        model = build_model(victim_profile.model, data.train.num_classes, data.train.image_shape[0],
+                            victim_profile.width, seed=vseed)
         measure(0, model)
         _, hist = train(model, released.dataset, cfg, progress=progress, desc="victim trajectory", on_epoch=measure)
         out = pd.DataFrame(rows)
@@ -237,7 +246,7 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
         return out
 
     settings = {"recipe": "victim trajectory", "release": fingerprint(released.dataset), "train": cfg,
-                "model": (profile.model, profile.width), "seed": seed, "test": fingerprint(data.test)}
+                "model": (victim_profile.model, victim_profile.width), "seed": seed, "test": fingerprint(data.test)}
     return cached_table("victim trajectory", settings, compute, cache)
 
 
@@ -257,7 +266,7 @@ def surrogate_fine_tune(profile: Profile, lever: dict | str | None, *, lr: float
     from ..watermarks import trigger
 
     seed = profile.seed if seed is None else seed
-    profile, overrides = _resolve(profile, lever if lever is not None else {})
+    profile, overrides, _ = _resolve(profile, lever if lever is not None else {})
     released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
     data = load_data(profile)
     surrogate = benign_model(profile, seed=seed, cache=cache, progress=progress)
