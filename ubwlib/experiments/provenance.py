@@ -45,11 +45,12 @@ def machine() -> str:
 
 
 def provenance(command: str, seconds: float | None = None) -> dict:
-    """Commit (and whether tracked files differed from it), UTC date, device, torch and Python versions, the
-    command and its wall time in seconds."""
+    """Commit (and whether tracked files other than the stored results under ``results/`` differed from it: the
+    code that ran was not the commit's), UTC date, device, torch and Python versions, the command and its wall
+    time in seconds."""
     return {
         "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "torch": torch.__version__,
