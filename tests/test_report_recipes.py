@@ -11,7 +11,7 @@ import pytest
 
 from ubwlib.cache import Cache
 from ubwlib.experiments import get_profile
-from ubwlib.experiments.report import claim_row, report_seeds, seed_variance
+from ubwlib.experiments.report import report_seeds, seed_variance
 from ubwlib.experiments.verification import (
     false_positive_table,
     independent_seeds,
@@ -36,12 +36,6 @@ def test_seed_variance_hand_computed():
     assert row[("ASR-A", "std")] == pytest.approx(10.0)          # ddof 1: sqrt((100 + 0 + 100) / 2)
     assert row[("D_p", "min")] == pytest.approx(1.0) and row[("D_p", "max")] == pytest.approx(1.4)
     assert row[("seeds", "n")] == 3
-
-
-def test_claim_row_verdicts():
-    assert claim_row("c", "p", "o", True, "x")["verdict"] == "holds"
-    assert claim_row("c", "p", "o", False, "x")["verdict"] == "does not hold"
-    assert claim_row("c", "p", "o", None, "x")["verdict"] == "not measured"
 
 
 def test_seeds_and_classes():

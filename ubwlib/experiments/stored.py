@@ -13,8 +13,8 @@ reports: the paper's, the stored full-scale one, and the one computed live on th
   registered recipes directly (:func:`store_chapter`: no Jupyter needed, e.g. on a GPU machine).
 - :func:`load_stored`: a stored table with its provenance, ``missing`` when absent (never filled in) and
   ``current`` False when the settings it was computed with (:func:`table_hash`) differ from the current code's.
-- :func:`three_columns`: paper / stored / live side by side; :func:`claims_where`: every claim of the paper on the
-  live profile and on the stored results.
+- :func:`three_columns`: paper / stored / live side by side; :func:`claims_where`: every claim of the paper
+  (:mod:`ubwlib.experiments.claims`) on the live profile and on the stored results.
 
 Files: ``results/<profile>/<chapter>/<table>.json`` (the table, exactly, and its provenance), a ``.csv`` beside it
 for readers, and ``results/<profile>/manifest.json`` (wall time per chapter).
@@ -38,7 +38,7 @@ from .provenance import REPO_ROOT, provenance
 
 __all__ = ["RESULTS_ROOT", "STORE_ENV", "READ_ENV", "CHAPTERS", "TableSpec", "TABLES", "chapter_tables",
            "table_settings", "table_hash", "chapter_table", "store_table", "Stored", "load_stored", "three_columns",
-           "Comparison", "reproduction_claims_from", "claims_where", "store_chapter", "unstored_since",
+           "Comparison", "claims_where", "claim_inputs", "store_chapter", "unstored_since",
            "record_chapter"]
 
 #: Where stored results live: ``results/<profile>/``.
@@ -143,7 +143,9 @@ def _sweep(kind: str) -> Callable[[Profile], pd.DataFrame]:
 
 
 def _claims(P: Profile) -> pd.DataFrame:
-    return reproduction_claims_from({spec: chapter_table(*spec.split("/"), P, store=False) for spec in CLAIM_INPUTS})
+    from .claims import evaluate
+
+    return evaluate({i: chapter_table(*i.split("/"), P, store=False) for i in claim_inputs()}, profile=P)
 
 
 def _seed_runs(P: Profile) -> pd.DataFrame:
@@ -183,9 +185,6 @@ _SPECS = [
 ]
 #: Every stored table, by ``"chapter/name"``.
 TABLES: dict[str, TableSpec] = {s.id: s for s in _SPECS}
-#: The tables :func:`reproduction_claims_from` reads.
-CLAIM_INPUTS = ("ubw_c/table1", "ubw_c/source", "verification/scenarios-ubw-p", "verification/scenarios-ubw-c",
-                "ablations/claims", "defenses/fine-tuning", "defenses/pruning")
 
 
 def chapter_tables(chapter: str) -> list[TableSpec]:
@@ -406,41 +405,28 @@ def three_columns(live: pd.DataFrame, stored: Stored, paper: pd.DataFrame | Mapp
 
 
 # ----------------------------------------------------------------------------------------------- claims
-def reproduction_claims_from(tables: Mapping[str, pd.DataFrame]) -> pd.DataFrame:
-    """:func:`~ubwlib.experiments.report.reproduction_claims` from the stored form of its inputs
-    (:data:`CLAIM_INPUTS`, by ``"chapter/name"``), live or stored alike."""
-    from .report import reproduction_claims
-
-    missing = [k for k in CLAIM_INPUTS if tables.get(k) is None]
-    if missing:
-        raise ValueError(f"the claims need {missing}")
-    ft, pr = tables["defenses/fine-tuning"], tables["defenses/pruning"]
-    by_method = lambda df: {m: g.reset_index(drop=True) for m, g in df.groupby("method", sort=False)}  # noqa: E731
-    return reproduction_claims(tables["ubw_c/table1"], tables["ubw_c/source"],
-                               {"ubw-p": tables["verification/scenarios-ubw-p"],
-                                "ubw-c": tables["verification/scenarios-ubw-c"]},
-                               tables["ablations/claims"], by_method(ft), by_method(pr))
-
-
 def claims_where(live: pd.DataFrame, profile: str = "full", root: Path | str | None = None
                  ) -> tuple[pd.DataFrame, list[str]]:
-    """Every claim on the live profile (``live``: :func:`reproduction_claims_from` of the live tables) beside the
-    same claim on the stored results of ``profile`` and a column "holds where". Returns the table and notes
-    (the stored inputs' provenance, or which are missing: then the stored verdicts read "not stored")."""
-    stored = {k: load_stored(*k.split("/"), profile=profile, root=root) for k in CLAIM_INPUTS}
+    """Every claim on the live profile (``live``: :func:`~ubwlib.experiments.claims.evaluate` of the live tables,
+    the report's ``report/claims``) beside the same claim on the stored results of ``profile`` and a column
+    "holds where". Returns the table and notes (the stored inputs' provenance, or which are missing: then the
+    stored verdicts read "not stored")."""
+    from .claims import evaluate
+
+    stored = {k: load_stored(*k.split("/"), profile=profile, root=root) for k in claim_inputs()}
     missing = [k for k, s in stored.items() if s.missing]
     stale = [k for k, s in stored.items() if not s.missing and not s.current]
-    out = live[["claim", "paper's evidence", "ours", "verdict"]].rename(
+    out = live[["chapter", "claim", "paper's evidence", "ours", "verdict"]].rename(
         columns={"ours": "live: ours", "verdict": "live: verdict"})
     if missing:
         out[f"{profile}: ours"] = "not stored"
         out[f"{profile}: verdict"] = "not stored"
         notes = [f"{profile} (stored): missing {', '.join(missing)}; `make results PROFILE={profile}` stores them."]
     else:
-        full = reproduction_claims_from({k: s.table for k, s in stored.items()})
+        full = evaluate({k: s.table for k, s in stored.items()}).reindex(live.index)
         out[f"{profile}: ours"] = full["ours"].values
         out[f"{profile}: verdict"] = full["verdict"].values
-        notes = [stored[k].note() for k in CLAIM_INPUTS]
+        notes = [stored[k].note() for k in stored]
         if stale:
             notes.insert(0, f"STALE stored inputs: {', '.join(stale)}")
 
@@ -452,8 +438,14 @@ def claims_where(live: pd.DataFrame, profile: str = "full", root: Path | str | N
                 (False, False): "neither"}[(here, there)]
 
     out["holds where"] = out.apply(where, axis=1)
-    out["chapter"] = live["chapter"].values
     return out, notes
+
+
+def claim_inputs() -> tuple[str, ...]:
+    """The stored tables the claims read (:func:`ubwlib.experiments.claims.claim_inputs`)."""
+    from .claims import claim_inputs as inputs
+
+    return inputs()
 
 
 # ----------------------------------------------------------------------------------------------- storing chapters
