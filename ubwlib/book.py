@@ -136,6 +136,7 @@ def store_results(profile: str, chapters: list[str] | None = None, *, root: Path
     not compute is an error; the executed notebooks go to ``notebooks``, default ``book/_build/runs/<profile>``);
     ``via="recipes"`` calls the registered recipes directly (no Jupyter needed). Returns (chapter, seconds)."""
     import os
+    from unittest import mock
 
     from .experiments import get_profile
     from .experiments import stored
@@ -154,16 +155,8 @@ def store_results(profile: str, chapters: list[str] | None = None, *, root: Path
         if via == "recipes":
             stored.store_chapter(P, chapter, directory, command=command)
         else:
-            saved = {k: os.environ.get(k) for k in (stored.STORE_ENV, stored.COMMAND_ENV)}
-            os.environ[stored.STORE_ENV], os.environ[stored.COMMAND_ENV] = str(directory), command
-            try:
+            with mock.patch.dict(os.environ, {stored.STORE_ENV: str(directory), stored.COMMAND_ENV: command}):
                 run_chapters(P.name, out_dir=notebooks, chapters=[chapter])
-            finally:
-                for k, v in saved.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
             missing = stored.unstored_since(directory, chapter, started)
             if missing:
                 raise RuntimeError(f"chapter {chapter} ran but did not store {missing}: a chapter must compute its "

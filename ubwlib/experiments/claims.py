@@ -240,6 +240,8 @@ _ABLATIONS = [
 
 # ------------------------------------------------------------------------------------------- defenses
 FT, PR, STRIP = "defenses/fine-tuning", "defenses/pruning", "defenses/strip"
+#: Figure 6 and 7's bars: ASR-A after fine-tuning, and under pruning at rates >= PRUNE_RATES.
+FT_BAR, PRUNE_BAR, PRUNE_RATES = 0.55, 0.50, 0.7
 
 
 def _before(t: Tables, method: str) -> float:
@@ -252,7 +254,7 @@ def _fine_tuning(method: str) -> Callable[[Tables], tuple[str, bool]]:
         ft = t[FT][t[FT]["method"] == method]
         last = ft[ft["epoch"] == ft["epoch"].max()].iloc[0]
         return (f"{_pct(last['ASR-A'])} after {int(last['epoch'])} epochs (before {_pct(_before(t, method))})",
-                last["ASR-A"] > 0.55)
+                last["ASR-A"] > FT_BAR)
 
     return check
 
@@ -260,10 +262,10 @@ def _fine_tuning(method: str) -> Callable[[Tables], tuple[str, bool]]:
 def _pruning(method: str) -> Callable[[Tables], tuple[str, bool]]:
     def check(t: Tables) -> tuple[str, bool]:
         pr = t[PR][t[PR]["method"] == method]
-        high = pr[pr["rate"] >= 0.7]
+        high = pr[pr["rate"] >= PRUNE_RATES]
         return (f"min {_pct(high['ASR-A'].min())} at rates {high['rate'].min():.1f}-{high['rate'].max():.1f} "
                 f"(BA there: {_pct(high['BA'].min())}-{_pct(high['BA'].max())}; before {_pct(_before(t, method))})",
-                bool((high["ASR-A"] > 0.5).all()))
+                bool((high["ASR-A"] > PRUNE_BAR).all()))
 
     return check
 
@@ -282,10 +284,10 @@ for _m in ("ubw-p", "ubw-c"):
     _DEFENSES += [
         Claim(f"{_m}/fine-tuning", "defenses", f"{_name}: ASR-A stays above 55% after fine-tuning", "Figure 6",
               (FT,), _fine_tuning(_m), _below,
-              (lambda t, m=_m: _before(t, m) <= 0.55) if _m == "ubw-p" else None),
+              (lambda t, m=_m: _before(t, m) <= FT_BAR) if _m == "ubw-p" else None),
         Claim(f"{_m}/pruning", "defenses", f"{_name}: ASR-A stays above 50% under high pruning rates (>= 0.7)",
               "Figure 7", (FT, PR), _pruning(_m), _below,
-              (lambda t, m=_m: _before(t, m) <= 0.50) if _m == "ubw-p" else None),
+              (lambda t, m=_m: _before(t, m) <= PRUNE_BAR) if _m == "ubw-p" else None),
     ]
 _DEFENSES.append(Claim("strip", "defenses", "STRIP detects BadNets better than UBW-C",
                        "Section 5.4.2 (argued in words; the appendix evaluates it)", (STRIP,), _strip,

@@ -23,6 +23,7 @@ for readers, and ``results/<profile>/manifest.json`` (wall time per chapter).
 from __future__ import annotations
 
 import dataclasses
+import html
 import json
 import os
 import time
@@ -359,17 +360,11 @@ class Comparison:
         return sty
 
     def _repr_html_(self) -> str:
-        notes = "".join(f"<li>{_html_escape(n)}</li>" for n in self.notes)
+        notes = "".join(f"<li>{html.escape(n)}</li>" for n in self.notes)
         return f"<ul>{notes}</ul>" + self._styled().to_html()
 
     def __repr__(self) -> str:
         return "\n".join(self.notes) + "\n" + self.table.to_string()
-
-
-def _html_escape(text: str) -> str:
-    import html
-
-    return html.escape(text)
 
 
 def _as_shown(df: pd.DataFrame, columns: Sequence[str], rates: Sequence[str]) -> pd.DataFrame:
