@@ -49,6 +49,7 @@ Key points of the contract:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import hashlib
@@ -62,7 +63,7 @@ import stat
 import tempfile
 import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
 from typing import TYPE_CHECKING, Any, NamedTuple
@@ -74,6 +75,8 @@ if TYPE_CHECKING:  # pandas is imported lazily: importing it costs ~0.3 s
     import pandas as pd
 
 __all__ = [
+    "atomic_path",
+    "write_bytes_atomic",
     "write_text_atomic",
     "CACHEDIR_TAG_NAME",
     "CACHEDIR_TAG_SIGNATURE",
@@ -405,24 +408,56 @@ def _read_json_file(path: Path, limit: int = _MAX_MARKER_BYTES) -> dict[str, Any
     return obj if isinstance(obj, dict) else None
 
 
-def write_text_atomic(path: Path | str, text: str) -> None:
-    """Write ``text`` (UTF-8) to ``path`` through a temporary file in the same folder and an atomic rename, so
-    that a reader sees the old file or the new one, never a half-written one. Creates the folder."""
+@contextlib.contextmanager
+def atomic_path(path: Path | str, *, overwrite: bool = True, mode: int | None = 0o644,
+                fsync: bool = False) -> Iterator[Path]:
+    """The one way ubwlib writes a file: yield a temporary path in ``path``'s folder (named
+    ``.<name>.<random>.tmp``, created empty); when the block ends without an error, move it onto ``path`` in one
+    step, so that a reader sees the old file or the new one, never a half-written one. On an error the temporary
+    file is removed and ``path`` is untouched. Creates the folder.
+
+    ``overwrite=False`` refuses to replace a file that exists (also one created meanwhile: the move is a hard
+    link, with a checked rename where the file system has none) and raises :class:`FileExistsError`.
+    ``mode``: the new file's permissions (``None`` keeps the temporary file's ``0o600``). ``fsync``: flush the
+    file to disk before the move.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_text_atomic(path.parent, path.name, text)
-
-
-def _write_text_atomic(folder: Path, name: str, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=folder)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, folder / name)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        yield tmp
+        if mode is not None:
+            os.chmod(tmp, mode)
+        if fsync:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        if overwrite:
+            os.replace(tmp, path)
+            return
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            raise FileExistsError(f"{path} exists (created meanwhile); it was not overwritten") from None
+        except OSError:  # no hard links here: check, then rename
+            if os.path.lexists(path):
+                raise FileExistsError(f"{path} exists (created meanwhile); it was not overwritten") from None
+            os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+
+
+def write_bytes_atomic(path: Path | str, data: bytes, **kwargs: Any) -> None:
+    """Write ``data`` to ``path`` through :func:`atomic_path` (same keyword arguments)."""
+    with atomic_path(path, **kwargs) as tmp:
+        tmp.write_bytes(data)
+
+
+def write_text_atomic(path: Path | str, text: str, **kwargs: Any) -> None:
+    """Write ``text`` (UTF-8) to ``path`` through :func:`atomic_path` (same keyword arguments)."""
+    write_bytes_atomic(path, text.encode("utf-8"), **kwargs)
 
 
 def _has_cachedir_tag(root: Path) -> bool:
@@ -449,7 +484,7 @@ def _has_root_marker(root: Path) -> bool:
 def _mark_root(root: Path) -> None:
     """Write the root marker (and CACHEDIR.TAG for backup tools) into ``root``."""
     if not _has_cachedir_tag(root):
-        _write_text_atomic(root, CACHEDIR_TAG_NAME, _CACHEDIR_TAG_TEXT)
+        write_text_atomic(root / CACHEDIR_TAG_NAME, _CACHEDIR_TAG_TEXT)
     marker = {
         "what": _MARKER_WHAT,
         "marker_format": _MARKER_FORMAT,
@@ -457,7 +492,7 @@ def _mark_root(root: Path) -> None:
         "ubwlib_version": _ubwlib_version(),
         "note": "ubwlib clear() deletes only cache entries, checkpoints and derived dataset copies here",
     }
-    _write_text_atomic(root, CACHE_MARKER_NAME, json.dumps(marker, indent=1) + "\n")
+    write_text_atomic(root / CACHE_MARKER_NAME, json.dumps(marker, indent=1) + "\n")
 
 
 def ensure_cache_root(root: Path | str) -> Path:

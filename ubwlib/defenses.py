@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import rankdata
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import progress_bar
 
 from .data import ImageDataset
 from .metrics import entropy
@@ -254,7 +254,7 @@ def fine_tune(
         rows.append(row)
 
     record(0, math.nan, math.nan, 0.0)
-    bar = tqdm(range(1, settings.epochs + 1), desc=desc, disable=not progress, leave=False, unit="epoch")
+    bar = progress_bar(range(1, settings.epochs + 1), desc=desc, progress=progress, leave=False, unit="epoch")
     for epoch in bar:
         tuned.train()
         t0 = time.perf_counter()
@@ -512,7 +512,7 @@ def pruning_curve(
         raise TypeError("evaluate must be a callable model -> dict")
     order = pruning_order(model, benign_images, layer, **kwargs)
     rows = []
-    for rate in tqdm(rates, desc="pruning", disable=not progress, leave=False):
+    for rate in progress_bar(rates, desc="pruning", progress=progress, leave=False):
         k = pruned_count(rate, len(order))
         pruned = prune_channels(model, order[:k], layer, num_channels=len(order))
         row: dict[str, Any] = {"rate": rate, "channels pruned": k}

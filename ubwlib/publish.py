@@ -63,7 +63,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 from PIL import Image
-from tqdm.auto import tqdm
+from ._progress import progress_bar
 
 from . import data as _data
 from .data import DatasetSplits, ImageDataset, load_dataset
@@ -238,7 +238,7 @@ def _write_private_json(obj: Any, tmp: Path) -> None:
 def _map(fn: Callable[[Any], Any], items: list, workers: int, progress: bool, desc: str) -> None:
     """Run ``fn`` on every item (a thread pool when ``workers > 1``); the first exception propagates after
     the running tasks finish and the queued ones are cancelled."""
-    bar = tqdm(total=len(items), desc=desc, disable=not progress, unit="file", leave=False)
+    bar = progress_bar(total=len(items), desc=desc, progress=progress, unit="file", leave=False)
     try:
         if workers == 1 or len(items) < 64:
             for item in items:

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from ._progress import progress_bar
 
 from .data import ImageDataset
 
@@ -268,7 +268,7 @@ def train(
     )
     sched, per_batch = _make_scheduler(opt, config, steps_per_epoch)
     rows = []
-    bar = tqdm(range(config.epochs), desc=desc, disable=not progress, leave=False, unit="epoch")
+    bar = progress_bar(range(config.epochs), desc=desc, progress=progress, leave=False, unit="epoch")
     for epoch in bar:
         model.train()
         t0 = time.perf_counter()

@@ -37,7 +37,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
+from .._progress import progress_bar
 
 from ..data import ImageDataset
 from ..models import build_model
@@ -661,8 +661,8 @@ def craft(
         if held_out and first == 0:
             history.append({"restart": restart, "step": 0, "lr": float("nan"), "passenger loss": float("nan"),
                             "held-out passenger loss": diagnostic(delta), "seconds": 0.0})
-        bar = tqdm(range(first, s.steps), desc=desc if s.restarts == 1 else f"{desc} {restart + 1}/{s.restarts}",
-                   disable=not progress, leave=False, unit="step")
+        bar = progress_bar(range(first, s.steps), progress=progress, leave=False, unit="step",
+                           desc=desc if s.restarts == 1 else f"{desc} {restart + 1}/{s.restarts}")
         for step in bar:
             if s.retrain_every and step > 0 and step % s.retrain_every == 0 and not any(
                 r["restart"] == restart and r["step"] == step for r in retrains
