@@ -21,8 +21,7 @@ from ubwlib.experiments.ablations import (
     gamma_sweep,
     lambda_sweep,
 )
-from ubwlib.experiments.clean_label import clean_label_run
-from ubwlib.experiments.watermarking import watermark_run
+from ubwlib.experiments.runs import run
 from ubwlib.watermarks import poison_count
 
 SMOKE = get_profile("smoke")
@@ -118,8 +117,8 @@ def test_the_table1_points_are_the_table1_runs(smoke, gamma_df):
     """gamma = 0.1 (UBW-C: lambda = 2) is each method's default run: same cache entries; the sweep's (cached)
     evaluation equals the run's own (UBW-P: ``row``, UBW-C: ``source_row``)."""
     prof, _, cache = smoke
-    ubwc = clean_label_run(prof, "ubw-c", cache=cache, progress=False)
-    ubwp = watermark_run(prof, "ubw-p", cache=cache, progress=False)
+    ubwc = run(prof, "ubw-c", cache=cache, progress=False)
+    ubwp = run(prof, "ubw-p", cache=cache, progress=False)
     assert ubwc.released.report["cached"] and ubwc.trained.cached and ubwp.trained.cached
     for m, expected in (("ubw-c", ubwc.source_row), ("ubw-p", ubwp.row)):
         row = gamma_df[(gamma_df["method"] == m) & (gamma_df["gamma"] == 0.1)].iloc[0]
@@ -159,8 +158,8 @@ def test_lambda_sweep_rows(smoke, gamma_df, lambda_df):
 
 def test_lambda_changes_the_release(smoke, lambda_df):
     prof, _, cache = smoke
-    r0 = clean_label_run(prof, "ubw-c", cache=cache, progress=False, lam=0.0).released
-    r2 = clean_label_run(prof, "ubw-c", cache=cache, progress=False, lam=2.0).released
+    r0 = run(prof, "ubw-c", cache=cache, progress=False, lam=0.0).released
+    r2 = run(prof, "ubw-c", cache=cache, progress=False, lam=2.0).released
     assert r0.report["cached"] and r2.report["cached"]
     assert not (r0.dataset.images == r2.dataset.images).all()
 

@@ -1,4 +1,4 @@
-"""Tests for ubwlib.cache: hashing, atomic entries, corruption handling, safe clearing."""
+"""Tests for ubwlib.cache: hashing, atomic entries, corruption handling, safe clearing, atomic file writes."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import enum
 import json
 import os
 import pickle
+import stat
 import warnings
 from pathlib import Path
 
@@ -16,7 +17,6 @@ import pytest
 import torch
 from torch import nn
 
-from ubwlib import cache as cache_mod
 from ubwlib.cache import (
     CACHE_MARKER_NAME,
     CACHEDIR_TAG_NAME,
@@ -24,13 +24,17 @@ from ubwlib.cache import (
     Cache,
     CacheCorruptionWarning,
     Entry,
+    atomic_path,
     canonical_settings,
     load_state_dict_tensors,
     settings_hash,
     state_dict_tensors,
     table_from_data,
     table_to_data,
+    write_bytes_atomic,
+    write_text_atomic,
 )
+from ubwlib.cache.payload import sha256_hex
 
 NS = "train"
 V = "v1"
@@ -255,7 +259,7 @@ def _corrupt_bad_data_json_with_matching_sum(path: Path) -> None:
     raw = b"{broken"
     (path / "data.json").write_bytes(raw)
     meta = json.loads((path / "meta.json").read_text())
-    meta["sha256"]["data.json"] = cache_mod._sha256(raw)
+    meta["sha256"]["data.json"] = sha256_hex(raw)
     (path / "meta.json").write_text(json.dumps(meta))
 
 
@@ -306,7 +310,7 @@ def test_malicious_pickle_is_not_executed(root: Path, tmp_path: Path) -> None:
     marker.unlink()
     (e.path / "tensors.pt").write_bytes(raw)
     meta = json.loads((e.path / "meta.json").read_text())
-    meta["sha256"]["tensors.pt"] = cache_mod._sha256(raw)  # checksum matches: only weights_only saves us
+    meta["sha256"]["tensors.pt"] = sha256_hex(raw)  # checksum matches: only weights_only saves us
     (e.path / "meta.json").write_text(json.dumps(meta))
     with pytest.warns(CacheCorruptionWarning, match="weights_only"):
         assert c.get(NS, {"a": 1}, V) is None
@@ -338,7 +342,7 @@ def test_crash_before_rename_leaves_no_entry(root: Path, monkeypatch: pytest.Mon
     def crash(src, dst):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(cache_mod.os, "rename", crash)
+    monkeypatch.setattr(os, "rename", crash)
     with pytest.raises(KeyboardInterrupt):
         c.put(NS, {"a": 1}, V, tensors={"w": torch.ones(2)})
     monkeypatch.undo()
@@ -668,3 +672,140 @@ def test_checkpoint_corruption_and_disabled(root: Path) -> None:
     off = Cache(tmp := root.parent / "off", enabled=False).checkpoint("craft", {}, V)
     off.save(1, None, None)
     assert off.load() is None and not tmp.exists()
+
+
+def test_checkpoint_save_is_atomic_and_flushed(root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ck = Cache(root).checkpoint("craft", {"eps": 0.3}, V)
+    ck.save(1, {"delta": torch.zeros(3)}, {"loss": [1.0]})
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    ck.save(2, {"delta": torch.ones(3)}, {"loss": [0.5]})
+    assert synced  # flushed to disk before the move
+    assert stat.S_IMODE(ck.file.stat().st_mode) == 0o644
+
+    def power_cut(src, dst):
+        raise KeyboardInterrupt("power cut")
+
+    monkeypatch.setattr(os, "replace", power_cut)
+    with pytest.raises(KeyboardInterrupt):
+        ck.save(3, {"delta": torch.full((3,), 3.0)}, {"loss": []})
+    monkeypatch.undo()
+    assert [p.name for p in ck.path.iterdir()] == ["checkpoint.pt"]  # the old one, no temporary file
+    assert ck.load().step == 2
+
+
+def test_clear_recognises_checkpoint_temp_files_old_and_new(root: Path) -> None:
+    c = Cache(root)
+    c.put(NS, {"a": 1}, V, data=1)
+    interrupted = {
+        "atomic_path": c.checkpoint(NS, {"long": 1}, V).path / ".checkpoint.pt.k3_x9q0a.tmp",
+        "before atomic_path": c.checkpoint(NS, {"long": 2}, V).path / ".checkpoint.pt.tmp-abc123",
+    }
+    for f in interrupted.values():
+        f.parent.mkdir()
+        f.write_bytes(b"partial")
+    foreign = c.checkpoint(NS, {"long": 3}, V).path
+    foreign.mkdir()
+    (foreign / ".checkpoint.pt.notes.txt").write_text("keep")
+    assert c.clear() == 3  # the entry and both interrupted checkpoints
+    assert not any(f.parent.exists() for f in interrupted.values())
+    assert (foreign / ".checkpoint.pt.notes.txt").read_text() == "keep"
+
+
+# ---------------------------------------------------------------------------------------
+# atomic file writes
+# ---------------------------------------------------------------------------------------
+
+
+def _temps(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith(".tmp"))
+
+
+def test_atomic_path_file_appears_only_on_success(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "sub" / "out.bin"
+    with atomic_path(path) as tmp:
+        assert tmp.parent == path.parent and tmp.name.startswith(".out.bin.") and tmp.name.endswith(".tmp")
+        assert tmp.is_file() and tmp.stat().st_size == 0  # created empty; the folder too
+        tmp.write_bytes(b"half")
+        assert not path.exists()  # nothing at the destination while the block runs
+        tmp.write_bytes(b"whole")
+    assert path.read_bytes() == b"whole" and _temps(path.parent) == []
+    write_text_atomic(path, "é\n")  # replaces an existing file by default
+    assert path.read_bytes() == "é\n".encode("utf-8") and _temps(path.parent) == []
+    write_bytes_atomic(path, b"\x00\x01")
+    assert path.read_bytes() == b"\x00\x01" and os.listdir(path.parent) == ["out.bin"]
+
+
+def test_atomic_path_error_keeps_old_content_and_leaves_no_temp(tmp_path: Path) -> None:
+    path = tmp_path / "out.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError, match="boom"):
+        with atomic_path(path) as tmp:
+            tmp.write_text("new, half written")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old" and os.listdir(tmp_path) == ["out.txt"]
+    with pytest.raises(KeyboardInterrupt):  # also on an interrupt
+        with atomic_path(tmp_path / "other.txt") as tmp:
+            raise KeyboardInterrupt
+    assert os.listdir(tmp_path) == ["out.txt"]
+
+
+def test_atomic_path_block_may_replace_the_temporary_file(tmp_path: Path) -> None:
+    """Writers that open the name themselves (torch.save, an ONNX exporter) or rename onto it."""
+    path = tmp_path / "t.pt"
+    with atomic_path(path) as tmp:
+        torch.save({"x": torch.ones(2)}, tmp)
+    assert torch.equal(torch.load(path, weights_only=True)["x"], torch.ones(2))
+    with atomic_path(path, mode=None) as tmp:
+        other = tmp_path / "elsewhere"
+        other.write_text("renamed in")
+        os.chmod(other, 0o640)
+        os.replace(other, tmp)
+    assert path.read_text() == "renamed in" and stat.S_IMODE(path.stat().st_mode) == 0o640
+    assert os.listdir(tmp_path) == ["t.pt"]
+
+
+def test_atomic_path_overwrite_false_never_replaces(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "key.json"
+    write_text_atomic(path, "first", overwrite=False)
+    assert path.read_text() == "first"
+    with pytest.raises(FileExistsError, match="not overwritten"):
+        write_text_atomic(path, "second", overwrite=False)
+    assert path.read_text() == "first" and os.listdir(tmp_path) == ["key.json"]
+    late = tmp_path / "late.json"
+    with pytest.raises(FileExistsError, match="created meanwhile"):
+        with atomic_path(late, overwrite=False) as tmp:
+            tmp.write_text("mine")
+            late.write_text("theirs")  # another writer wins the race
+    assert late.read_text() == "theirs" and sorted(os.listdir(tmp_path)) == ["key.json", "late.json"]
+
+    def no_links(src, dst):
+        raise OSError(1, "Operation not permitted")  # a file system without hard links
+
+    monkeypatch.setattr(os, "link", no_links)
+    with pytest.raises(FileExistsError, match="not overwritten"):
+        write_text_atomic(path, "third", overwrite=False)
+    write_text_atomic(tmp_path / "fresh.json", "checked rename", overwrite=False)
+    assert path.read_text() == "first" and (tmp_path / "fresh.json").read_text() == "checked rename"
+    assert sorted(os.listdir(tmp_path)) == ["fresh.json", "key.json", "late.json"]
+
+
+@pytest.mark.parametrize(("mode", "expected"), [(0o644, 0o644), (0o600, 0o600), (0o755, 0o755), (None, 0o600)])
+def test_atomic_path_mode(tmp_path: Path, mode, expected: int) -> None:
+    path = tmp_path / "f"
+    write_bytes_atomic(path, b"x", mode=mode)
+    assert stat.S_IMODE(path.stat().st_mode) == expected
+    path.chmod(0o444)  # replacing a file gives the new one the requested mode, not the old one's
+    write_bytes_atomic(path, b"y", mode=mode)
+    assert path.read_bytes() == b"y" and stat.S_IMODE(path.stat().st_mode) == expected
+
+
+def test_atomic_path_default_mode_and_fsync(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+    write_bytes_atomic(tmp_path / "a", b"a")
+    assert synced == [] and stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o644
+    write_bytes_atomic(tmp_path / "b", b"b", fsync=True)
+    assert len(synced) == 1 and (tmp_path / "b").read_bytes() == b"b"

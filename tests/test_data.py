@@ -7,8 +7,7 @@ import hashlib
 import os
 import pickle
 import struct
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +105,16 @@ def assert_fashion_equal(splits: DatasetSplits, arrays: dict) -> None:
     assert tr.classes[0] == "T-shirt/top" and tr.classes[9] == "Ankle boot"
 
 
+def fashion_cache(tmp_path: Path) -> Path:
+    return tmp_path / "cache" / "data" / "fashion-mnist"
+
+
+def cache_files(tmp_path: Path) -> list[str]:
+    """Every file and link under the test's cache root, relative to it."""
+    root = tmp_path / "cache"
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*") if not p.is_dir() or p.is_symlink())
+
+
 def test_fashion_gz_round_trip_leaves_source_untouched(tmp_path):
     src = tmp_path / "fmnist"
     arrays = write_fashion(src, seed=1, gz=True)
@@ -113,14 +122,13 @@ def test_fashion_gz_round_trip_leaves_source_untouched(tmp_path):
     splits = load_dataset("fashion-mnist", root=src)
     assert_fashion_equal(splits, arrays)
     assert snapshot(src) == before  # nothing written into the user's folder
-    # the decompressed copy lives in the cache, under UBW_CACHE
-    copies = list((tmp_path / "cache" / "data" / "fashion-mnist").rglob("train-images-idx3-ubyte"))
-    assert len(copies) == 1 and copies[0].parent.parts[-2:] == ("FashionMNIST", "raw")
-    assert copies[0].read_bytes() == gzip.decompress((src / f"{IDX_NAMES[0]}.gz").read_bytes())
-    # warm: same result, copy not rewritten
-    mtime = copies[0].stat().st_mtime_ns
+    # the cache holds the decoded memo only: no decompressed copies, no links
+    (memo,) = fashion_cache(tmp_path).glob("decoded-*.pt")
+    assert [f for f in cache_files(tmp_path) if f.startswith("data/")] == [str(memo.relative_to(tmp_path / "cache"))]
+    # warm: same result, from the memo, which is not rewritten
+    mtime = memo.stat().st_mtime_ns
     assert_fashion_equal(load_dataset("fashionmnist", root=src), arrays)
-    assert copies[0].stat().st_mtime_ns == mtime
+    assert memo.stat().st_mtime_ns == mtime
     assert snapshot(src) == before
 
 
@@ -142,6 +150,28 @@ def test_fashion_raw_flat_and_torchvision_layouts(tmp_path):
     before = snapshot(tvgz)
     assert_fashion_equal(load_dataset("fashion-mnist", root=tvgz), c)
     assert snapshot(tvgz) == before
+    assert len(list(fashion_cache(tmp_path).iterdir())) == 3  # one memo per source, nothing else
+
+
+def test_fashion_read_only_source_folder(tmp_path):
+    """The source folder and files may be read-only: they are only ever read (and never changed)."""
+    src = tmp_path / "ro"
+    arrays = write_fashion(src, seed=8, gz=True)
+    (src / IDX_NAMES[1]).write_bytes(gzip.decompress((src / f"{IDX_NAMES[1]}.gz").read_bytes()))  # raw + .gz mix
+    (src / f"{IDX_NAMES[1]}.gz").unlink()
+    before = snapshot(src)
+    for p in src.iterdir():
+        p.chmod(0o444)
+    src.chmod(0o555)
+    try:
+        assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+        assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)  # from the memo
+    finally:
+        src.chmod(0o755)
+    after = snapshot(src)
+    assert {k: v[:3] for k, v in after.items()} == {k: v[:3] for k, v in before.items()}  # content, size, mtime
+    expected = sorted(n if n == IDX_NAMES[1] else f"{n}.gz" for n in IDX_NAMES)
+    assert sorted(after) == sorted(before) == expected  # nothing added
 
 
 def test_fashion_lookup_order(tmp_path, monkeypatch):
@@ -163,7 +193,7 @@ def test_fashion_lookup_order(tmp_path, monkeypatch):
     assert found == [("system package dataset-fashion-mnist", True), ("download cache", False)]
 
 
-def test_fashion_refreshes_derived_copy_when_source_changes(tmp_path):
+def test_fashion_memo_misses_when_a_gz_source_changes(tmp_path):
     src = tmp_path / "fmnist"
     write_fashion(src, seed=20)
     load_dataset("fashion-mnist", root=src)
@@ -173,8 +203,8 @@ def test_fashion_refreshes_derived_copy_when_source_changes(tmp_path):
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), b)
 
 
-def _no_torchvision(*args, **kwargs):
-    raise AssertionError("torchvision was asked to decode again")
+def _no_decoding(*args, **kwargs):
+    raise AssertionError("an IDX file was decoded again")
 
 
 def test_fashion_decoded_once_then_memoised(tmp_path, monkeypatch):
@@ -182,9 +212,9 @@ def test_fashion_decoded_once_then_memoised(tmp_path, monkeypatch):
     arrays = write_fashion(src, seed=22)
     before = snapshot(src)
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
-    memos = list((tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt"))
+    memos = list(fashion_cache(tmp_path).glob("decoded-*.pt"))
     assert len(memos) == 1
-    monkeypatch.setattr(data, "_torchvision_fashion", _no_torchvision)
+    monkeypatch.setattr(data.fashion, "read_idx", _no_decoding)
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)  # from the memo
     sized = load_dataset("fashion-mnist", root=src, image_size=32)  # resizing applies after the memo
     assert sized.train.images.shape == (20, 1, 32, 32)
@@ -207,13 +237,13 @@ def test_fashion_unusable_memo_is_decoded_again(tmp_path, damage):
     src = tmp_path / "fmnist"
     arrays = write_fashion(src, seed=25)
     load_dataset("fashion-mnist", root=src)
-    (memo,) = (tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt")
+    (memo,) = fashion_cache(tmp_path).glob("decoded-*.pt")
     if damage == "truncate":
         memo.write_bytes(memo.read_bytes()[:100])
     else:
         torch.save({"train_images": torch.zeros(3)}, memo)
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
-    assert data._read_decoded(memo) is not None  # rewritten whole
+    assert data.fashion._read_decoded(memo) is not None  # rewritten whole
 
 
 def test_fashion_missing_names_three_ways_and_searched_paths(tmp_path, monkeypatch):
@@ -238,22 +268,30 @@ def test_fashion_explicit_root_is_not_silently_replaced(tmp_path, monkeypatch):
 
 
 def test_fashion_failed_download_is_data_not_found(tmp_path, monkeypatch):
-    def offline(root, train, download=False):
-        if download:
-            raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
-        raise AssertionError("nothing should be read without a download")
+    def offline(folder):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz")
 
-    monkeypatch.setattr(data, "_torchvision_fashion", offline)
+    monkeypatch.setattr(data.fashion, "_download_fashion", offline)
     with pytest.raises(DataNotFoundError, match="downloading Fashion-MNIST .* failed"):
         load_dataset("fashion-mnist", download=True)
 
 
-def test_fashion_bad_idx_magic_is_a_clear_error(tmp_path):
-    src = tmp_path / "bad"
-    write_fashion(src, seed=6, gz=False)
-    (src / IDX_NAMES[0]).write_bytes(struct.pack(">IIII", 1234, 20, 28, 28) + bytes(20 * 784))
-    with pytest.raises(DataIntegrityError, match="2051/2049"):
-        load_dataset("fashion-mnist", root=src)
+def test_fashion_download_is_read_like_any_other_copy(tmp_path, monkeypatch):
+    """What torchvision downloads (``.gz`` and extracted raw files in FashionMNIST/raw) is read by the IDX reader."""
+    arrays = {}
+
+    def fake_download(folder):
+        raw = folder / "FashionMNIST" / "raw"
+        arrays.update(write_fashion(raw, seed=9, gz=True))
+        write_fashion(raw, seed=9, gz=False)
+
+    monkeypatch.setattr(data.fashion, "_download_fashion", fake_download)
+    assert_fashion_equal(load_dataset("fashion-mnist", download=True), arrays)
+    assert describe_sources("fashion-mnist")[-1] == (
+        "download cache", tmp_path / "cache" / "data" / "torchvision" / "FashionMNIST" / "raw", True
+    )
+    monkeypatch.setattr(data.fashion, "_download_fashion", _no_decoding)
+    assert_fashion_equal(load_dataset("fashion-mnist", download=True), arrays)  # found: no second download
 
 
 def test_fashion_image_size(tmp_path):
@@ -262,6 +300,65 @@ def test_fashion_image_size(tmp_path):
     splits = load_dataset("fashion-mnist", root=src, image_size=32)
     assert splits.train.images.shape == (20, 1, 32, 32)
     assert splits.train.name == "fashion-mnist@32/train"
+
+
+# ---- the IDX reader -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("shape", [(0,), (7,), (3, 5), (4, 28, 28), (2, 3, 4, 5)])
+def test_idx_reader_round_trips_exact_arrays(tmp_path, gz, shape):
+    arr = np.random.default_rng(len(shape)).integers(0, 256, shape, dtype=np.uint8)
+    blob = struct.pack(f">BBBB{len(shape)}I", 0, 0, 0x08, len(shape), *shape) + arr.tobytes()
+    path = tmp_path / ("x.idx.gz" if gz else "x.idx")
+    path.write_bytes(gzip.compress(blob) if gz else blob)
+    got = data.fashion.read_idx(path, ndim=len(shape))
+    assert got.dtype == np.uint8 and got.shape == shape and np.array_equal(got, arr)
+    assert got.flags.writeable and got.flags.c_contiguous  # torch.from_numpy takes it without a warning
+
+
+IDX_DAMAGE = {
+    # name: (how to change the train images' IDX bytes, words the message must contain)
+    "bad-magic": (lambda b: b"\x01\x02" + b[2:], "magic number is 16910339, expected 2051"),
+    "html": (lambda b: b"<html>404</html>", "magic number is"),
+    "dtype-code": (lambda b: b[:2] + b"\x0d" + b[3:], "data type code is 0x0D (float), expected 0x08"),
+    "unknown-dtype-code": (lambda b: b[:2] + b"\x07" + b[3:], "magic number is 1795, expected 2051"),
+    "ndim": (lambda b: b[:3] + b"\x02" + b[4:], "announces 2 dimensions, expected 3"),
+    "short-header": (lambda b: b[:10], "too few for its IDX header (truncated)"),
+    "tiny": (lambda b: b[:3], "too few for an IDX header"),
+    "empty": (lambda b: b"", "holds 0 bytes"),
+    "truncated": (lambda b: b[:-300], "20 x 28 x 28 values (15696 bytes in all) but it holds 15396 bytes"),
+    "trailing": (lambda b: b + b"\x00", "with trailing bytes"),
+}
+
+
+@pytest.mark.parametrize("gz", [False, True])
+@pytest.mark.parametrize("how", sorted(IDX_DAMAGE))
+def test_idx_damage_is_a_data_integrity_error_naming_the_file(tmp_path, how, gz):
+    src = tmp_path / "bad"
+    write_fashion(src, seed=6, gz=gz)
+    bad = src / (f"{IDX_NAMES[0]}.gz" if gz else IDX_NAMES[0])
+    change, words = IDX_DAMAGE[how]
+    blob = change(gzip.decompress(bad.read_bytes()) if gz else bad.read_bytes())
+    bad.write_bytes(gzip.compress(blob) if gz else blob)
+    before = snapshot(src)
+    with pytest.raises(DataIntegrityError) as info:
+        load_dataset("fashion-mnist", root=src)
+    msg = str(info.value)
+    assert not isinstance(info.value, DataNotFoundError)
+    assert f"Fashion-MNIST file {bad} is damaged: " in msg and words in msg
+    assert ("(after decompression)" in msg) == gz
+    assert "ubwlib has not changed it" in msg and "re-download" in msg
+    assert snapshot(src) == before
+    assert not list(fashion_cache(tmp_path).glob("decoded-*.pt"))
+
+
+def test_fashion_bad_idx_magic_is_a_clear_error(tmp_path):
+    src = tmp_path / "bad"
+    write_fashion(src, seed=6, gz=False)
+    (src / IDX_NAMES[0]).write_bytes(struct.pack(">IIII", 1234, 20, 28, 28) + bytes(20 * 784))
+    with pytest.raises(DataIntegrityError, match="2051/2049"):
+        load_dataset("fashion-mnist", root=src)
 
 
 # ---- damaged files: errors that name the file and the fix, and never touch it ----------------------
@@ -301,7 +398,7 @@ def test_fashion_damaged_gz_names_the_file_and_the_fix(tmp_path, how):
     assert str(bad) in msg and "damaged" in msg
     assert "ubwlib has not changed it" in msg and "re-download" in msg
     assert snapshot(src) == before  # the user's (damaged) file is neither modified nor deleted
-    assert not list((tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt"))  # nothing memoised
+    assert not list(fashion_cache(tmp_path).glob("decoded-*.pt"))  # nothing memoised
     assert not list((tmp_path / "cache").rglob("*.tmp"))  # no temporary left behind
     # the CLI reports it on one line (DataIntegrityError is what `ubw data` catches)
     assert cli_main(["data", "fashion-mnist", "--root", str(src), "--check"]) == 1
@@ -358,74 +455,66 @@ def test_fashion_damaged_raw_idx_files_name_the_file(tmp_path):
     with pytest.raises(DataIntegrityError, match="label values up to 200") as info:
         load_dataset("fashion-mnist", root=src)
     assert str(lab) in str(info.value)
-    assert not list((tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt"))
+    assert not list(fashion_cache(tmp_path).glob("decoded-*.pt"))
+    assert snapshot(src) != before  # (the test itself changed the files)
 
 
-def test_fashion_damaged_derived_copy_is_rebuilt_from_the_source(tmp_path):
-    src = tmp_path / "fmnist"
-    arrays = write_fashion(src, seed=35)
-    load_dataset("fashion-mnist", root=src)
-    (copy,) = (tmp_path / "cache" / "data" / "fashion-mnist").rglob(IDX_NAMES[0])
-    (memo,) = (tmp_path / "cache" / "data" / "fashion-mnist").glob("decoded-*.pt")
-    st = copy.stat()
-    with open(copy, "r+b") as f:  # damage the cached copy in place, keeping its size and mtime
-        f.write(struct.pack(">I", 1234))
-    os.utime(copy, ns=(st.st_atime_ns, st.st_mtime_ns))
-    memo.unlink()
-    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+# ---- the memo's temporary files -------------------------------------------------------------------
 
 
-def _dead_pid() -> int:
-    proc = subprocess.Popen([sys.executable, "-c", ""])
-    proc.wait()
-    return proc.pid
-
-
-def test_fashion_stale_temp_of_a_killed_decompression_is_removed(tmp_path):
+def test_fashion_stale_memo_temps_are_removed_fresh_ones_kept(tmp_path):
     src = tmp_path / "fmnist"
     arrays = write_fashion(src, seed=36)
     load_dataset("fashion-mnist", root=src)
-    fm = tmp_path / "cache" / "data" / "fashion-mnist"
-    (raw,) = fm.glob("*/FashionMNIST/raw")
-    # as if the process was killed (SIGKILL: no cleanup) while decompressing this file for the first time
-    (raw / IDX_NAMES[0]).unlink()
-    for memo in fm.glob("decoded-*.pt"):
-        memo.unlink()
-    dead = _dead_pid()
-    stale = data._temp_name(raw / IDX_NAMES[0], pid=dead)
-    stale.write_bytes(b"\x00\x00\x08\x03 half of it")
-    stale_memo = data._temp_name(fm / "decoded-0123.pt", pid=dead)
-    stale_memo.write_bytes(b"PK partial")
-    legacy = raw / f".{IDX_NAMES[0]}.k2j4h5x8.tmp"  # an older version's mkstemp name, hours old
-    legacy.write_bytes(b"partial")
-    os.utime(legacy, (1_000_000_000, 1_000_000_000))
-    # temporaries of writers that may still be running are left alone
-    live = data._temp_name(raw / IDX_NAMES[1])  # this process
+    fm = fashion_cache(tmp_path)
+    (memo,) = fm.glob("decoded-*.pt")
+    memo.unlink()  # as if the process was killed (SIGKILL: no cleanup) while writing the memo
+    hours_ago = time.time() - 2 * 3600
+    stale = fm / f".{memo.name}.k2j4h5x8.tmp"  # atomic_path's name: .<name>.<random>.tmp
+    stale.write_bytes(b"PK partial")
+    legacy = fm / f".{memo.name}.ubwtmp-0123abcd-4242-deadbeef.tmp"  # an older version's name
+    legacy.write_bytes(b"PK partial")
+    for p in (stale, legacy):
+        os.utime(p, (hours_ago, hours_ago))
+    live = fm / f".{memo.name}.q9w8e7r6.tmp"  # a writer that may still be running
     live.write_bytes(b"in progress")
-    other_host = raw / f".{IDX_NAMES[1]}.ubwtmp-{'0' * 8 if data._HOST_TAG != '0' * 8 else '1' * 8}-{dead}-deadbeef.tmp"
-    other_host.write_bytes(b"in progress elsewhere")
+    not_a_temp = fm / "notes.tmp"  # not a hidden temporary: never touched
+    not_a_temp.write_bytes(b"mine")
+    os.utime(not_a_temp, (hours_ago, hours_ago))
 
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
-    assert not stale.exists() and not legacy.exists() and not stale_memo.exists()
-    assert live.exists() and other_host.exists()
-    assert (raw / IDX_NAMES[0]).read_bytes() == gzip.decompress((src / f"{IDX_NAMES[0]}.gz").read_bytes())
-    assert len(list(fm.glob("decoded-*.pt"))) == 1
+    assert not stale.exists() and not legacy.exists()
+    assert live.exists() and not_a_temp.exists()
+    assert memo.is_file()
 
 
-def test_fashion_interrupted_decompression_leaves_no_temp(tmp_path, monkeypatch):
+def test_fashion_interrupted_memo_write_leaves_no_temp(tmp_path, monkeypatch):
     src = tmp_path / "fmnist"
     arrays = write_fashion(src, seed=37)
 
-    def killed(src_path, out):
-        out.write(b"\x00\x00\x08\x03partial")
-        raise KeyboardInterrupt("killed mid-decompression")
+    def killed(obj, f, *args, **kwargs):
+        Path(f).write_bytes(b"PK partial")
+        raise KeyboardInterrupt("killed mid-write")
 
-    monkeypatch.setattr(data, "_gunzip_into", killed)
-    with pytest.raises(KeyboardInterrupt):
+    with monkeypatch.context() as m, pytest.raises(KeyboardInterrupt):  # (undo() would also undo `isolated`)
+        m.setattr(torch, "save", killed)
         load_dataset("fashion-mnist", root=src)
-    monkeypatch.undo()
     assert not [p for p in (tmp_path / "cache").rglob("*") if p.name.endswith(".tmp")]
+    assert not list(fashion_cache(tmp_path).glob("decoded-*.pt"))
     assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)
+    assert len(list(fashion_cache(tmp_path).glob("decoded-*.pt"))) == 1
+
+
+def test_fashion_read_only_cache_still_loads(tmp_path, monkeypatch):
+    src = tmp_path / "fmnist"
+    arrays = write_fashion(src, seed=38)
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(data.memo, "atomic_path", full)
+    assert_fashion_equal(load_dataset("fashion-mnist", root=src), arrays)  # decoded, not memoised
+    assert not list(fashion_cache(tmp_path).glob("decoded-*.pt"))
 
 
 @pytest.mark.skipif(not REAL_FASHION.is_dir(), reason="dataset-fashion-mnist is not installed")
@@ -436,6 +525,11 @@ def test_real_debian_fashion_mnist(monkeypatch):
     assert splits.train.image_shape == (1, 28, 28)
     assert splits.train.class_counts().tolist() == [6000] * 10
     assert splits.test.class_counts().tolist() == [1000] * 10
+    # the content fingerprints the experiment cache is keyed on (as decoded by torchvision before)
+    from ubwlib.watermarks.base import dataset_fingerprint
+
+    assert dataset_fingerprint(splits.train) == "ec4409109aa256aac73662970822581d4098eac95abfe958644770ad14eb0f90"
+    assert dataset_fingerprint(splits.test) == "38adbc957d98f7cb6a130a0612c4315c087e7306eb3e26336428da3217e331c3"
 
 
 # --------------------------------------------------------------------------------------------------
@@ -667,7 +761,7 @@ def test_imagefolder_cache_skips_decoding_and_invalidates(folder_ds, monkeypatch
     def no_decode(path, size):
         raise AssertionError(f"decoded {path} again")
 
-    monkeypatch.setattr(data, "_decode_image", no_decode)
+    monkeypatch.setattr(data.imagefolder, "_decode_image", no_decode)
     second = load_dataset(f"imagefolder:{root}")
     assert torch.equal(first.train.images, second.train.images)
     assert torch.equal(first.test.labels, second.test.labels)
@@ -916,8 +1010,8 @@ def test_dataset_splits_require_same_classes():
 # --------------------------------------------------------------------------------------------------
 
 
-def test_cache_info_and_clear_cover_derived_copies_but_not_originals(tmp_path, monkeypatch, folder_ds, capsys):
-    system = tmp_path / "system"  # stands for /usr/share/datasets/fashion-mnist (raw files: linked, not copied)
+def test_cache_info_and_clear_cover_memos_but_not_originals(tmp_path, monkeypatch, folder_ds, capsys):
+    system = tmp_path / "system"  # stands for /usr/share/datasets/fashion-mnist
     a = write_fashion(system, seed=40, gz=False)
     gz_src = tmp_path / "fmnist-gz"
     b = write_fashion(gz_src, seed=41)
@@ -929,11 +1023,16 @@ def test_cache_info_and_clear_cover_derived_copies_but_not_originals(tmp_path, m
     load_dataset(f"imagefolder:{root}")
     cache_root = tmp_path / "cache"
     assert (cache_root / CACHE_MARKER_NAME).is_file()  # the data loader created the root, so it is marked
-    links = [p for p in (cache_root / "data").rglob("*") if p.is_symlink()]
-    assert links and all(Path(os.readlink(p)).parent == system.resolve() for p in links)
+    assert not [p for p in (cache_root / "data").rglob("*") if p.is_symlink()]  # no links to the originals
     downloads = cache_root / "data" / "torchvision" / "FashionMNIST" / "raw"
     downloads.mkdir(parents=True)
     (downloads / "kept.gz").write_bytes(b"a download")
+    # a decompressed copy an older version made (with a link to a raw original): listed and cleared
+    legacy = cache_root / "data" / "fashion-mnist" / ("0123456789abcdef")
+    (legacy / "FashionMNIST" / "raw").mkdir(parents=True)
+    (legacy / "SOURCE.txt").write_text(f"derived copy of {gz_src}\n")
+    (legacy / "FashionMNIST" / "raw" / IDX_NAMES[0]).write_bytes(b"\x00\x00\x08\x03 decompressed")
+    (legacy / "FashionMNIST" / "raw" / IDX_NAMES[1]).symlink_to(system / IDX_NAMES[1])
     foreign = cache_root / "data" / "fashion-mnist" / ("f" * 16)  # named like a copy, but not marked as one
     foreign.mkdir()
     (foreign / "mine.txt").write_text("keep")
@@ -941,25 +1040,24 @@ def test_cache_info_and_clear_cover_derived_copies_but_not_originals(tmp_path, m
     cache = Cache()
     derived = cache.data_entries()
     names = sorted(e.hash.split("/")[0] for e in derived)
-    assert names == ["fashion-mnist"] * 4 + ["imagefolder"]  # 2 copies + 2 memos, 1 decoded image folder
+    assert names == ["fashion-mnist"] * 3 + ["imagefolder"]  # 2 memos + the legacy copy, 1 decoded image folder
     assert all(e.namespace == "data" and e.size_bytes > 0 for e in derived)
-    gz_copy = [e for e in derived if e.path.is_dir() and not any(p.is_symlink() for p in e.path.rglob("*"))]
-    assert len(gz_copy) == 1 and gz_copy[0].size_bytes > 4 * 16  # decompressed bytes are counted
+    assert sorted(e.path.name for e in derived if e.path.is_dir()) == [legacy.name]
     assert [e.hash for e in cache.entries()] == sorted(e.hash for e in derived)
     assert cli_main(["cache", "info"]) == 0
     out = capsys.readouterr().out
-    assert "(5 entries, " in out and "  data: 5 entries" in out
+    assert "(4 entries, " in out and "  data: 4 entries" in out
 
-    assert cache.clear("train") == 0 and len(cache.data_entries()) == 5  # a namespace leaves the data alone
+    assert cache.clear("train") == 0 and len(cache.data_entries()) == 4  # a namespace leaves the data alone
     assert cli_main(["cache", "clear"]) == 0
-    assert capsys.readouterr().out.strip() == f"removed 5 cache entries from {cache.root}"
+    assert capsys.readouterr().out.strip() == f"removed 4 cache entries from {cache.root}"
     assert cache.data_entries() == []
-    assert not list((cache_root / "data").rglob("decoded-*.pt"))
+    assert not list((cache_root / "data").rglob("decoded-*.pt")) and not legacy.exists()
     assert (downloads / "kept.gz").read_bytes() == b"a download"  # downloads are kept
     assert (foreign / "mine.txt").read_text() == "keep"
     for folder, before in originals.items():
-        assert snapshot(folder) == before  # the originals (linked from the cache) are untouched
+        assert snapshot(folder) == before  # the originals (one was linked from the legacy copy) are untouched
     # and everything loads again
     assert_fashion_equal(load_dataset("fashion-mnist"), a)
-    assert len(cache.data_entries()) == 2
-    assert cache.clear("data") == 2 and cache.data_entries() == []
+    assert len(cache.data_entries()) == 1
+    assert cache.clear("data") == 1 and cache.data_entries() == []

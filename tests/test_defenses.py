@@ -7,6 +7,7 @@ import io
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -30,7 +31,7 @@ from ubwlib.defenses import (
 )
 from ubwlib.metrics import entropy
 from ubwlib.models import build_model
-from ubwlib.train import accuracy, predict_proba
+from ubwlib.train import accuracy, predict_proba, train
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -154,6 +155,64 @@ def test_fine_tune_zero_epochs_and_bad_evaluate():
         fine_tune(model, ds, ft_settings(epochs=0), evaluate=lambda m: 0.5, device="cpu")
     with pytest.raises(ValueError, match="reserved"):
         fine_tune(model, ds, ft_settings(epochs=0), evaluate=lambda m: {"loss": 1.0}, device="cpu")
+
+
+def reference_fine_tune(model: nn.Module, ds: ImageDataset, st: FineTuningSettings) -> tuple[nn.Module, list]:
+    """The loop fine_tune ran before it trained through ubwlib.train.train, written out (CPU, fp32): one SGD
+    optimiser with a constant lr, data order from Generator(seed), flips from Generator(seed + 1)."""
+    n = fine_tune_size(st.fraction, len(ds))
+    subset = ds if n == len(ds) else ds.stratified_subset(n, st.seed)
+    tuned = copy.deepcopy(model)
+    order_gen, aug_gen = torch.Generator().manual_seed(st.seed), torch.Generator().manual_seed(st.seed + 1)
+    opt = torch.optim.SGD(tuned.parameters(), lr=st.lr, momentum=st.momentum, weight_decay=st.weight_decay)
+    losses = []
+    for _ in range(st.epochs):
+        tuned.train()
+        total = 0.0
+        perm = torch.randperm(n, generator=order_gen)
+        for start in range(0, n, st.batch_size):
+            idx = perm[start : start + st.batch_size]
+            xb = subset.images[idx]
+            if st.flip:
+                coin = torch.rand(len(idx), generator=aug_gen) < 0.5
+                xb = torch.where(coin.view(-1, 1, 1, 1), xb.flip(3), xb)
+            loss = torch.nn.functional.cross_entropy(tuned(xb.float() / 255), subset.labels[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * len(idx)
+        losses.append(total / n)
+    return tuned.eval(), losses
+
+
+@pytest.mark.parametrize("flip, fraction", [(True, 0.25), (False, 1.0)])
+def test_fine_tune_is_the_documented_loop(flip, fraction):
+    ds = quadrant_dataset(120)
+    model = tiny_cnn(seed=2)
+    st = ft_settings(seed=5, flip=flip, fraction=fraction, epochs=3, batch_size=32)
+    tuned, hist = fine_tune(model, ds, st, device="cpu")
+    ref, losses = reference_fine_tune(model, ds, st)
+    assert same_state(state_copy(tuned), state_copy(ref))
+    assert hist["loss"].iloc[1:].tolist() == pytest.approx(losses, rel=1e-5)
+
+
+def test_fine_tune_trains_through_train():
+    """fine_tune = ubwlib.train.train(copy, subset, settings.train_config()) plus the evaluations."""
+    ds = quadrant_dataset(120)
+    model = tiny_cnn(seed=1)
+    st = ft_settings(seed=2, epochs=2)
+    cfg = st.train_config()
+    assert (cfg.epochs, cfg.batch_size, cfg.lr, cfg.momentum, cfg.weight_decay, cfg.seed, cfg.precision) == (
+        st.epochs, st.batch_size, st.lr, st.momentum, st.weight_decay, st.seed, st.precision)
+    assert (cfg.schedule, cfg.flip, cfg.crop_padding, cfg.nesterov, cfg.label_smoothing, cfg.drop_last) == (
+        "constant", st.flip, 0, False, 0.0, False)
+    subset = ds.stratified_subset(fine_tune_size(st.fraction, len(ds)), st.seed)
+    direct = train(copy.deepcopy(model), subset, cfg, device="cpu", progress=False)
+    tuned, hist = fine_tune(model, ds, st, evaluate=lambda m: {"BA": accuracy(m, ds, **FP32)}, device="cpu")
+    assert same_state(state_copy(tuned), state_copy(direct.model))  # evaluating after each epoch changes nothing
+    cols = ["epoch", "loss", "train_acc", "lr"]
+    pd.testing.assert_frame_equal(hist[cols].iloc[1:].reset_index(drop=True), direct.history[cols])
+    assert hist["BA"].iloc[-1] == accuracy(direct.model, ds, **FP32)
 
 
 @pytest.mark.parametrize("fraction", [0, -0.1, 1.01, float("nan")])

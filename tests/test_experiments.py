@@ -487,7 +487,8 @@ def test_model_dispersibility_on_fixture(tiny, tmp_path, monkeypatch):
 def test_table1_rows_and_paper_comparison(tiny, tmp_path):
     from ubwlib.experiments.paper import TABLE1_CIFAR10
     from ubwlib.experiments.stored import load_stored, three_columns
-    from ubwlib.experiments.watermarking import table1, watermark_run
+    from ubwlib.experiments.runs import run
+    from ubwlib.experiments.watermarking import table1
 
     t1 = table1(tiny, ("badnets", "ubw-p"), progress=False)
     assert list(t1.index) == ["No Attack", "BadNets", "UBW-P"]
@@ -498,8 +499,9 @@ def test_table1_rows_and_paper_comparison(tiny, tmp_path):
     assert t1.loc["BadNets", "n eval"] == int((load_data(tiny).test.labels != 1).sum())
     assert t1.loc["UBW-P", "eval set"] == "test, all classes" and math.isnan(t1.loc["UBW-P", "ASR (targeted)"])
     # the watermarked models are cached like any other: a second table loads them
-    run = watermark_run(tiny, "badnets", progress=False)
-    assert run.trained.cached
+    run_ = run(tiny, "badnets", progress=False)
+    assert run_.source_row is None
+    assert run_.trained.cached
     nothing = load_stored("ubw_p", "table1", "full", root=tmp_path)  # an empty results folder
     both = three_columns(t1, nothing, TABLE1_CIFAR10, ["BA", "D_p"], live_profile=tiny).table
     assert both.loc["UBW-P", ("D_p", "paper (CIFAR-10)")] == TABLE1_CIFAR10.loc["UBW-P", "D_p"] == 2.2548
@@ -508,23 +510,24 @@ def test_table1_rows_and_paper_comparison(tiny, tmp_path):
 
 
 def test_triggered_confusion_rows_are_distributions(tiny):
-    from ubwlib.experiments.watermarking import triggered_confusion, watermark_run
+    from ubwlib.experiments.runs import run
+    from ubwlib.experiments.watermarking import triggered_confusion
 
-    run = watermark_run(tiny, "ubw-p", progress=False)
+    cm = triggered_confusion(run(tiny, "ubw-p", progress=False), load_data(tiny).test)
     test = load_data(tiny).test
-    cm = triggered_confusion(run, test)
     assert cm.shape == (10, 10)
     np.testing.assert_allclose(cm.sum(axis=1).to_numpy(), 1.0)
     assert list(cm.index) == list(test.classes)
 
 
-def test_watermarked_dataset_is_deterministic_and_exact(tiny):
-    from ubwlib.experiments.watermarking import settings_table, watermarked_dataset
+def test_release_is_deterministic_and_exact(tiny):
+    from ubwlib.experiments.runs import release
+    from ubwlib.experiments.watermarking import settings_table
 
-    a = watermarked_dataset(tiny, "blended", seed=3)
-    b = watermarked_dataset(tiny, "blended", seed=3)
+    a = release(tiny, "blended", seed=3)
+    b = release(tiny, "blended", seed=3)
     assert torch.equal(a.dataset.images, b.dataset.images) and len(a.indices) == 20  # round(0.1 * 200)
-    c = watermarked_dataset(tiny, "blended", seed=3, poisoning_rate=0.05)
+    c = release(tiny, "blended", seed=3, poisoning_rate=0.05)
     assert len(c.indices) == 10
     st = settings_table(("badnets", "blended"))
     assert st.loc[("Blended", "alpha"), "value"] == 0.2 and st.loc[("BadNets", "target"), "value"] == 1
@@ -536,7 +539,7 @@ def test_watermarked_dataset_is_deterministic_and_exact(tiny):
 
 
 def test_crafting_budget_follows_the_profile():
-    from ubwlib.experiments.clean_label import crafting_budget
+    from ubwlib.experiments.runs import crafting_budget
 
     paper = crafting_budget(get_profile("paper"))
     assert (paper.steps, paper.retrain_every, paper.lr, paper.eps) == (250, 50, 0.025, 16 / 255)
@@ -571,24 +574,27 @@ def test_verification_counts_follow_the_profile():
 
 @pytest.mark.parametrize("method", ["ubw-c", "label-consistent"])
 def test_clean_label_run_is_cached_and_keeps_labels(tiny, method):
-    from ubwlib.experiments.clean_label import clean_label_run
+    from ubwlib.experiments.runs import run, source_class
 
-    first = clean_label_run(tiny, method, progress=False)
+    first = run(tiny, method, progress=False)
     train = load_data(tiny).train
     assert torch.equal(first.released.dataset.labels, train.labels)
     changed = (first.released.dataset.images != train.images).flatten(1).any(1).nonzero().flatten()
     assert set(changed.tolist()) <= set(first.released.indices.tolist())
     assert first.released.report["cached"] is False and not first.trained.cached
-    again = clean_label_run(tiny, method, progress=False)
+    again = run(tiny, method, progress=False)
     assert again.released.report["cached"] is True and again.trained.cached
     assert torch.equal(again.released.dataset.images, first.released.dataset.images)
     assert pd.Series(again.row).equals(pd.Series(first.row))  # NaN (targeted ASR of untargeted methods) included
     if method == "ubw-c":
+        assert source_class(first.released.key) == 0  # UBWCSettings' source, read from the key
         assert first.source_row["eval set"].startswith("test, source class 0")
         assert list(again.released.report["history"].columns) == ["restart", "step", "lr", "passenger loss",
                                                                   "held-out passenger loss", "seconds"]
+    else:
+        assert source_class(first.released.key) is None and first.source_row is None
     # the victim's seed is one no crafting model used
-    from ubwlib.experiments.clean_label import victim_seed
+    from ubwlib.experiments.runs import victim_seed
 
     assert victim_seed(tiny.seed) != tiny.seed
     assert first.trained.key == trained_model(tiny, first.released.dataset, seed=victim_seed(tiny.seed)).key
@@ -596,11 +602,12 @@ def test_clean_label_run_is_cached_and_keeps_labels(tiny, method):
 
 def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tiny):
     """Same poisons as UBW-C, labels kept, a perturbation within eps that no crafting step moved."""
-    from ubwlib.experiments.clean_label import clean_label_run, crafting_budget, noise_control_run
+    from ubwlib.experiments.clean_label import noise_control_run
+    from ubwlib.experiments.runs import crafting_budget, run
 
     eps_u8 = crafting_budget(tiny).eps * 255
     control = noise_control_run(tiny, progress=False)
-    crafted = clean_label_run(tiny, "ubw-c", progress=False)
+    crafted = run(tiny, "ubw-c", progress=False)
     train = load_data(tiny).train
     rel = control.released
     assert torch.equal(rel.indices, crafted.released.indices)
@@ -632,7 +639,7 @@ def test_noise_control_is_ubwc_poisons_with_the_random_start_and_no_crafting(tin
 
 
 def test_study_rows_victims_and_summary(tiny):
-    from ubwlib.experiments.clean_label import clean_label_release, victim_seed
+    from ubwlib.experiments.runs import release, victim_seed
     from ubwlib.experiments.core import cached_evaluation
     from ubwlib.experiments.study import _overrides, study_rows, study_table
 
@@ -643,7 +650,7 @@ def test_study_rows_victims_and_summary(tiny):
     assert list(table.index) == [r[0] for r in rows]
     assert (table["victims"] == 2).all()
     # the ensemble row by hand: its release, two victims with seeds victim_seed(seed) and +1, source class 0
-    rel = clean_label_release(tiny, "ubw-c", progress=False, **_overrides(tiny, rows[2][1]))
+    rel = release(tiny, "ubw-c", progress=False, **_overrides(tiny, rows[2][1]))
     assert rel.report["cached"] is True  # computed once, by the study
     test = load_data(tiny).test
     asr = []
@@ -664,7 +671,7 @@ def test_study_rows_victims_and_summary(tiny):
 def test_study_victim_lever_changes_the_victims_only(tiny):
     """A lever's ``victim`` entry retrains the victims (and their benign baselines) with another schedule on the
     same release: the release's cache entry is the one without it."""
-    from ubwlib.experiments.clean_label import clean_label_release, victim_seed
+    from ubwlib.experiments.runs import release, victim_seed
     from ubwlib.experiments.core import cached_evaluation
     from ubwlib.experiments.study import _overrides, _resolve, study_row
 
@@ -674,7 +681,7 @@ def test_study_victim_lever_changes_the_victims_only(tiny):
     assert prof == tiny and victims.train.epochs == longer and victims.train.lr == tiny.train.lr
     assert overrides == _overrides(tiny, {"crafting": {"fresh_seeds": False}})  # the release ignores it
     row = study_row(tiny, "short victims", lever, victims=1, progress=False)
-    rel = clean_label_release(tiny, "ubw-c", progress=False, **overrides)
+    rel = release(tiny, "ubw-c", progress=False, **overrides)
     assert rel.report["cached"] is True
     m = trained_model(victims, rel.dataset, seed=victim_seed(tiny.seed))
     assert m.cached and m.key != trained_model(tiny, rel.dataset, seed=victim_seed(tiny.seed), progress=False).key
@@ -704,7 +711,7 @@ def test_store_and_load_study_with_provenance(tiny, tmp_path):
 
 
 def test_victim_trajectory_is_measured_each_epoch_and_cached(tiny):
-    from ubwlib.experiments.clean_label import clean_label_run
+    from ubwlib.experiments.runs import run
     from ubwlib.experiments.study import victim_trajectory
 
     two = tiny.replace(train=tiny.train.replace(epochs=2))
@@ -713,10 +720,10 @@ def test_victim_trajectory_is_measured_each_epoch_and_cached(tiny):
     assert traj[["poisons", "same images, unperturbed"]].stack().between(0, 2).all()
     assert math.isnan(traj["lr (epoch)"].iloc[0]) and (traj["lr (epoch)"].iloc[1:] >= 0).all()
     assert traj["ASR-A"].between(0, 1).all() and traj["BA"].between(0, 1).all()
-    # the last row is the victim of clean_label_run: the same seed, recipe and release give the same model
-    run = clean_label_run(two, "ubw-c", progress=False)
-    assert traj["ASR-A"].iloc[-1] == pytest.approx(run.source_row["ASR-A"])
-    assert traj["BA"].iloc[-1] == pytest.approx(run.row["BA"])
+    # the last row is the victim of run: the same seed, recipe and release give the same model
+    run_ = run(two, "ubw-c", progress=False)
+    assert traj["ASR-A"].iloc[-1] == pytest.approx(run_.source_row["ASR-A"])
+    assert traj["BA"].iloc[-1] == pytest.approx(run_.row["BA"])
     again = victim_trajectory(two, progress=False)
     pd.testing.assert_frame_equal(traj, again)
 
@@ -724,7 +731,7 @@ def test_victim_trajectory_is_measured_each_epoch_and_cached(tiny):
 def test_release_cache_key_ignores_settings_added_at_their_default():
     """Fields added to the settings later (stages, poison_classes) leave the key of a release crafted without them
     unchanged at their default, and change it otherwise."""
-    from ubwlib.experiments.clean_label import _key_settings
+    from ubwlib.experiments.runs import _key_settings
     from ubwlib.watermarks import GradientMatchingSettings
     from ubwlib.watermarks.ubw_c import UBWCSettings
 
@@ -737,7 +744,7 @@ def test_release_cache_key_ignores_settings_added_at_their_default():
 
 
 def test_release_cache_key_ignores_contrast_and_matching_at_their_default():
-    from ubwlib.experiments.clean_label import _key_settings
+    from ubwlib.experiments.runs import _key_settings
     from ubwlib.watermarks import GradientMatchingSettings
     from ubwlib.watermarks.ubw_c import UBWCSettings
 
@@ -750,13 +757,13 @@ def test_release_cache_key_ignores_contrast_and_matching_at_their_default():
 def test_surrogate_fine_tune_by_hand(tiny):
     import copy
 
-    from ubwlib.experiments.clean_label import clean_label_release, victim_seed
+    from ubwlib.experiments.runs import release, victim_seed
     from ubwlib.experiments.study import REFERENCE, LEVERS, _overrides, surrogate_fine_tune
     from ubwlib.train import predict, train
     from ubwlib.watermarks import trigger
 
     got = surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, epochs=1, progress=False)
-    rel = clean_label_release(tiny, "ubw-c", progress=False, **_overrides(tiny, LEVERS[REFERENCE]))
+    rel = release(tiny, "ubw-c", progress=False, **_overrides(tiny, LEVERS[REFERENCE]))
     cfg = tiny.train.replace(epochs=1, lr=0.01, schedule="constant", seed=victim_seed(tiny.seed))
     model, _ = train(copy.deepcopy(benign_model(tiny).model), rel.dataset, cfg, progress=False)
     test = load_data(tiny).test

@@ -924,7 +924,7 @@ def test_stages_add_snapshots_of_each_training_to_the_ensemble(ds, trained, targ
     # the first snapshot of member 0 is one epoch of its 2-epoch training (the crafting seed, the config as given)
     half = build_model("smallcnn", K, 3, 0.25, seed=0)
     snaps = []
-    train(half, ds, two, device="cpu", progress=False, on_epoch=lambda e, m: snaps.append(copy.deepcopy(m)) if e == 1
+    train(half, ds, two, device="cpu", progress=False, on_epoch=lambda e, m, row: snaps.append(copy.deepcopy(m)) if e == 1
           else None)
     assert len(snaps) == 1
     with pytest.raises(ValueError, match="stages"):

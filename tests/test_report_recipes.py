@@ -20,6 +20,7 @@ from ubwlib.experiments.verification import (
     verification_classes,
 )
 from ubwlib.verify import VerificationSettings
+from ubwlib.watermarks import WatermarkKey
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 
@@ -42,7 +43,13 @@ def test_seeds_and_classes():
     P = get_profile("smoke")
     assert report_seeds(P, 3) == [P.seed, P.seed + 1, P.seed + 2]
     assert independent_seeds(P, 2) == [P.seed + 1, P.seed + 2]        # the report's extra seeds: trained once
-    assert verification_classes("ubw-c") == [0] and verification_classes("ubw-p") is None
+    from ubwlib.experiments.runs import release
+
+    assert verification_classes(release(P, "ubw-p").key) is None
+    # a source-specific key: its source class, from its settings
+    ubwc = WatermarkKey(method="ubw-c", settings={"source": 3}, tensors={}, image_shape=(1, 28, 28),
+                        classes=tuple("abcdefghij"), dataset="d", seed=0)
+    assert verification_classes(ubwc) == [3]
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,6 @@ import ubwlib.experiments.robustness as rob
 from ubwlib.cache import Cache
 from ubwlib.defenses import ChannelMask, FineTuningSettings, StripSettings, get_layer, layer_activations, pruned_count
 from ubwlib.experiments import get_profile, load_data
-from ubwlib.experiments.clean_label import SOURCE_CLASS
 from ubwlib.experiments.robustness import (
     DEFENSE_METHODS,
     METRICS,
@@ -30,12 +29,11 @@ from ubwlib.experiments.robustness import (
     fine_tuning_table,
     pruning_sweep,
     pruning_table,
-    source_class_of,
     strip_row,
     strip_sets,
     strip_table,
 )
-from ubwlib.experiments.watermarking import method_run
+from ubwlib.experiments.runs import run as method_run, source_class
 
 P = get_profile("smoke")
 FT = FineTuningSettings(epochs=2)
@@ -90,8 +88,6 @@ def test_constants():
     assert DEFENSE_METHODS == ("ubw-p", "ubw-c")
     assert STRIP_METHODS == ("badnets", "ubw-p", "ubw-c")
     assert PRUNING_RATES == (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
-    assert source_class_of("ubw-c") == source_class_of("sleeper-agent") == SOURCE_CLASS
-    assert source_class_of("ubw-p") is None and source_class_of("badnets") is None
 
 
 def test_defense_metrics_match_the_runs_rows(runs, data):
@@ -175,14 +171,14 @@ def test_benign_pruning_uses_the_benign_model(tables):
 # --------------------------------------------------------------------------------------------------
 
 
-def test_strip_table_rows_and_ranges(tables, data):
+def test_strip_table_rows_and_ranges(tables, data, runs):
     df = tables["strip"]
     assert list(df.index) == ["BadNets", "UBW-P", "UBW-C", REFERENCE]
     assert df["method"].tolist() == ["badnets", "ubw-p", "ubw-c", "ubw-p"]
     assert df["model"].tolist() == ["watermarked"] * 3 + ["benign"]
     assert _in_unit_interval(df, ("detection rate", "false rejection rate", "AUC", "ASR-A"))
     assert (df["n clean"] == df["n triggered"]).all()
-    n_source = int((data.test.labels == SOURCE_CLASS).sum())
+    n_source = int((data.test.labels == source_class(runs["ubw-c"].released.key)).sum())
     assert df["n clean"].tolist() == [N_STRIP, N_STRIP, min(N_STRIP, n_source), N_STRIP]
     k = data.test.num_classes
     assert df[["entropy clean (mean)", "entropy triggered (mean)"]].stack().between(0, math.log(k) + 1e-9).all()
@@ -196,7 +192,7 @@ def test_strip_sets_follow_the_evaluation_sets(runs, data):
         assert triggered.shape == clean.images.shape and triggered.dtype == torch.uint8
         assert not torch.equal(triggered, clean.images)
         if m == "ubw-c":
-            assert (clean.labels == SOURCE_CLASS).all()
+            assert source_class(key) == 0 and (clean.labels == 0).all()
         elif key.target is not None:
             assert (clean.labels != key.target).all()
         again = strip_sets(data.train, data.test, key, m, n=N_STRIP, seed=0)

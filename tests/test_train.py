@@ -59,10 +59,10 @@ def tiny_cnn(in_channels: int = 1, num_classes: int = 4, seed: int = 0) -> nn.Mo
     return build_model("smallcnn", num_classes, in_channels, width=0.25, seed=seed)
 
 
-def run(model, ds, **cfg):
+def run(model, ds, on_epoch=None, **cfg):
     kw = dict(epochs=2, batch_size=16, lr=0.05, milestones=(), flip=False)
     kw.update(cfg)
-    return train(model, ds, TrainConfig(**kw), device="cpu", progress=False)
+    return train(model, ds, TrainConfig(**kw), device="cpu", progress=False, on_epoch=on_epoch)
 
 
 def assert_same_state(a: nn.Module, b: nn.Module) -> None:
@@ -229,6 +229,60 @@ def test_loss_and_accuracy_are_means_over_the_samples_seen(drop_last):
     h = res.history
     assert (h["train_acc"] == 1.0).all()
     assert h["loss"].tolist() == pytest.approx([math.log(2)] * 2, rel=1e-6)
+
+
+# --------------------------------------------------------------------------- train: the per-epoch callback
+def test_on_epoch_is_called_once_per_epoch_with_the_history_row():
+    ds, ev = random_dataset(n=40, seed=0), random_dataset(n=20, seed=1)
+    model = tiny_cnn(num_classes=3)
+    calls = []
+
+    def on_epoch(epoch, m, row):
+        calls.append((epoch, m, row, {k: v.detach().clone() for k, v in m.state_dict().items()}))
+        row["loss"] = -1.0  # a copy: the history keeps its own row
+
+    res = train(model, ds, TrainConfig(epochs=3, batch_size=16, precision="fp32"), device="cpu", eval_set=ev,
+                progress=False, on_epoch=on_epoch)
+    assert [c[0] for c in calls] == [1, 2, 3]
+    assert all(c[1] is res.model for c in calls)
+    rows = res.history.to_dict("records")
+    for (_, _, row, _), hist_row in zip(calls, rows):
+        assert set(row) == set(BASE_COLS + ["eval_acc"])
+        assert {k: v for k, v in row.items() if k != "loss"} == {k: v for k, v in hist_row.items() if k != "loss"}
+    assert (res.history["loss"] > 0).all()
+    # the model the last callback saw is the trained model
+    assert all(torch.equal(calls[-1][3][k], v) for k, v in res.model.state_dict().items())
+
+
+def test_on_epoch_that_evaluates_does_not_change_the_training():
+    ds = random_dataset(n=48, shape=(3, 8, 8), k=3)
+    cfg = TrainConfig(epochs=2, batch_size=16, crop_padding=1, precision="fp32", seed=5)
+    plain = train(build_model("smallcnn", 3, 3, width=0.25, seed=3), ds, cfg, device="cpu", progress=False)
+    accs = []
+    watched = train(build_model("smallcnn", 3, 3, width=0.25, seed=3), ds, cfg, device="cpu", progress=False,
+                    on_epoch=lambda e, m, row: accs.append(accuracy(m, ds, precision="fp32")))  # puts m in eval mode
+    assert len(accs) == 2
+    assert_same_state(plain.model, watched.model)
+    pd.testing.assert_frame_equal(plain.history.drop(columns="seconds"), watched.history.drop(columns="seconds"))
+
+
+def test_on_epoch_bad_callbacks_are_refused_before_training():
+    ds = random_dataset(n=20)
+    rows = []
+    run(tiny_cnn(num_classes=3), ds, epochs=1, on_epoch=lambda *args: rows.append(args[2]))  # *args: all three
+    assert [r["epoch"] for r in rows] == [1]
+    with pytest.raises(TypeError, match="on_epoch"):
+        run(tiny_cnn(num_classes=3), ds, epochs=1, on_epoch=lambda: None)
+    with pytest.raises(TypeError, match=r"\(epoch, model, row\)"):  # the form before the row was passed
+        run(tiny_cnn(num_classes=3), ds, epochs=1, on_epoch=lambda epoch, model: None)
+    with pytest.raises(TypeError, match="on_epoch"):
+        run(tiny_cnn(num_classes=3), ds, epochs=1, on_epoch=3)
+
+
+def test_zero_epochs_never_call_on_epoch():
+    calls = []
+    run(tiny_cnn(num_classes=3), random_dataset(n=20), epochs=0, on_epoch=lambda *a: calls.append(a))
+    assert calls == []
 
 
 # --------------------------------------------------------------------------- train: reproducibility

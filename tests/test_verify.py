@@ -13,6 +13,7 @@ import json
 import math
 import re
 import statistics
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -39,7 +40,7 @@ from ubwlib.verify import (
     verify_labels,
     verify_scenarios,
 )
-from ubwlib.watermarks import WatermarkKey, get_watermark, trigger
+from ubwlib.watermarks import REGISTRY, Watermark, WatermarkKey, get_watermark, trigger
 from ubwlib.watermarks.patch import resized_square, square_trigger
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
@@ -459,6 +460,32 @@ def test_independent_key_seed_rules(ubwp_key):
     unknown = WatermarkKey("mystery", {}, {"code": torch.zeros(3)}, SHAPE, CLASSES, "blobs", 0)
     with pytest.raises(NotImplementedError, match="mystery"):
         independent_key(unknown)
+
+
+def test_independent_key_asks_the_watermark(monkeypatch, ubwp_key):
+    """independent_key knows no trigger: it is REGISTRY[key.method].redraw(key, seed)."""
+    calls = []
+
+    class Toy(Watermark):
+        name = "toy"
+
+        @classmethod
+        def redraw(cls, key, seed):
+            calls.append((key, seed))
+            return replace(key, seed=seed)
+
+    class Mute(Watermark):  # registered, but without a trigger to redraw
+        name = "mute"
+
+    monkeypatch.setitem(REGISTRY, "toy", Toy)
+    monkeypatch.setitem(REGISTRY, "mute", Mute)
+    toy = WatermarkKey("toy", {}, {"code": torch.zeros(3)}, SHAPE, CLASSES, "blobs", 4)
+    assert independent_key(toy).seed == 5 and calls == [(toy, 5)]
+    assert independent_key(toy, 9).seed == 9 and calls[-1] == (toy, 9)
+    with pytest.raises(NotImplementedError, match=r"Mute\.redraw"):
+        independent_key(replace(toy, method="mute"))
+    other = independent_key(ubwp_key, 7)
+    assert torch.equal(other.tensors["pattern"], REGISTRY["ubw-p"].redraw(ubwp_key, 7).tensors["pattern"])
 
 
 def test_independent_key_always_differs_even_for_a_one_pixel_trigger():

@@ -18,8 +18,10 @@ import torch
 from torch import nn
 
 from ubwlib.data import ImageDataset
+from ubwlib.verify import independent_key
 from ubwlib.watermarks import (
     REGISTRY,
+    Watermark,
     WatermarkedDataset,
     WatermarkKey,
     evaluate,
@@ -28,6 +30,8 @@ from ubwlib.watermarks import (
     trigger,
 )
 from ubwlib.watermarks.base import dataset_fingerprint
+from ubwlib.watermarks.patch import resized_square, square_trigger
+from ubwlib.watermarks.wanet import warp_field
 
 K = 10
 CLASSES = tuple(f"c{i}" for i in range(K))
@@ -351,6 +355,10 @@ def test_watermarked_dataset_round_trip(name, ds28, tmp_path):
     assert torch.equal(loaded.noise_indices, released.noise_indices)
     assert torch.equal(loaded.modified, released.modified)
     assert_same_key(loaded.key, released.key)
+    # the release is public, the key the owner's secret; neither leaves a temporary file behind
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "released.pt.key").stat().st_mode & 0o777 == 0o600
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["released.pt", "released.pt.key"]
 
 
 def test_load_rejects_files_that_are_not_keys(ds28, tmp_path):
@@ -760,6 +768,124 @@ def test_evaluate_rejects_key_of_another_dataset(scripted_test_set):
     key5 = get_watermark("badnets").watermark(make_dataset(30, (1, 28, 28), num_classes=5), seed=0).key
     with pytest.raises(ValueError, match="classes"):
         evaluate(ScriptedModel(), scripted_test_set, key5)
+
+
+# --------------------------------------------------------------------------------------------
+# redraw: another trigger of the same kind (the Independent-T trigger)
+# --------------------------------------------------------------------------------------------
+
+REDRAW_KINDS = ["badnets", "blended", "ubw-p", "blended-noise", "wanet", "ubw-c", "sleeper-agent",
+                "label-consistent"]
+CHANGED = {"wanet": "grid", "ubw-c": "patch", "sleeper-agent": "patch"}  # else "pattern"
+
+
+def redraw_key(kind: str, ds: ImageDataset) -> WatermarkKey:
+    """A key of each kind; the crafted (clean-label) ones are written by hand with the watermark's trigger."""
+    shape = ds.image_shape
+    if kind == "blended-noise":
+        return get_watermark("blended", pattern="noise").watermark(ds, seed=3).key
+    if kind == "ubw-c":
+        return WatermarkKey("ubw-c", {"patch_size": 8}, {"patch": resized_square(shape[0], 8)}, shape, ds.classes,
+                            ds.name, 3)
+    if kind == "sleeper-agent":
+        g = torch.Generator().manual_seed(3)
+        patch = (torch.randint(0, 2, (shape[0], 8, 8), generator=g) * 255).to(torch.uint8)
+        return WatermarkKey("sleeper-agent", {"patch_size": 8}, {"patch": patch}, shape, ds.classes, ds.name, 3, 1)
+    if kind == "label-consistent":
+        pattern, alpha = square_trigger(shape, 1.0)
+        return WatermarkKey("label-consistent", {"pattern": "square", "target": 1},
+                            {"pattern": pattern, "alpha": alpha}, shape, ds.classes, ds.name, 3, 1)
+    return get_watermark(kind).watermark(ds, seed=3).key
+
+
+def test_every_registered_watermark_redraws():
+    assert set(REDRAW_KINDS) - {"blended-noise"} == set(REGISTRY)
+    for cls in REGISTRY.values():
+        assert cls.redraw.__func__ is not Watermark.redraw.__func__, cls
+
+
+@pytest.mark.parametrize("kind", REDRAW_KINDS)
+def test_redraw_draws_another_trigger_of_the_same_kind(kind, ds):
+    key = redraw_key(kind, ds).bind_test_split(ds)
+    cls = REGISTRY[key.method]
+    new = cls.redraw(key, 11)
+    assert new.seed == 11 and new.method == key.method
+    assert new.settings == key.settings and new.settings is not key.settings
+    assert (new.target, new.dataset, new.classes, new.image_shape) == (key.target, key.dataset, key.classes,
+                                                                        key.image_shape)
+    assert (new.test_dataset, new.test_fingerprint) == (key.test_dataset, key.test_fingerprint)
+    name = CHANGED.get(kind, "pattern")
+    assert new.tensors.keys() == key.tensors.keys()
+    for t in key.tensors:  # only the trigger changes, keeping its shape and dtype
+        assert new.tensors[t].shape == key.tensors[t].shape and new.tensors[t].dtype == key.tensors[t].dtype
+        assert torch.equal(new.tensors[t], key.tensors[t]) == (t != name), t
+    assert torch.equal(key.tensors[name], redraw_key(kind, ds).tensors[name])  # the key itself is unchanged
+    again, other = cls.redraw(key, 11), cls.redraw(key, 12)
+    assert torch.equal(again.tensors[name], new.tensors[name])  # deterministic in the seed
+    assert not torch.equal(other.tensors[name], new.tensors[name])
+    same = independent_key(key, 11)  # the Independent-T key is the watermark's redraw
+    assert all(torch.equal(same.tensors[t], new.tensors[t]) for t in key.tensors) and same.seed == 11
+    x = ds.images[:8]
+    assert not torch.equal(trigger(x, new, seed=0), trigger(x, key, seed=0))
+
+
+def test_redraw_streams_are_pinned(ds28):
+    """What each redraw draws from seed 11, written out (these keys are the Independent-T triggers of the
+    verification chapter's cached results, so the streams must not move)."""
+    g = lambda seed: torch.Generator().manual_seed(seed)  # noqa: E731
+    corner = corner_mask((1, 28, 28))
+    key = redraw_key("badnets", ds28)
+    bits = (torch.randint(0, 2, (1, 28, 28), generator=g(11)) * 255).to(torch.uint8)
+    expected = torch.where(corner, bits, key.tensors["pattern"])
+    assert torch.equal(REGISTRY["badnets"].redraw(key, 11).tensors["pattern"], expected)
+    key = redraw_key("blended-noise", ds28)
+    noise = torch.randint(0, 256, (1, 28, 28), dtype=torch.uint8, generator=g(11 + 7919))
+    assert torch.equal(REGISTRY["blended"].redraw(key, 11).tensors["pattern"], noise)
+    key = redraw_key("wanet", ds28)
+    assert torch.equal(REGISTRY["wanet"].redraw(key, 11).tensors["grid"], warp_field(28, 28, 4, 0.5, 1.0, g(11)))
+    key = redraw_key("ubw-c", ds28)
+    square = torch.randint(0, 2, (1, 1, 3, 3), generator=g(11)).float() * 255
+    resized = torch.nn.functional.interpolate(square, size=(8, 8), mode="bilinear", align_corners=False)
+    assert torch.equal(REGISTRY["ubw-c"].redraw(key, 11).tensors["patch"],
+                       resized[0].round().clamp(0, 255).to(torch.uint8))
+
+
+def test_redraw_never_returns_the_original_trigger():
+    shape = (1, 6, 6)
+    pattern, alpha = torch.zeros(shape, dtype=torch.uint8), torch.zeros(shape)
+    alpha[0, -1, -1] = 1.0  # a one-pixel trigger: a fair coin would repeat it half of the time
+    key = WatermarkKey("badnets", {"pattern": "square"}, {"pattern": pattern, "alpha": alpha}, shape, CLASSES, "x",
+                       0, 1)
+    for seed in range(1, 21):
+        assert REGISTRY["badnets"].redraw(key, seed).tensors["pattern"][0, -1, -1] == 255
+
+
+def test_redraw_errors(ds28):
+    wanet, badnets = redraw_key("wanet", ds28), redraw_key("badnets", ds28)
+    BadNets = REGISTRY["badnets"]
+    with pytest.raises(ValueError, match="differ"):
+        BadNets.redraw(badnets, badnets.seed)
+    with pytest.raises(TypeError, match="seed"):
+        BadNets.redraw(badnets, True)
+    with pytest.raises(TypeError, match="seed"):
+        BadNets.redraw(badnets, 1.5)
+    assert BadNets.redraw(badnets, np.int64(4)).seed == 4
+    with pytest.raises(ValueError, match="'badnets' keys"):
+        BadNets.redraw(wanet, 4)
+    with pytest.raises(TypeError, match="WatermarkKey"):
+        BadNets.redraw("key", 4)
+    lacking = WatermarkKey("badnets", {}, {"pattern": badnets.tensors["pattern"]}, (1, 28, 28), CLASSES, "x", 0, 1)
+    with pytest.raises(ValueError, match="lacks the trigger tensor alpha"):
+        BadNets.redraw(lacking, 4)
+    no_k = WatermarkKey("wanet", {"s": 0.5}, dict(wanet.tensors), (1, 28, 28), CLASSES, "x", 0, 1)
+    with pytest.raises(NotImplementedError, match="'k'"):
+        REGISTRY["wanet"].redraw(no_k, 4)
+
+    class Plain(Watermark):  # a watermark that does not override redraw
+        name = "plain"
+
+    with pytest.raises(NotImplementedError, match=r"Plain\.redraw"):
+        Plain.redraw(badnets, 4)
 
 
 # --------------------------------------------------------------------------------------------

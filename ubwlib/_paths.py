@@ -19,5 +19,5 @@ def cache_root() -> Path:
 
 
 def data_cache_dir() -> Path:
-    """Folder for derived copies of datasets (decompressed IDX files, decoded image folders, downloads)."""
+    """Folder for derived copies of datasets (decoded tensors of the sources, downloads)."""
     return cache_root() / "data"

@@ -117,11 +117,11 @@ def _watermark_settings(method: str, args: argparse.Namespace, splits) -> dict:
             raise ValueError(f"{method} is untargeted and takes no --target")
         settings["target"] = args.target
     if REGISTRY[method].label_type == "clean":
-        from .experiments.clean_label import clean_label_settings
         from .experiments.profiles import get_profile
+        from .experiments.runs import method_settings
 
-        extra = clean_label_settings(get_profile(args.profile), method)
-        if "source" in extra:
+        extra = method_settings(get_profile(args.profile), method)
+        if "source" in {f.name for f in dataclasses.fields(REGISTRY[method].Settings)}:
             extra["source"] = args.source
         if args.surrogate and "crafting" in extra:  # retrainings use the given surrogate's architecture
             extra["crafting"] = dataclasses.replace(extra["crafting"], model=args.arch, width=args.width)
@@ -135,7 +135,11 @@ def _surrogate(method: str, args: argparse.Namespace, splits) -> dict:
     """``{"surrogate": model}`` for a gradient-matching method given ``--surrogate WEIGHTS --arch``, else {}."""
     if not args.surrogate:
         return {}
-    if method not in ("ubw-c", "sleeper-agent"):
+    import dataclasses
+
+    from .watermarks import REGISTRY
+
+    if "crafting" not in {f.name for f in dataclasses.fields(REGISTRY[method].Settings)}:  # gradient matching
         raise ValueError(f"{method} takes no surrogate (--surrogate is for ubw-c and sleeper-agent)")
     if not args.arch:
         raise ValueError("--surrogate needs --arch (and --width) to build the model")

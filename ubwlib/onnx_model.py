@@ -18,14 +18,13 @@ Needs the ``owner`` extra (``onnx``, ``onnxruntime``, ``onnxscript``), imported 
 
 from __future__ import annotations
 
-import contextlib
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 import torch
+
+from .cache import atomic_path
 
 __all__ = ["INPUT_NAME", "OUTPUT_NAME", "OUTPUTS", "export_onnx", "OnnxPredictor", "onnx_predictor"]
 
@@ -63,8 +62,8 @@ def export_onnx(model: torch.nn.Module, image_shape: Sequence[int], path: str | 
     image_shape`` and a dynamic batch axis ``N``, and returns the model's output ``"logits"`` (``N x K``). The
     model is traced in eval mode (``torch.onnx.export(..., dynamo=True)``, weights inside the file) and put back
     in the mode it was in. ``check``: run the file with onnxruntime on two random images and compare with the
-    model (``RuntimeError`` if they differ by more than ``1e-4``). The file is written to a temporary sibling
-    and renamed (an existing ``path`` is replaced).
+    model (``RuntimeError`` if they differ by more than ``1e-4``). The file is written with
+    :func:`ubwlib.cache.atomic_path` (a temporary sibling, renamed; an existing ``path`` is replaced).
     """
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
@@ -75,35 +74,29 @@ def export_onnx(model: torch.nn.Module, image_shape: Sequence[int], path: str | 
     device = param.device if param is not None else torch.device("cpu")
     sample = torch.rand((2, *shape), generator=torch.Generator().manual_seed(0)).to(device)
     was_training = model.training
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
     try:
-        model.eval()
-        try:
-            with torch.no_grad():
-                torch.onnx.export(
-                    model, (sample,), str(tmp), dynamo=True, external_data=False, verbose=False,
-                    input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset_version,
-                    dynamic_shapes=({0: torch.export.Dim("batch")},),
-                )
-        except ImportError as exc:
-            raise ImportError(f"exporting to ONNX needs onnx and onnxscript ({exc}); {_INSTALL_HINT}") from exc
-        if check:
-            with torch.no_grad():
-                expected = model(sample).float().cpu().numpy()
-            got = _session(tmp).run(None, {INPUT_NAME: sample.cpu().numpy()})[0]
-            if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
-                diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("nan")
-                raise RuntimeError(
-                    f"the exported ONNX model disagrees with {type(model).__name__} (outputs {got.shape} vs "
-                    f"{expected.shape}, max difference {diff:.3g}); export with check=False to keep it anyway")
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            model.eval()
+            try:
+                with torch.no_grad():
+                    torch.onnx.export(
+                        model, (sample,), str(tmp), dynamo=True, external_data=False, verbose=False,
+                        input_names=[INPUT_NAME], output_names=[OUTPUT_NAME], opset_version=opset_version,
+                        dynamic_shapes=({0: torch.export.Dim("batch")},),
+                    )
+            except ImportError as exc:
+                raise ImportError(f"exporting to ONNX needs onnx and onnxscript ({exc}); {_INSTALL_HINT}") from exc
+            if check:
+                with torch.no_grad():
+                    expected = model(sample).float().cpu().numpy()
+                got = _session(tmp).run(None, {INPUT_NAME: sample.cpu().numpy()})[0]
+                if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4, rtol=1e-4):
+                    diff = float(np.abs(got - expected).max()) if got.shape == expected.shape else float("nan")
+                    raise RuntimeError(
+                        f"the exported ONNX model disagrees with {type(model).__name__} (outputs {got.shape} vs "
+                        f"{expected.shape}, max difference {diff:.3g}); export with check=False to keep it anyway")
     finally:
         model.train(was_training)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
     return path
 
 

@@ -53,7 +53,6 @@ import secrets
 import shutil
 import struct
 import sys
-import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -66,6 +65,7 @@ from PIL import Image
 from ._progress import progress_bar
 
 from . import data as _data
+from .cache import atomic_path
 from .data import DatasetSplits, ImageDataset, load_dataset
 from .watermarks import WatermarkedDataset, WatermarkKey
 
@@ -207,32 +207,17 @@ def _copy_file(src: str | Path, dst: str | Path, stamp: int | None = None) -> No
 
 
 def _write_new_file(path: Path, write: Callable[[Path], Any]) -> None:
-    """Create ``path`` with ``write(tmp)`` then a hard link, so an existing file is never replaced (falls back
-    to a checked ``os.replace`` where the file system has no hard links)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
+    """Create the private file ``path`` (mode ``0o600``) with ``write(tmp)``; never replaces an existing file
+    (:func:`ubwlib.cache.atomic_path` with ``overwrite=False``: FileExistsError, also for one created
+    meanwhile)."""
+    with atomic_path(path, overwrite=False, mode=0o600) as tmp:
         write(tmp)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            raise FileExistsError(f"{path} exists (created meanwhile); it was not overwritten") from None
-        except OSError:  # no hard links here: check, then rename
-            if path.exists():
-                raise FileExistsError(f"{path} exists (created meanwhile); it was not overwritten") from None
-            os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
 
 
 def _write_private_json(obj: Any, tmp: Path) -> None:
     with open(tmp, "w", encoding="utf-8") as fh:
         json.dump(obj, fh, indent=1, ensure_ascii=False)
         fh.write("\n")
-    os.chmod(tmp, 0o600)
 
 
 def _map(fn: Callable[[Any], Any], items: list, workers: int, progress: bool, desc: str) -> None:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import math
 import os
 import time
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Callable, Iterator, NamedTuple
+from typing import Any, Callable, Iterator, NamedTuple
 
 import pandas as pd
 import torch
@@ -34,7 +35,9 @@ from .data import ImageDataset
 __all__ = [
     "TrainConfig",
     "TrainResult",
+    "EpochCallback",
     "train",
+    "prepare_model",
     "predict_proba",
     "predict",
     "accuracy",
@@ -160,6 +163,15 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def prepare_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
+    """Move ``model`` to ``device`` and, for ``precision == "bf16"``, to channels-last memory format (in place;
+    returns it): how :func:`train` places a model before its first step."""
+    model = model.to(device)
+    if precision == "bf16":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
 def to_model_input(images: torch.Tensor, precision: str) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] (float input is taken as already scaled), channels-last for bf16."""
     x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
@@ -220,6 +232,27 @@ def _batches(n: int, batch_size: int, drop_last: bool, generator: torch.Generato
         yield perm[start : start + batch_size]
 
 
+#: ``on_epoch(epoch, model, row)`` of :func:`train`.
+EpochCallback = Callable[[int, nn.Module, dict[str, Any]], None]
+
+
+def _epoch_callback(on_epoch: Callable[..., None] | None) -> EpochCallback | None:
+    """``on_epoch``, checked before any training: a callable that accepts ``(epoch, model, row)``."""
+    if on_epoch is None:
+        return None
+    if not callable(on_epoch):
+        raise TypeError(f"on_epoch must be a callable (epoch, model, row) -> None, got {type(on_epoch).__name__}")
+    try:
+        sig = inspect.signature(on_epoch)
+    except (TypeError, ValueError):  # a builtin without a signature: nothing to check
+        return on_epoch
+    try:
+        sig.bind(0, None, {})
+    except TypeError:
+        raise TypeError(f"on_epoch must accept (epoch, model, row); its signature is {sig}") from None
+    return on_epoch
+
+
 def train(
     model: nn.Module,
     dataset: ImageDataset,
@@ -229,14 +262,19 @@ def train(
     eval_set: ImageDataset | None = None,
     progress: bool = True,
     desc: str = "train",
-    on_epoch: Callable[[int, nn.Module], None] | None = None,
+    on_epoch: EpochCallback | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``dataset`` with ``config``; returns ``(model, history)``.
 
-    ``on_epoch(epoch, model)`` is called after each epoch (1-based), e.g. to keep snapshots along the way.
-
     ``history`` has one row per epoch: ``epoch, lr, loss, train_acc, seconds`` (+ ``eval_acc`` when an
-    ``eval_set`` is given). The model is trained in place, moved to ``device`` and left in eval mode.
+    ``eval_set`` is given). The model is trained in place (from its current weights, so a trained model is
+    fine-tuned), moved to ``device`` (channels-last for bf16, :func:`prepare_model`) and left in eval mode.
+
+    ``on_epoch(epoch, model, row)``, when given, is called after each epoch with the epoch number (1, 2, ...,
+    ``config.epochs``), the model (the next epoch puts it back in training mode, so the callback may switch it
+    to eval mode) and a copy of that epoch's history row (a dict of the columns above), e.g. to evaluate
+    or keep snapshots along the way. Its time is not counted in ``seconds``.
+
     Seeded: the data order and augmentation come from generators seeded with ``config.seed``; build the model
     with ``ubwlib.models.build_model(..., seed=...)`` for reproducible initial weights. The same seed gives
     the same weights on the same CPU.
@@ -245,11 +283,10 @@ def train(
         raise TypeError(f"dataset must be an ubwlib.data.ImageDataset, got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError("cannot train on an empty dataset")
+    callback = _epoch_callback(on_epoch)
     dev = resolve_device(device)
     precision = resolve_precision(config.precision, dev)
-    model = model.to(dev)
-    if precision == "bf16":
-        model = model.to(memory_format=torch.channels_last)
+    model = prepare_model(model, dev, precision)
     images = dataset.images.to(dev)
     labels = dataset.labels.to(dev)
     n = len(dataset)
@@ -305,8 +342,8 @@ def train(
             row["eval_acc"] = accuracy(model, eval_set, device=dev, precision=precision)
         rows.append(row)
         bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
-        if on_epoch is not None:
-            on_epoch(epoch + 1, model)
+        if callback is not None:
+            callback(epoch + 1, model, dict(row))
     bar.close()
     model.eval()
     cols = ["epoch", "lr", "loss", "train_acc", "seconds"] + (["eval_acc"] if eval_set is not None else [])

@@ -31,20 +31,17 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from scipy import stats
 
 from .data import ImageDataset
 from .train import predict_proba as _model_predict_proba
-from .watermarks import WatermarkKey, trigger
+from .watermarks import REGISTRY, WatermarkKey, trigger
 from .watermarks.base import _short_names, dataset_fingerprint
-from .watermarks.patch import noise_trigger
-from .watermarks.wanet import warp_field
 
 __all__ = [
     "SCENARIOS",
@@ -720,105 +717,32 @@ def verify_scenarios(
 
 
 # --------------------------------------------------------------------------- Independent-T: another trigger
-_MAX_DRAWS = 1000
-
-
-def _redraw(draw: Callable[[torch.Generator], torch.Tensor], original: torch.Tensor, gen: torch.Generator,
-            what: str) -> torch.Tensor:
-    for _ in range(_MAX_DRAWS):
-        new = draw(gen)
-        if not torch.equal(new, original):
-            return new
-    raise ValueError(f"could not draw a {what} different from the key's own in {_MAX_DRAWS} tries")
-
-
-def _binary_like(original: torch.Tensor, region: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """A random {0, 255} uint8 pattern on ``region`` (the original elsewhere), the same in every channel when the
-    original is."""
-    shared = bool((original == original[:1]).all()) and bool((region == region[:1]).all())
-
-    def draw(g: torch.Generator) -> torch.Tensor:
-        shape = (1, *original.shape[1:]) if shared else tuple(original.shape)
-        bits = (torch.randint(0, 2, shape, generator=g) * 255).to(torch.uint8).expand_as(original)
-        return torch.where(region, bits, original).contiguous()
-
-    return _redraw(draw, original, gen, "binary pattern")
-
-
-def _resized_binary_like(original: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """UBW-C's kind of patch: a random 3x3 binary square resized (bilinear) to the patch's size."""
-    c, p, q = original.shape
-
-    def draw(g: torch.Generator) -> torch.Tensor:
-        grid = torch.randint(0, 2, (1, 1, 3, 3), generator=g).float() * 255
-        sq = F.interpolate(grid, size=(p, q), mode="bilinear", align_corners=False)
-        return sq[0].round().clamp(0, 255).to(torch.uint8).expand(c, p, q).contiguous()
-
-    return _redraw(draw, original, gen, "resized binary patch")
-
-
 def independent_key(key: WatermarkKey, seed: int | None = None) -> WatermarkKey:
-    """Another trigger of the same kind, for the Independent-T scenario.
+    """Another trigger of the same kind, for the Independent-T scenario: the watermark redraws it.
 
-    Same method, settings, target, dataset, classes and image shape; the trigger material is replaced by a fresh
-    random one of the same shape, dtype and value range, drawn from ``seed`` (default ``key.seed + 1``; it must
-    differ from ``key.seed``), and always different from the key's own:
+    ``REGISTRY[key.method].redraw(key, seed)`` (:meth:`ubwlib.watermarks.Watermark.redraw`): same method,
+    settings, target, dataset, classes and image shape; the trigger material is replaced by a fresh random one
+    of the same shape, dtype and value range, drawn from ``seed`` (default ``key.seed + 1``; it must differ from
+    ``key.seed``), and always different from the key's own:
 
     - ``pattern``/``alpha`` keys (BadNets, Blended, UBW-P, Label-Consistent): a random binary (0/255) pattern on
       the pixels the trigger covers (``alpha > 0``), the blend weights kept; a ``pattern="noise"`` key gets new
-      uniform noise;
+      uniform noise (:func:`ubwlib.watermarks.patch.redraw_pattern`);
     - ``patch`` keys (Sleeper Agent, UBW-C): a random binary patch of the same size; a non-binary patch (UBW-C's
-      resized square) gets a random 3x3 binary square resized the same way;
+      resized square) gets a random 3x3 binary square resized the same way
+      (:func:`ubwlib.watermarks.patch.redraw_patch`);
     - ``grid`` keys (WaNet): a new warping field from :func:`ubwlib.watermarks.warp_field` with the key's
       ``k``, ``s`` and ``grid_rescale``.
 
-    Other keys raise ``NotImplementedError``.
+    Keys of a method that is not registered, or whose watermark cannot redraw its trigger, raise
+    ``NotImplementedError``.
     """
     if not isinstance(key, WatermarkKey):
         raise TypeError(f"key must be an ubwlib.watermarks.WatermarkKey, got {type(key).__name__}")
     if seed is None:
         seed = int(key.seed) + 1
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(f"seed must be an int, got {seed!r}")
-    seed = int(seed)
-    if seed == key.seed:
-        raise ValueError(f"seed must differ from the key's own seed ({key.seed}) to give an independent trigger")
-    gen = torch.Generator().manual_seed(seed)
-    tensors = dict(key.tensors)
-    t = key.tensors
-    if "pattern" in t and "alpha" in t:
-        pattern, alpha = t["pattern"].cpu(), t["alpha"].cpu()
-        if key.settings.get("pattern") == "noise":
-            new, _ = noise_trigger(tuple(pattern.shape), 1.0, seed + 7919)  # what the watermark draws from seed
-            if torch.equal(new, pattern):
-                new = _redraw(lambda g: torch.randint(0, 256, pattern.shape, dtype=torch.uint8, generator=g),
-                              pattern, gen, "noise pattern")
-        else:
-            new = _binary_like(pattern, (alpha > 0).expand_as(pattern), gen)
-        tensors["pattern"] = new.to(pattern.dtype)
-    elif "patch" in t:
-        patch = t["patch"].cpu()
-        if bool(((patch == 0) | (patch == 255)).all()):
-            new = _binary_like(patch, torch.ones_like(patch, dtype=torch.bool), gen)
-        else:
-            new = _resized_binary_like(patch, gen)
-        tensors["patch"] = new.to(patch.dtype)
-    elif "grid" in t:
-        grid = t["grid"].cpu()
-        s = key.settings
-        try:
-            k, strength, rescale = int(s["k"]), float(s["s"]), float(s.get("grid_rescale", 1.0))
-        except KeyError as exc:
-            raise NotImplementedError(f"the {key.method} key's settings lack {exc}; cannot draw another warping "
-                                      "field") from None
-        _, h, w = key.image_shape
-
-        def draw(g: torch.Generator) -> torch.Tensor:
-            return warp_field(h, w, k, strength, rescale, g).to(grid.dtype)
-
-        tensors["grid"] = _redraw(draw, grid, gen, "warping field")
-    else:
-        raise NotImplementedError(
-            f"independent_key does not know how to draw another trigger for {key.method!r} keys (tensors: "
-            f"{sorted(t)}); it supports pattern/alpha, patch and grid keys")
-    return replace(key, tensors=tensors, seed=seed, settings=dict(key.settings))
+    watermark = REGISTRY.get(key.method)
+    if watermark is None:
+        raise NotImplementedError(f"independent_key cannot draw another trigger for {key.method!r} keys: no "
+                                  f"watermark of that name is registered (known: {', '.join(REGISTRY)})")
+    return watermark.redraw(key, seed)

@@ -6,6 +6,7 @@ call ``train``, which calls ``models`` and ``data``.
 
 from .core import VERSIONS, TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model
 from .profiles import PROFILES, Profile, get_profile, profile_names
+from .runs import Run, release, run
 
 __all__ = [
     "PROFILES",
@@ -19,4 +20,7 @@ __all__ = [
     "fingerprint",
     "load_data",
     "trained_model",
+    "release",
+    "run",
+    "Run",
 ]

@@ -4,8 +4,8 @@
 - Figure 5: D_p and ASR of UBW-C against lambda, the weight of the entropy term of Eq. 6 (:func:`lambda_sweep`);
 - the paper's claims about both, checked on the measured curves (:func:`ablation_claims`).
 
-Every point is an ordinary run, the same as :func:`~ubwlib.experiments.watermarking.watermark_run` (UBW-P) or
-:func:`~ubwlib.experiments.clean_label.clean_label_run` (UBW-C) with the setting changed, and shares their cache
+Every point is an ordinary run, the same as :func:`~ubwlib.experiments.runs.run` with the setting changed, and
+shares its cache
 entries (release, trained model); its evaluation row is cached too (keyed by the model's cache key, the trigger
 and the test set), so a warm rebuild only reads the cache. The grids depend on the profile
 (``profile.grid``, an :class:`~ubwlib.experiments.profiles.AblationGrid`): each UBW-C point crafts its own gradient-matching poisons, minutes on the default profile, so the
@@ -26,11 +26,10 @@ import pandas as pd
 
 from ..cache import Cache
 from ..watermarks import UBWCSettings, WatermarkKey
-from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_release, victim_seed
-from .core import TrainedModel, benign_model, cached_evaluation, load_data, trained_model
+from .core import TrainedModel, benign_model, cached_evaluation, load_data
 from .paper import METHOD_LABELS
 from .profiles import AblationGrid, Profile
-from .watermarking import watermarked_dataset
+from .runs import release, run, source_class
 
 __all__ = [
     "METRICS",
@@ -42,7 +41,6 @@ __all__ = [
     "ablation_claims",
     "TABLE1_GAMMA",
     "TABLE1_LAMBDA",
-    "SOURCE_METHODS",
 ]
 
 #: The UBW-C settings of Table 1 (the lambda sweep runs at this gamma, the gamma sweep at this lambda).
@@ -61,8 +59,6 @@ def with_grid(profile: Profile, gammas=None, lambdas=None) -> Profile:
 
 #: Columns of a sweep row taken from the evaluation (rates as fractions).
 METRICS = ("BA", "ASR-A", "ASR-C", "D_p", "D_s (triggered)")
-#: Methods evaluated on their source class (as ``clean_label_run``'s ``source_row``).
-SOURCE_METHODS = ("sleeper-agent", "ubw-c")
 
 
 def _floats(values, what: str) -> tuple[float, ...]:
@@ -108,19 +104,11 @@ def _evaluation(trained: TrainedModel, key: WatermarkKey, source_class: int | No
 
 
 def _point(profile: Profile, method: str, seed: int | None, cache: Cache | None, progress: bool, **settings) -> dict:
-    """One run: ``watermark_run`` / ``clean_label_run`` with ``settings`` (same releases, same trained models,
-    same cache entries), evaluated on the source class for :data:`SOURCE_METHODS`, else as their ``row``."""
-    seed = profile.seed if seed is None else seed
-    model_seed = seed
-    if method in CLEAN_LABEL_METHODS:
-        released = clean_label_release(profile, method, seed, cache, progress, **settings)
-        model_seed = victim_seed(seed)
-    else:
-        released = watermarked_dataset(profile, method, seed, **settings)
-    trained = trained_model(profile, released.dataset, seed=model_seed, cache=cache, progress=progress, desc=method)
-    src = SOURCE_CLASS if method in SOURCE_METHODS else None
-    r = _evaluation(trained, released.key, src, seed, profile, cache)
-    return {"poisons": len(released.indices), **{k: float(r[k]) for k in METRICS}, "eval set": r["eval set"],
+    """One :func:`~ubwlib.experiments.runs.run` with ``settings`` (same releases, same trained models, same cache
+    entries), evaluated on the source class where the watermark has one (``source_row``), else as its ``row``."""
+    point = run(profile, method, seed, cache, progress, **settings)
+    r = point.row if point.source_row is None else point.source_row
+    return {"poisons": len(point.released.indices), **{k: float(r[k]) for k in METRICS}, "eval set": r["eval set"],
             "n eval": int(r["n eval"])}
 
 
@@ -131,7 +119,7 @@ def gamma_sweep(profile: Profile, methods=("ubw-p", "ubw-c"), gammas=None, seed:
     ``gammas``: None (the profile's grid, :func:`ablation_grid`), one sequence for every method, or a mapping
     {method: gammas}. Rows (method, Method, gamma, poisons, BA, ASR-A, ASR-C, D_p, D_s (triggered), eval set,
     n eval), rates as fractions; ``poisons`` is the number of poisoned training samples, round(gamma * N).
-    Each point is ``watermark_run`` (poisoned-label methods) or ``clean_label_run`` (clean-label methods) with
+    Each point is :func:`~ubwlib.experiments.runs.run` with
     ``poisoning_rate=gamma``, evaluated as their ``row``, or as ``source_row`` for UBW-C and Sleeper Agent (the
     source class)."""
     methods = tuple(methods)
@@ -177,11 +165,8 @@ def benign_baseline(profile: Profile, methods=("ubw-p", "ubw-c"), seed: int | No
     benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
     rows = []
     for m in methods:
-        if m in CLEAN_LABEL_METHODS:
-            key = clean_label_release(profile, m, seed, cache, progress).key
-        else:
-            key = watermarked_dataset(profile, m, seed).key
-        r = _evaluation(benign, key, SOURCE_CLASS if m in SOURCE_METHODS else None, seed, profile, cache)
+        key = release(profile, m, seed, cache, progress).key
+        r = _evaluation(benign, key, source_class(key), seed, profile, cache)
         rows.append({"method": m, "Method": f"benign model, {METHOD_LABELS.get(m, m)} trigger",
                      **{k: float(r[k]) for k in METRICS}, "eval set": r["eval set"], "n eval": int(r["n eval"])})
     return pd.DataFrame(rows).set_index("method")

@@ -21,7 +21,7 @@ import pandas as pd
 from .paper import METHOD_LABELS
 from .profiles import Profile
 
-__all__ = ["Claim", "CLAIMS", "GATED_PROFILES", "claim_inputs", "evaluate", "claims_for", "gate"]
+__all__ = ["Claim", "CLAIMS", "GATED_PROFILES", "claim_inputs", "evaluate", "claims_for", "gate", "shown"]
 
 Tables = Mapping[str, pd.DataFrame]
 
@@ -349,3 +349,15 @@ def gate(checks: pd.DataFrame, profile: Profile | str) -> list[str]:
     for i in missed:
         print(f"MISSED: {checks.loc[i, 'claim']}: ours {checks.loc[i, 'ours']} ({checks.loc[i, 'known gap']})")
     return missed
+
+
+#: The columns of :func:`evaluate` measured on a profile; :func:`shown` names that profile in their header.
+PROFILE_COLUMNS = ("ours", "verdict", "known gap")
+
+
+def shown(checks: pd.DataFrame, profile: Profile | str,
+          columns=("claim", "paper's evidence", "ours", "verdict")) -> pd.DataFrame:
+    """``checks`` (:func:`claims_for`) as a chapter shows it: ``columns``, with the header of those measured on
+    ``profile`` naming it (``"ours"`` -> ``"ours (default)"``). The table's values are not changed."""
+    pname = profile.name if isinstance(profile, Profile) else str(profile)
+    return checks[list(columns)].rename(columns={c: f"{c} ({pname})" for c in PROFILE_COLUMNS})

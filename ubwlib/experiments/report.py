@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import pandas as pd
 
-from .clean_label import CLEAN_LABEL_METHODS
 from .paper import METHOD_LABELS
 from .profiles import Profile
-from .watermarking import method_run
+from .runs import run
 
 __all__ = ["REPORT_METHODS", "report_seeds", "seed_runs", "seed_variance"]
 
@@ -34,12 +33,12 @@ def seed_runs(profile: Profile, methods=REPORT_METHODS, seeds=None, cache=None, 
     rows = []
     for m in methods:
         for s in seeds:
-            run = method_run(profile, m, s, cache, progress)
+            r = run(profile, m, s, cache, progress)
             rows.append({"method": METHOD_LABELS.get(m, m), "seed": s, "eval set": "whole test set",
-                         **{k: run.row[k] for k in HEADLINE}})
-            if m in CLEAN_LABEL_METHODS and getattr(run, "source_row", None) is not None:
+                         **{k: r.row[k] for k in HEADLINE}})
+            if r.source_row is not None:
                 rows.append({"method": METHOD_LABELS.get(m, m), "seed": s, "eval set": "source class",
-                             **{k: run.source_row[k] for k in HEADLINE}})
+                             **{k: r.source_row[k] for k in HEADLINE}})
     return pd.DataFrame(rows)
 
 

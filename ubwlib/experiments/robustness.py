@@ -1,7 +1,7 @@
 """Recipes of the Defenses chapter: fine-tuning, pruning and STRIP against the watermarked models.
 
 The paper's Section 5.4.2 tests whether UBW survives what a suspect might do to a model trained on the
-protected dataset. Each recipe takes a watermark's run on the profile (:func:`~.watermarking.method_run`:
+protected dataset. Each recipe takes a watermark's run on the profile (:func:`~.runs.run`:
 released dataset, model trained from scratch on it, cached), applies one defense of :mod:`ubwlib.defenses`
 and evaluates the result with the chapter's metrics (:func:`defense_metrics`: BA, ASR-A, ASR-C, D_p, on the
 evaluation set of Table 1, the source class for UBW-C and Sleeper Agent). Every table is cached with
@@ -32,11 +32,10 @@ from ..defenses import FineTuningSettings, StripSettings, fine_tune, pruning_cur
 from ..train import predict
 from ..watermarks import WatermarkedDataset, WatermarkKey, evaluate, trigger
 from ..watermarks.evaluate import evaluation_mask
-from .clean_label import SOURCE_CLASS
 from .core import benign_model, cached_table, fingerprint, key_digest, load_data
 from .paper import METHOD_LABELS
 from .profiles import Profile
-from .watermarking import method_run, watermarked_dataset
+from .runs import release, run, source_class
 
 __all__ = [
     "DEFENSE_METHODS",
@@ -47,7 +46,6 @@ __all__ = [
     "STRIP_IMAGES",
     "METRICS",
     "VERSION",
-    "source_class_of",
     "defense_metrics",
     "benign_sample",
     "fine_tuning_curve",
@@ -81,12 +79,6 @@ VERSION = "1"
 
 
 # --------------------------------------------------------------------------- model-level helpers
-def source_class_of(method: str) -> int | None:
-    """The class whose triggered test images evaluate ``method``: :data:`SOURCE_CLASS` for the
-    source-specific watermarks (UBW-C, Sleeper Agent), else None (Table 1's evaluation set)."""
-    return SOURCE_CLASS if method in ("ubw-c", "sleeper-agent") else None
-
-
 @contextlib.contextmanager
 def _same_mode(model: nn.Module):
     """Put ``model`` back in its train/eval mode afterwards (prediction helpers switch it to eval)."""
@@ -106,12 +98,12 @@ def defense_metrics(model: nn.Module, test: ImageDataset, released: WatermarkedD
     """BA (all clean test images) and ASR-A, ASR-C, D_p (triggered evaluation set) of ``model`` for a watermark.
 
     ``method`` (default: the key's) picks the evaluation set: the source class for UBW-C and Sleeper Agent
-    (:func:`source_class_of`), the non-target classes for targeted methods, all classes otherwise. Rates are
+    (:func:`~ubwlib.experiments.runs.source_class` of the key), the non-target classes for targeted methods, all classes otherwise. Rates are
     fractions; ``seed`` goes to the trigger. The model's train/eval mode is left as it was."""
     key = _key_of(released)
     method = key.method if method is None else method
     with _same_mode(model):
-        row = evaluate(model, test, key, source_class=source_class_of(method), seed=seed)
+        row = evaluate(model, test, key, source_class=source_class(key), seed=seed)
     return {k: row[k] for k in METRICS}
 
 
@@ -160,7 +152,7 @@ def strip_sets(train: ImageDataset, test: ImageDataset, key: WatermarkKey, metho
     images with the key's trigger (uint8 tensor)."""
     method = key.method if method is None else method
     holdout = benign_sample(train, n, seed)
-    mask, _ = evaluation_mask(test, key, source_class_of(method))
+    mask, _ = evaluation_mask(test, key, source_class(key))
     pool = mask.nonzero().reshape(-1)
     if len(pool) == 0:
         raise ValueError(f"the evaluation set of {method} is empty in {test.name}")
@@ -216,16 +208,16 @@ def fine_tuning_table(profile: Profile, method: str, seed: int | None = None,
     settings = default_fine_tuning(profile, seed) if settings is None else settings
     if not isinstance(settings, FineTuningSettings):
         raise TypeError(f"settings must be a FineTuningSettings; got {type(settings).__name__}")
-    run = method_run(profile, method, seed, cache, progress)
+    wm_run = run(profile, method, seed, cache, progress)
     data = load_data(profile)
 
     def compute() -> pd.DataFrame:
-        df = fine_tuning_curve(run.trained.model, data.train, data.test, run.released, method, settings, seed,
+        df = fine_tuning_curve(wm_run.trained.model, data.train, data.test, wm_run.released, method, settings, seed,
                                progress)
         df.insert(0, "method", method)
         return df
 
-    key = {**_run_settings(profile, run, seed), "method": method, "fine-tuning": dataclasses.asdict(settings)}
+    key = {**_run_settings(profile, wm_run, seed), "method": method, "fine-tuning": dataclasses.asdict(settings)}
     return cached_table("fine-tuning", key, compute, cache)
 
 
@@ -241,19 +233,19 @@ def pruning_table(profile: Profile, method: str, rates: Sequence[float] = PRUNIN
     Cached."""
     seed = profile.seed if seed is None else seed
     rates = [float(r) for r in rates]
-    run = method_run(profile, method, seed, cache, progress)
-    trained = benign_model(profile, seed=seed, cache=cache, progress=progress) if benign else run.trained
+    wm_run = run(profile, method, seed, cache, progress)
+    trained = benign_model(profile, seed=seed, cache=cache, progress=progress) if benign else wm_run.trained
     data = load_data(profile)
 
     def compute() -> pd.DataFrame:
         images = benign_sample(data.train, n_benign, seed)
-        df = pruning_sweep(trained.model, images, data.test, run.released, method, rates, seed, PRUNING_LAYER,
+        df = pruning_sweep(trained.model, images, data.test, wm_run.released, method, rates, seed, PRUNING_LAYER,
                            progress)
         df.insert(0, "model", "benign" if benign else "watermarked")
         df.insert(0, "method", method)
         return df
 
-    key = {**_run_settings(profile, run, seed), "model": trained.key, "method": method, "rates": rates,
+    key = {**_run_settings(profile, wm_run, seed), "model": trained.key, "method": method, "rates": rates,
            "layer": PRUNING_LAYER, "n_benign": n_benign}
     return cached_table("pruning", key, compute, cache)
 
@@ -280,19 +272,18 @@ def strip_table(profile: Profile, methods: Sequence[str] = STRIP_METHODS, settin
         def compute() -> pd.DataFrame:
             row = strip_row(model, data.train, data.test, key, method, settings, n, seed)
             return pd.DataFrame([{"Method": label, "method": method, "model": model_kind,
-                                  "eval set": evaluation_mask(data.test, key, source_class_of(method))[1], **row}])
+                                  "eval set": evaluation_mask(data.test, key, source_class(key))[1], **row}])
 
         settings_ = {**common, "method": method, "model": model_key, "watermark": key_digest(key)}
         return cached_table("strip", settings_, compute, cache)
 
     rows = []
     for m in methods:
-        run = method_run(profile, m, seed, cache, progress)
-        rows.append(one(METHOD_LABELS.get(m, m), "watermarked", run.trained.model, run.trained.key,
-                        run.released.key, m))
+        r = run(profile, m, seed, cache, progress)
+        rows.append(one(METHOD_LABELS.get(m, m), "watermarked", r.trained.model, r.trained.key, r.released.key, m))
     if reference:
         benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
-        key = watermarked_dataset(profile, "ubw-p", seed).key
+        key = release(profile, "ubw-p", seed).key
         rows.append(one("No Attack (UBW-P trigger)", "benign", benign.model, benign.key, key, "ubw-p"))
     return pd.concat(rows, ignore_index=True).set_index("Method")
 
@@ -305,7 +296,7 @@ def benign_reference_table(profile: Profile, methods: Sequence[str] = DEFENSE_ME
     seed = profile.seed if seed is None else seed
     data = load_data(profile)
     benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
-    keys = {m: method_run(profile, m, seed, cache, progress).released.key for m in methods}
+    keys = {m: run(profile, m, seed, cache, progress).released.key for m in methods}
 
     def compute() -> pd.DataFrame:
         rows = [{"Method": METHOD_LABELS.get(m, m), "method": m,

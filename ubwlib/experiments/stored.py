@@ -34,13 +34,13 @@ from typing import Callable, Mapping, Sequence
 import pandas as pd
 
 from ..cache import settings_hash, table_from_data, table_to_data, write_text_atomic
-from .profiles import PROFILES, Profile, get_profile
+from .profiles import PROFILES, Profile
 from .provenance import REPO_ROOT, provenance
 
 __all__ = ["RESULTS_ROOT", "STORE_ENV", "READ_ENV", "CHAPTERS", "TableSpec", "TABLES", "chapter_tables",
            "table_settings", "table_hash", "chapter_table", "store_table", "Stored", "load_stored", "three_columns",
            "Comparison", "claims_where", "claim_inputs", "store_chapter", "unstored_since",
-           "record_chapter"]
+           "record_chapter", "NA_REP", "frame_html", "book_display"]
 
 #: Where stored results live: ``results/<profile>/``.
 RESULTS_ROOT = REPO_ROOT / "results"
@@ -205,18 +205,16 @@ def _spec(chapter: str, name: str) -> TableSpec:
 
 # ----------------------------------------------------------------------------------------------- settings hash
 def _method_settings(profile: Profile, method: str):
-    from .clean_label import CLEAN_LABEL_METHODS, clean_label_settings
-    from .watermarking import make_watermark
+    from ..watermarks import get_watermark
+    from .runs import method_settings
 
-    if method in CLEAN_LABEL_METHODS:
-        return clean_label_settings(profile, method)
-    return make_watermark(method).settings
+    return get_watermark(method, **method_settings(profile, method)).settings
 
 
 def table_settings(spec: TableSpec, profile: Profile) -> dict:
     """Everything a stored table depends on that the code decides: the profile (its description and data folder
     aside), the settings of each method it involves on that profile, and the versions of the cached recipes."""
-    from .clean_label import VERSION as CLEAN_LABEL_VERSION
+    from .runs import VERSION as CLEAN_LABEL_VERSION
     from .core import VERSIONS
     from .robustness import VERSION as ROBUSTNESS_VERSION
     from .verification import VERIFY_DRAW
@@ -336,6 +334,37 @@ def load_stored(chapter: str, name: str, profile: str | Profile = "full", root: 
 
 
 # ----------------------------------------------------------------------------------------------- display
+#: What the book's tables show where a value does not apply (NaN in the data, e.g. No Attack's ASR).
+NA_REP = "–"
+
+
+def frame_html(df: pd.DataFrame) -> str | None:
+    """``df`` as a notebook shows it (pandas' HTML under the same ``display.*`` options), with :data:`NA_REP`
+    instead of "NaN" where a value does not apply. The data are not changed."""
+    if not pd.get_option("display.notebook_repr_html"):
+        return None
+    max_rows, min_rows = pd.get_option("display.max_rows"), pd.get_option("display.min_rows")
+    if max_rows and min_rows and len(df) > max_rows:  # truncated: pandas shows min_rows rows
+        max_rows = min(min_rows, max_rows)
+    return df.to_html(na_rep=NA_REP, float_format=pd.get_option("display.float_format"),
+                      max_rows=max_rows, max_cols=pd.get_option("display.max_columns"),
+                      show_dimensions=pd.get_option("display.show_dimensions"), notebook=True)
+
+
+def book_display() -> None:
+    """The book's table display, called once by each chapter: every DataFrame a cell shows renders through
+    :func:`frame_html`, and every Styler writes :data:`NA_REP` for missing values. Outside IPython only the
+    Styler option is set."""
+    pd.set_option("styler.format.na_rep", NA_REP)
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return
+    shell = get_ipython()
+    if shell is not None:
+        shell.display_formatter.formatters["text/html"].for_type(pd.DataFrame, frame_html)
+
+
 @dataclass
 class Comparison:
     """Paper / stored / live numbers side by side: ``table`` has columns (metric, source); ``notes`` says where
@@ -349,11 +378,11 @@ class Comparison:
     """Format strings by metric, e.g. ``{"p-value": "{:.2e}"}``."""
 
     def _styled(self):
-        sty = self.table.style.format(precision=self.precision, na_rep="–")
+        sty = self.table.style.format(precision=self.precision, na_rep=NA_REP)
         for metric, fmt in self.formats.items():
             cols = [c for c in self.table.columns if c[0] == metric]
             sty = sty.format(lambda v, fmt=fmt: fmt.format(v) if isinstance(v, (int, float)) else v,
-                             subset=cols, na_rep="–")
+                             subset=cols, na_rep=NA_REP)
         if self.missing_label is not None:
             cols = [c for c in self.table.columns if c[1] == self.missing_label]
             sty = sty.format(na_rep="missing", subset=cols)

@@ -28,17 +28,10 @@ import pandas as pd
 import torch
 
 from ..cache import Cache, settings_hash
-from ..watermarks import GradientMatchingSettings
-from .clean_label import (
-    SOURCE_CLASS,
-    clean_label_release,
-    clean_label_settings,
-    crafting_budget,
-    victim_seed,
-)
 from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data, trained_model
 from .profiles import Profile, get_profile
 from .provenance import provenance
+from .runs import crafting_budget, method_settings, release, source_class, victim_seed
 from ..train import predict
 
 __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
@@ -154,14 +147,14 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
     t0 = time.perf_counter()
     extra: dict = {"row": name, "method": method}
     if lever is None:  # the benign model: the trigger of the UBW-C release with the study's crafting settings
-        key = clean_label_release(profile, "ubw-c", seed, cache, progress, **_overrides(profile, {})).key
+        key = release(profile, "ubw-c", seed, cache, progress, **_overrides(profile, {})).key
         models = [benign_model(victim_profile, seed=s, cache=cache, progress=progress)
                   for s in _victims(profile, seed, victims)]
         extra["method"] = "no attack"
     else:
         if method == "label-consistent":  # no crafting settings: the profile's recipe
             overrides = {}
-        released = clean_label_release(profile, method, seed, cache, progress, **overrides)
+        released = release(profile, method, seed, cache, progress, **overrides)
         key = released.key
         models = [trained_model(victim_profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
                   for s in _victims(profile, seed, victims)]
@@ -176,7 +169,7 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
                 extra["held-out loss (end)"] = float(held.iloc[-1])
         secs = report.get("seconds") or {}
         extra["release seconds"] = float(sum(v for v in secs.values() if isinstance(v, (int, float))))
-    source = SOURCE_CLASS if method in ("ubw-c", "sleeper-agent") else None
+    source = source_class(key)
     rows = [cached_evaluation(m, data.test, key, source_class=source, seed=seed, cache=cache) for m in models]
     if source is not None:  # a watermark keeps the clean source images: ASR-A alone cannot tell it from damage
         clean_src = data.test.images[data.test.labels == source]
@@ -214,9 +207,9 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
 
     seed = profile.seed if seed is None else seed
     profile, overrides, victim_profile = _resolve(profile, lever)
-    released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
+    released = release(profile, "ubw-c", seed, cache, progress, **overrides)
     data = load_data(profile)
-    wm = get_watermark("ubw-c", **clean_label_settings(profile, "ubw-c", **overrides))
+    wm = get_watermark("ubw-c", **method_settings(profile, "ubw-c", **overrides))
     target_fn = wm.target_gradient_fn(data.train, seed, device="cpu")
     idx = released.indices
     poisons, clean = released.dataset.images[idx].float() / 255, data.train.images[idx].float() / 255
@@ -227,11 +220,11 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
     def compute() -> pd.DataFrame:
         rows = []
 
-        def measure(epoch: int, model) -> None:
+        def measure(epoch: int, model, row: dict) -> None:
             model = copy.deepcopy(model).to("cpu").eval()
             t = [g.detach() for g in target_fn(model)]
             tn = torch.sqrt(sum((g * g).sum() for g in t))
-            r = evaluate(model, data.test, released.key, source_class=SOURCE_CLASS, seed=seed)
+            r = evaluate(model, data.test, released.key, source_class=source_class(released.key), seed=seed)
             rows.append({"epoch": epoch,
                          "poisons": transfer_loss([model], [(t, tn)], poisons, labels, 256),
                          "same images, unperturbed": transfer_loss([model], [(t, tn)], clean, labels, 256),
@@ -267,17 +260,18 @@ def surrogate_fine_tune(profile: Profile, lever: dict | str | None, *, lr: float
 
     seed = profile.seed if seed is None else seed
     profile, overrides, _ = _resolve(profile, lever if lever is not None else {})
-    released = clean_label_release(profile, "ubw-c", seed, cache, progress, **overrides)
+    released = release(profile, "ubw-c", seed, cache, progress, **overrides)
     data = load_data(profile)
+    source = source_class(released.key)
     surrogate = benign_model(profile, seed=seed, cache=cache, progress=progress)
     train_set = data.train if lever is None else released.dataset
     cfg = profile.train.replace(epochs=epochs, lr=lr, schedule="constant", seed=victim_seed(seed))
-    src = data.test.images[data.test.labels == SOURCE_CLASS]
+    src = data.test.images[data.test.labels == source]
 
     def compute() -> pd.DataFrame:
         model, _ = train(copy.deepcopy(surrogate.model), train_set, cfg, progress=progress, desc="fine-tune")
-        asr = float((predict(model, trigger(src, released.key, seed=seed)) != SOURCE_CLASS).float().mean())
-        err = float((predict(model, src) != SOURCE_CLASS).float().mean())
+        asr = float((predict(model, trigger(src, released.key, seed=seed)) != source).float().mean())
+        err = float((predict(model, src) != source).float().mean())
         return pd.DataFrame([{"ASR-A": asr, "clean error": err, "trigger-caused": asr - err}])
 
     settings = {"recipe": "surrogate fine-tune", "surrogate": surrogate.key, "data": fingerprint(train_set),
@@ -351,7 +345,8 @@ def study_settings_hash(profile: Profile) -> str:
     shape = {k: v for k, v in dataclasses.asdict(profile.replace(data_root=None)).items()
              if k not in ("crafting", "grid", "verification")}
     settings = {"profile": shape, "rows": study_rows(),
-                "ubw-c": clean_label_settings(profile, "ubw-c"), "victim seed": victim_seed(profile.seed)}
+                "ubw-c": {"source": 0, **method_settings(profile, "ubw-c")},  # "source": as hashed when it was passed
+                "victim seed": victim_seed(profile.seed)}
     return settings_hash("study", settings, "1")
 
 

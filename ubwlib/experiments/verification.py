@@ -26,10 +26,9 @@ from ..verify import (
     verify,
 )
 from ..watermarks import trigger
-from .clean_label import SOURCE_CLASS
 from .core import benign_model, cached_table, key_digest, load_data
 from .profiles import Profile
-from .watermarking import method_run
+from .runs import run, source_class
 
 __all__ = ["VERIFY_METHODS", "verification_classes", "scenario_table",
            "false_positive_table", "power_curve", "independent_seeds", "verification_settings", "forgery_table"]
@@ -47,9 +46,11 @@ def verification_settings(profile: Profile, m: int | None = None) -> Verificatio
     return VerificationSettings(m=m or profile.verification.m)
 
 
-def verification_classes(method: str) -> list[int] | None:
-    """The test classes whose images are queried: the source class for source-specific watermarks."""
-    return [SOURCE_CLASS] if method in ("ubw-c", "sleeper-agent") else None
+def verification_classes(key) -> list[int] | None:
+    """The test classes whose images are queried for a watermark key: its source class for a source-specific
+    watermark (:func:`~ubwlib.experiments.runs.source_class`), else None (every class)."""
+    source = source_class(key)
+    return None if source is None else [source]
 
 
 def independent_seeds(profile: Profile, count: int) -> list[int]:
@@ -63,21 +64,21 @@ def scenario_table(profile: Profile, method: str, seed: int | None = None,
     """Tables 3/4 on the profile: Delta P, p-value and verdict of Independent-T (watermarked model, another
     trigger of the same kind), Independent-M (the benign model, the true trigger) and Malicious."""
     seed = profile.seed if seed is None else seed
-    run = method_run(profile, method, seed, cache, progress)
+    wm_run = run(profile, method, seed, cache, progress)
     benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
     test = load_data(profile).test
-    key = run.released.key
+    key = wm_run.released.key
     s = dataclasses.asdict(settings)
 
     def compute() -> pd.DataFrame:
         other = independent_key(key, key.seed + 1)
-        cases = [(SCENARIOS[0], run.trained.model, other), (SCENARIOS[1], benign.model, key),
-                 (SCENARIOS[2], run.trained.model, key)]
-        rows = [verify(model, test, k, seed=seed, classes=verification_classes(method), scenario=name, **s).row()
+        cases = [(SCENARIOS[0], wm_run.trained.model, other), (SCENARIOS[1], benign.model, key),
+                 (SCENARIOS[2], wm_run.trained.model, key)]
+        rows = [verify(model, test, k, seed=seed, classes=verification_classes(key), scenario=name, **s).row()
                 for name, model, k in cases]
         return pd.DataFrame(rows).set_index("scenario")
 
-    return cached_table("verification-scenarios", {"method": method, "model": run.trained.key,
+    return cached_table("verification-scenarios", {"method": method, "model": wm_run.trained.key,
                                                    "benign": benign.key, "key": key_digest(key), "seed": seed,
                                                    "settings": s, "draw": VERIFY_DRAW}, compute, cache)
 
@@ -89,19 +90,19 @@ def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_m
     triggers of the same kind (Independent-T), and ``n_models`` benign models trained with other seeds (and
     the profile's own benign model) queried with the true trigger (Independent-M). One row per case."""
     seed = profile.seed if seed is None else seed
-    run = method_run(profile, method, seed, cache, progress)
-    key = run.released.key
+    wm_run = run(profile, method, seed, cache, progress)
+    key = wm_run.released.key
     test = load_data(profile).test
     model_seeds = [seed, *independent_seeds(profile, n_models - 1)]
     models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in model_seeds]
     s = dataclasses.asdict(settings)
-    classes = verification_classes(method)
+    classes = verification_classes(key)
 
     def compute() -> pd.DataFrame:
         rows = []
         for i in range(n_triggers):
             other = independent_key(key, key.seed + 1 + i)
-            r = verify(run.trained.model, test, other, seed=seed + i, classes=classes, scenario=SCENARIOS[0], **s)
+            r = verify(wm_run.trained.model, test, other, seed=seed + i, classes=classes, scenario=SCENARIOS[0], **s)
             rows.append({"case": f"watermarked model, independent trigger #{i + 1}", **r.row()})
         for j, (bm, bm_seed) in enumerate(zip(models, model_seeds)):
             r = verify(bm.model, test, key, seed=seed + j, classes=classes, scenario=SCENARIOS[1], **s)
@@ -109,7 +110,7 @@ def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_m
         return pd.DataFrame(rows).set_index("case")
 
     return cached_table("verification-false-positives",
-                        {"method": method, "model": run.trained.key, "benign": [m.key for m in models],
+                        {"method": method, "model": wm_run.trained.key, "benign": [m.key for m in models],
                          "key": key_digest(key), "n_triggers": n_triggers, "seed": seed, "settings": s,
                          "draw": VERIFY_DRAW},
                         compute, cache)
@@ -127,11 +128,11 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
     Each model is queried once on every candidate image, clean and triggered; the draws then subsample those
     probabilities (exactly what :func:`ubwlib.verify.verify` computes for a draw, without re-querying)."""
     seed = profile.seed if seed is None else seed
-    run = method_run(profile, method, seed, cache, progress)
+    wm_run = run(profile, method, seed, cache, progress)
     benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
-    key = run.released.key
+    key = wm_run.released.key
     test = load_data(profile).test
-    classes = verification_classes(method)
+    classes = verification_classes(key)
 
     def compute() -> pd.DataFrame:
         mask = torch.ones(len(test), dtype=torch.bool)
@@ -142,7 +143,7 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
         images, labels = test.images[mask], test.labels[mask]
         triggered = trigger(images, key, seed=None)
         rows = []
-        for name, model in (("Malicious", run.trained.model), ("Independent-M", benign.model)):
+        for name, model in (("Malicious", wm_run.trained.model), ("Independent-M", benign.model)):
             probs, probs_trig = predict_proba(model, images), predict_proba(model, triggered)
             correct = (probs.argmax(1) == labels).nonzero().flatten()
             rows_idx = torch.arange(len(labels))
@@ -166,7 +167,7 @@ def power_curve(profile: Profile, method: str, ms=(3, 5, 10, 20, 50, 100), repea
         return pd.DataFrame(rows)
 
     return cached_table("verification-power",
-                        {"method": method, "model": run.trained.key, "benign": benign.key, "key": key_digest(key),
+                        {"method": method, "model": wm_run.trained.key, "benign": benign.key, "key": key_digest(key),
                          "ms": list(ms), "repeats": repeats, "seed": seed, "p0": p0,
                          "settings": dataclasses.asdict(settings)}, compute, cache)
 
@@ -185,13 +186,13 @@ def forgery_table(profile: Profile, method: str, n_models: int = 3, steps: int =
     from ..verify import verify_labels
 
     seed = profile.seed if seed is None else seed
-    run = method_run(profile, method, seed, cache, progress)
-    key = run.released.key
+    wm_run = run(profile, method, seed, cache, progress)
+    key = wm_run.released.key
     data = load_data(profile)
     model_seeds = [seed, *independent_seeds(profile, n_models - 1)]
     models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in model_seeds]
     s = dataclasses.asdict(settings)
-    classes = verification_classes(method)
+    classes = verification_classes(key)
     # the owner's commitment, published with the dataset (a fixed salt here, so that the table is reproducible)
     salt = hashlib.sha256(f"owner's salt, kept private until a dispute; seed {seed}".encode()).digest()
     commitment, _ = commit(key, salt)

@@ -7,8 +7,6 @@ dataset; ``stored.three_columns`` puts them beside the paper's numbers and the s
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from functools import lru_cache
 
 import numpy as np
 import pandas as pd
@@ -17,31 +15,18 @@ from .. import metrics
 from ..cache import Cache
 from ..data import ImageDataset
 from ..train import predict
-from ..watermarks import Watermark, WatermarkedDataset, get_watermark, trigger
-from .clean_label import CLEAN_LABEL_METHODS, SOURCE_CLASS, clean_label_run, crafting_budget, noise_control_run
-from .core import (
-    TrainedModel,
-    benign_model,
-    cached_evaluation,
-    cached_table,
-    fingerprint,
-    key_digest,
-    load_data,
-    trained_model,
-)
+from ..watermarks import get_watermark, trigger
+from .clean_label import CLEAN_LABEL_METHODS, noise_control_run
+from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data
 from .paper import METHOD_LABELS
 from .profiles import Profile
+from .runs import Run, crafting_budget, release, run, source_class
 
 __all__ = [
     "POISONED_LABEL_METHODS",
     "ALL_METHODS",
-    "WatermarkRun",
-    "method_run",
     "source_table",
     "noise_control_table",
-    "make_watermark",
-    "watermarked_dataset",
-    "watermark_run",
     "no_attack_row",
     "table1",
     "triggered_confusion",
@@ -53,52 +38,6 @@ __all__ = [
 POISONED_LABEL_METHODS = ("badnets", "blended", "wanet", "ubw-p")
 #: Table 1's eight watermarks in the paper's order (No Attack is added by :func:`table1`).
 ALL_METHODS = POISONED_LABEL_METHODS + CLEAN_LABEL_METHODS
-
-
-def make_watermark(method: str, **settings) -> Watermark:
-    """The watermark ``method`` with the paper's settings (overridable by keyword)."""
-    return get_watermark(method, **settings)
-
-
-def _settings_key(settings: dict) -> tuple:
-    return tuple(sorted(settings.items()))
-
-
-@lru_cache(maxsize=16)
-def _watermarked(profile: Profile, method: str, seed: int, settings: tuple) -> WatermarkedDataset:
-    return make_watermark(method, **dict(settings)).watermark(load_data(profile).train, seed=seed)
-
-
-def watermarked_dataset(profile: Profile, method: str, seed: int | None = None, **settings) -> WatermarkedDataset:
-    """The profile's training set watermarked by ``method`` (deterministic in ``seed``; memoised in-process)."""
-    return _watermarked(profile, method, profile.seed if seed is None else seed, _settings_key(settings))
-
-
-@dataclass(frozen=True)
-class WatermarkRun:
-    method: str
-    released: WatermarkedDataset
-    trained: TrainedModel
-    row: dict
-
-
-def watermark_run(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
-                  progress: bool = True, **settings) -> WatermarkRun:
-    """Watermark, train the profile's model from scratch on the released dataset (cached), evaluate."""
-    seed = profile.seed if seed is None else seed
-    released = watermarked_dataset(profile, method, seed, **settings)
-    trained = trained_model(profile, released.dataset, seed=seed, cache=cache, progress=progress, desc=method)
-    row = cached_evaluation(trained, load_data(profile).test, released.key, seed=seed, cache=cache)
-    return WatermarkRun(method, released, trained, row)
-
-
-def method_run(profile: Profile, method: str, seed: int | None = None, cache: Cache | None = None,
-               progress: bool = True):
-    """One watermark's run with the profile's settings, poisoned-label (:func:`watermark_run`) or clean-label
-    (:func:`ubwlib.experiments.clean_label.clean_label_run`); both have ``released``, ``trained`` and ``row``."""
-    if method in CLEAN_LABEL_METHODS:
-        return clean_label_run(profile, method, seed, cache, progress)
-    return watermark_run(profile, method, seed, cache, progress)
 
 
 def no_attack_row(profile: Profile, seed: int | None = None, cache: Cache | None = None, progress: bool = True) -> dict:
@@ -118,7 +57,7 @@ def table1(profile: Profile, methods=POISONED_LABEL_METHODS, seed: int | None = 
     """Rows of Table 1 on the profile's dataset (rates as fractions), No Attack first."""
     rows = [no_attack_row(profile, seed, cache, progress)]
     for m in methods:
-        rows.append(method_run(profile, m, seed, cache, progress).row)
+        rows.append(run(profile, m, seed, cache, progress).row)
     df = pd.DataFrame(rows)
     df.insert(0, "Method", df["method"].map(METHOD_LABELS).fillna(df["method"]))
     return df.set_index("Method")
@@ -134,10 +73,11 @@ def source_table(profile: Profile, methods=("sleeper-agent", "ubw-c"), seed: int
     benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
     rows = []
     for m in methods:
-        run = clean_label_run(profile, m, seed, cache, progress)
+        r = run(profile, m, seed, cache, progress)
         label = METHOD_LABELS.get(m, m)
-        rows.append({"Method": label, **run.source_row})
-        base = cached_evaluation(benign, test, run.released.key, source_class=SOURCE_CLASS, seed=seed, cache=cache)
+        rows.append({"Method": label, **r.source_row})
+        base = cached_evaluation(benign, test, r.released.key, source_class=source_class(r.released.key), seed=seed,
+                                 cache=cache)
         rows.append({"Method": f"benign model, {label} trigger", **base, "method": "no-attack"})
     return pd.DataFrame(rows).set_index("Method")
 
@@ -155,7 +95,7 @@ def noise_control_table(profile: Profile, seed: int | None = None, cache: Cache 
     return pd.DataFrame(list(rows.values()), index=list(rows))
 
 
-def triggered_confusion(run: WatermarkRun, test_set: ImageDataset, seed: int | None = None,
+def triggered_confusion(run: Run, test_set: ImageDataset, seed: int | None = None,
                         cache: Cache | None = None) -> pd.DataFrame:
     """Row-normalised confusion matrix (true class x predicted class) of the triggered test images (cached under
     the model, the trigger and the test set)."""
@@ -178,7 +118,7 @@ def settings_table(methods=POISONED_LABEL_METHODS, **overrides) -> pd.DataFrame:
     """Each method's settings (the paper's defaults), one row per (method, setting)."""
     rows = []
     for m in methods:
-        wm = make_watermark(m, **overrides.get(m, {}))
+        wm = get_watermark(m, **overrides.get(m, {}))
         for k, v in wm.settings_dict().items():
             rows.append({"method": METHOD_LABELS.get(m, m), "setting": k, "value": v})
     return pd.DataFrame(rows).set_index(["method", "setting"])
@@ -192,7 +132,7 @@ def gallery_images(profile: Profile, methods=POISONED_LABEL_METHODS, n: int = 4,
     data = load_data(profile).train
     out = {}
     for m in methods:
-        rel = watermarked_dataset(profile, m, seed)
+        rel = release(profile, m, seed)
         idx = rel.indices[:n]
         out[m] = (data.images[idx], rel.dataset.images[idx], data.labels[idx], rel.dataset.labels[idx])
     return out

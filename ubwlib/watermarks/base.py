@@ -1,11 +1,13 @@
 """The one interface of every watermark, and the one poisoned-dataset type.
 
-A watermark is a frozen settings dataclass plus two operations:
+A watermark is a frozen settings dataclass plus three operations:
 
 - ``watermark(train_set, seed) -> WatermarkedDataset``: the dataset the owner releases (images and labels),
   the indices of the samples that were modified, and a :class:`WatermarkKey`: everything needed to trigger
   and verify later (pattern, mask, warping field, target...), serialisable to disk and back;
-- ``trigger(images, key) -> images``: apply the key's test-time trigger to uint8 images.
+- ``trigger(images, key) -> images``: apply the key's test-time trigger to uint8 images;
+- ``redraw(key, seed) -> key``: the same key with another random trigger of its kind, drawn from ``seed``
+  (the Independent-T trigger of :func:`ubwlib.verify.independent_key`).
 
 Every watermark registers itself in :data:`REGISTRY` under its ``name``, so that
 :func:`ubwlib.watermarks.trigger` can dispatch on a key alone.
@@ -17,14 +19,14 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
-import tempfile
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import torch
 
+from ..cache import atomic_path
 from ..data import ImageDataset
 
 __all__ = [
@@ -36,6 +38,9 @@ __all__ = [
     "register",
     "get_watermark",
     "trigger",
+    "check_redraw",
+    "draw_different",
+    "redrawn_key",
     "poison_count",
     "class_capped_count",
     "choose_indices",
@@ -190,7 +195,7 @@ class WatermarkKey:
             "test_fingerprint": self.test_fingerprint,
         }
         payload = {"meta": json.dumps(meta), **{f"t/{k}": v.detach().cpu().contiguous() for k, v in self.tensors.items()}}
-        _atomic_save(payload, path)
+        _atomic_save(payload, path, mode=0o600)  # the key is the owner's secret
         return path
 
     @classmethod
@@ -338,8 +343,7 @@ class WatermarkedDataset:
             "indices": self.indices,
             "noise_indices": self.noise_indices,
         }
-        _atomic_save(payload, path)
-        os.chmod(path, 0o644)  # the release is public; the key (below) stays private (0600)
+        _atomic_save(payload, path, mode=0o644)  # the release is public; the key (below) stays private (0600)
         key_path = path.with_name(path.name + ".key")
         self.key.save(key_path)
         return path
@@ -367,17 +371,10 @@ def _load_payload(path: str | Path, what: str) -> Any:
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from exc
 
 
-def _atomic_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+def _atomic_save(obj: Any, path: Path, mode: int) -> None:
+    """``torch.save`` through the one atomic-write helper (the file appears whole or not at all)."""
+    with atomic_path(path, mode=mode) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
 
 
 class Watermark:
@@ -411,6 +408,20 @@ class Watermark:
 
     def trigger(self, images: torch.Tensor, key: WatermarkKey, seed: int | None = None) -> torch.Tensor:
         return trigger(images, key, seed=seed)
+
+    @classmethod
+    def redraw(cls, key: WatermarkKey, seed: int) -> WatermarkKey:
+        """Another trigger of the same kind as ``key``'s, drawn from ``seed`` (an int other than ``key.seed``).
+
+        Returns a copy of ``key`` (a key of this watermark) whose trigger tensors are replaced by a fresh random
+        trigger of the same shape, dtype and value range, never equal to the key's own, with ``seed`` as its
+        seed; the settings, target, dataset, classes, image shape and test-split binding stay. Deterministic in
+        ``(key, seed)``. This is the Independent-T scenario's trigger (:func:`ubwlib.verify.independent_key`).
+        Watermarks with a trigger to redraw override this (after :func:`check_redraw`, returning
+        :func:`redrawn_key`); the base class raises ``NotImplementedError``.
+        """
+        raise NotImplementedError(f"{cls.__name__}.redraw is not implemented: the {cls.name or cls.__name__!r} "
+                                  "watermark cannot draw another trigger of its kind (override Watermark.redraw)")
 
     def settings_dict(self) -> dict:
         return _jsonable(dataclasses.asdict(self.settings))
@@ -491,3 +502,46 @@ def trigger(images: torch.Tensor, key: WatermarkKey, seed: int | None = None) ->
     key.check_images(images)
     gen = torch.Generator().manual_seed(key.seed if seed is None else seed)
     return cls.apply(images, key, gen)
+
+
+# --------------------------------------------------------------------------- building blocks of Watermark.redraw
+#: How many draws :func:`draw_different` makes before it gives up.
+MAX_REDRAWS = 1000
+
+
+def check_redraw(cls: type[Watermark], key: WatermarkKey, seed: int, tensors: tuple[str, ...]) -> int:
+    """The checks of ``cls.redraw(key, seed)``; returns ``seed`` as an int.
+
+    ``key`` must be a :class:`WatermarkKey` of ``cls`` (``key.method == cls.name``) holding the trigger
+    ``tensors``; ``seed`` an int that differs from ``key.seed`` (the same seed would draw the same trigger)."""
+    if not isinstance(key, WatermarkKey):
+        raise TypeError(f"key must be an ubwlib.watermarks.WatermarkKey, got {type(key).__name__}")
+    if key.method != cls.name:
+        raise ValueError(f"{cls.__name__}.redraw takes {cls.name!r} keys, got a {key.method!r} key")
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"seed must be an int, got {seed!r}")
+    seed = int(seed)
+    if seed == key.seed:
+        raise ValueError(f"seed must differ from the key's own seed ({key.seed}) to give an independent trigger")
+    missing = [name for name in tensors if name not in key.tensors]
+    if missing:
+        raise ValueError(f"this {key.method} key lacks the trigger tensor{'s' if len(missing) > 1 else ''} "
+                         f"{', '.join(missing)} (it holds {sorted(key.tensors)}); cannot draw another trigger")
+    return seed
+
+
+def draw_different(draw: Callable[[torch.Generator], torch.Tensor], original: torch.Tensor,
+                   generator: torch.Generator, what: str) -> torch.Tensor:
+    """``draw(generator)``, repeated until the result differs from ``original``; ``ValueError`` (naming ``what``)
+    after :data:`MAX_REDRAWS` draws equal to it."""
+    for _ in range(MAX_REDRAWS):
+        new = draw(generator)
+        if not torch.equal(new, original):
+            return new
+    raise ValueError(f"could not draw a {what} different from the key's own in {MAX_REDRAWS} tries")
+
+
+def redrawn_key(key: WatermarkKey, seed: int, **tensors: torch.Tensor) -> WatermarkKey:
+    """A copy of ``key`` with the given trigger ``tensors`` replaced (the others shared), ``seed`` as its seed and
+    a copy of its settings; everything else (target, dataset, test-split binding...) unchanged."""
+    return dataclasses.replace(key, tensors={**key.tensors, **tensors}, seed=seed, settings=dict(key.settings))

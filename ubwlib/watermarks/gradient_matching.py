@@ -50,8 +50,8 @@ from ..train import (
     resolve_precision,
     train,
 )
-from .base import Watermark, WatermarkedDataset, WatermarkKey, check_target, choose_indices
-from .patch import paste_random
+from .base import Watermark, WatermarkedDataset, WatermarkKey, check_redraw, check_target, choose_indices
+from .patch import paste_random, redraw_patch
 
 __all__ = [
     "GradientMatchingWatermark",
@@ -516,7 +516,7 @@ def craft(
         at = sorted({min(cfg.epochs, max(1, round(f * cfg.epochs))) for f in stages})
         snaps: list[nn.Module] = []
 
-        def keep(epoch: int, m: nn.Module) -> None:
+        def keep(epoch: int, m: nn.Module, _row: dict) -> None:
             if epoch in at and epoch < cfg.epochs:
                 snaps.append(ready(copy.deepcopy(m)))
 
@@ -885,3 +885,10 @@ class GradientMatchingWatermark(Watermark):
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
         return paste_random(images, key.tensors["patch"], generator or torch.Generator().manual_seed(key.seed))
+
+    @classmethod
+    def redraw(cls, key: WatermarkKey, seed: int) -> WatermarkKey:
+        """Another patch of the same size (:func:`ubwlib.watermarks.patch.redraw_patch`): a random binary patch
+        for a binary one (Sleeper Agent's), a random 3x3 binary square resized the same way for any other (UBW-C's
+        resized square)."""
+        return redraw_patch(key, check_redraw(cls, key, seed, ("patch",)))

@@ -41,12 +41,13 @@ from .base import (
     WatermarkedDataset,
     WatermarkKey,
     check_rate,
+    check_redraw,
     check_target,
     choose_indices,
     class_capped_count,
     register,
 )
-from .patch import blend, square_trigger
+from .patch import blend, redraw_pattern, square_trigger
 
 __all__ = ["LabelConsistentSettings", "LabelConsistent", "pgd_perturb"]
 
@@ -278,3 +279,9 @@ class LabelConsistent(Watermark):
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
         return blend(images, key.tensors["pattern"].to(images.device), key.tensors["alpha"].to(images.device))
+
+    @classmethod
+    def redraw(cls, key: WatermarkKey, seed: int) -> WatermarkKey:
+        """Another random binary pattern on the square's pixels, the blend weights kept
+        (:func:`ubwlib.watermarks.patch.redraw_pattern`)."""
+        return redraw_pattern(key, check_redraw(cls, key, seed, ("pattern", "alpha")))

@@ -7,6 +7,10 @@ Blended mixes them (alpha = 0.2 on the patch), UBW-P uses BadNets' trigger with 
 The default pattern is the paper's 3x3 "white-black square" in the bottom-right corner, rows
 (0,0,1), (0,1,0), (1,0,1) x 255, the same in every channel. ``pattern="noise"`` is a full-image pattern
 (uniform noise drawn from the watermark's seed) for the blended attack's original form.
+
+Another trigger of the same kind (:meth:`~ubwlib.watermarks.Watermark.redraw`, the Independent-T trigger):
+:func:`redraw_pattern` for pattern/alpha keys (these watermarks and Label-Consistent), :func:`redraw_patch`
+for patch keys (UBW-C, Sleeper Agent).
 """
 
 from __future__ import annotations
@@ -21,9 +25,12 @@ from .base import (
     WatermarkedDataset,
     WatermarkKey,
     check_rate,
+    check_redraw,
     check_target,
     choose_indices,
+    draw_different,
     poison_count,
+    redrawn_key,
     register,
 )
 
@@ -34,6 +41,11 @@ __all__ = [
     "blend",
     "resized_square",
     "paste_random",
+    "NOISE_SEED_OFFSET",
+    "random_binary_like",
+    "random_resized_square_like",
+    "redraw_pattern",
+    "redraw_patch",
     "PatchSettings",
     "BadNetsSettings",
     "BlendedSettings",
@@ -46,6 +58,9 @@ __all__ = [
 #: The paper's 3x3 white-black square (1 = white).
 SQUARE = torch.tensor([[0, 0, 1], [0, 1, 0], [1, 0, 1]], dtype=torch.uint8)
 PATTERNS = ("square", "noise")
+#: A ``pattern="noise"`` watermark with seed ``s`` draws its noise from seed ``s + NOISE_SEED_OFFSET`` (a stream
+#: apart from the one that picks the poisoned samples).
+NOISE_SEED_OFFSET = 7919
 
 
 def square_trigger(image_shape: tuple[int, int, int], alpha: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +120,69 @@ def paste_random(images: torch.Tensor, patch: torch.Tensor, generator: torch.Gen
     return out
 
 
+# --------------------------------------------------------------------------- another trigger of the same kind
+def random_binary_like(original: torch.Tensor, region: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """A random {0, 255} uint8 pattern on ``region`` (bool, ``original``'s shape; ``original`` elsewhere), the same
+    in every channel when ``original`` and ``region`` are; never equal to ``original``."""
+    shared = bool((original == original[:1]).all()) and bool((region == region[:1]).all())
+
+    def draw(g: torch.Generator) -> torch.Tensor:
+        shape = (1, *original.shape[1:]) if shared else tuple(original.shape)
+        bits = (torch.randint(0, 2, shape, generator=g) * 255).to(torch.uint8).expand_as(original)
+        return torch.where(region, bits, original).contiguous()
+
+    return draw_different(draw, original, generator, "binary pattern")
+
+
+def random_resized_square_like(original: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """UBW-C's kind of patch: a random 3x3 binary square resized (bilinear, as :func:`resized_square`) to the
+    size of ``original`` (C x p x q), the same in every channel; never equal to ``original``."""
+    c, p, q = original.shape
+
+    def draw(g: torch.Generator) -> torch.Tensor:
+        grid = torch.randint(0, 2, (1, 1, 3, 3), generator=g).float() * 255
+        sq = torch.nn.functional.interpolate(grid, size=(p, q), mode="bilinear", align_corners=False)
+        return sq[0].round().clamp(0, 255).to(torch.uint8).expand(c, p, q).contiguous()
+
+    return draw_different(draw, original, generator, "resized binary patch")
+
+
+def redraw_pattern(key: WatermarkKey, seed: int) -> WatermarkKey:
+    """``key`` (with ``pattern`` and ``alpha`` tensors) with another pattern drawn from ``seed``; ``alpha`` kept.
+
+    A ``pattern="noise"`` key gets the noise that the watermark draws from ``seed`` (:func:`noise_trigger` with
+    ``seed + NOISE_SEED_OFFSET``; should it equal the key's own, uniform noise from a generator seeded with
+    ``seed``); any other key a random binary (0/255) pattern on the pixels the trigger covers (``alpha > 0``;
+    :func:`random_binary_like` with a generator seeded with ``seed``). Used by :meth:`Watermark.redraw` of
+    BadNets, Blended, UBW-P and Label-Consistent after :func:`~ubwlib.watermarks.base.check_redraw`."""
+    gen = torch.Generator().manual_seed(seed)
+    pattern, alpha = key.tensors["pattern"].cpu(), key.tensors["alpha"].cpu()
+    if key.settings.get("pattern") == "noise":
+        new, _ = noise_trigger(tuple(pattern.shape), 1.0, seed + NOISE_SEED_OFFSET)
+        if torch.equal(new, pattern):
+            new = draw_different(lambda g: torch.randint(0, 256, pattern.shape, dtype=torch.uint8, generator=g),
+                                 pattern, gen, "noise pattern")
+    else:
+        new = random_binary_like(pattern, (alpha > 0).expand_as(pattern), gen)
+    return redrawn_key(key, seed, pattern=new.to(pattern.dtype))
+
+
+def redraw_patch(key: WatermarkKey, seed: int) -> WatermarkKey:
+    """``key`` (with a C x p x q ``patch`` tensor) with another patch drawn from ``seed``.
+
+    A binary (0/255) patch (Sleeper Agent's random patch; UBW-C's square at sizes where resizing keeps it
+    binary) gets a random binary patch of the same size (:func:`random_binary_like`), any other (UBW-C's
+    resized square) a random 3x3 binary square resized the same way (:func:`random_resized_square_like`), from
+    a generator seeded with ``seed``. Used by :meth:`Watermark.redraw` of UBW-C and Sleeper Agent."""
+    gen = torch.Generator().manual_seed(seed)
+    patch = key.tensors["patch"].cpu()
+    if bool(((patch == 0) | (patch == 255)).all()):
+        new = random_binary_like(patch, torch.ones_like(patch, dtype=torch.bool), gen)
+    else:
+        new = random_resized_square_like(patch, gen)
+    return redrawn_key(key, seed, patch=new.to(patch.dtype))
+
+
 @dataclass(frozen=True)
 class PatchSettings:
     """Settings shared by the patch/blend watermarks."""
@@ -148,7 +226,7 @@ class _PatchWatermark(Watermark):
         if s.pattern == "square":
             pattern, alpha = square_trigger(image_shape, s.alpha)
         else:
-            pattern, alpha = noise_trigger(image_shape, s.alpha, seed + 7919)
+            pattern, alpha = noise_trigger(image_shape, s.alpha, seed + NOISE_SEED_OFFSET)
         return {"pattern": pattern, "alpha": alpha}
 
     def _new_labels(self, old: torch.Tensor, num_classes: int, gen: torch.Generator) -> torch.Tensor:
@@ -170,6 +248,12 @@ class _PatchWatermark(Watermark):
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
         return blend(images, key.tensors["pattern"], key.tensors["alpha"])
+
+    @classmethod
+    def redraw(cls, key: WatermarkKey, seed: int) -> WatermarkKey:
+        """Another pattern at the same place with the same blend weights (:func:`redraw_pattern`): random binary
+        on the trigger's pixels, or the noise drawn from ``seed`` for ``pattern="noise"``."""
+        return redraw_pattern(key, check_redraw(cls, key, seed, ("pattern", "alpha")))
 
 
 @register

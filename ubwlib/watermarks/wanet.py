@@ -24,8 +24,11 @@ from .base import (
     WatermarkedDataset,
     WatermarkKey,
     check_rate,
+    check_redraw,
     check_target,
+    draw_different,
     poison_count,
+    redrawn_key,
     register,
 )
 
@@ -113,3 +116,23 @@ class WaNet(Watermark):
     @classmethod
     def apply(cls, images: torch.Tensor, key: WatermarkKey, generator: torch.Generator | None = None) -> torch.Tensor:
         return warp(images, key.tensors["grid"])
+
+    @classmethod
+    def redraw(cls, key: WatermarkKey, seed: int) -> WatermarkKey:
+        """Another warping field: :func:`warp_field` with the key's ``k``, ``s`` and ``grid_rescale`` from a
+        generator seeded with ``seed`` (drawn again should it equal the key's own)."""
+        seed = check_redraw(cls, key, seed, ("grid",))
+        grid = key.tensors["grid"].cpu()
+        try:
+            settings = key.settings
+            k, strength, rescale = int(settings["k"]), float(settings["s"]), float(settings.get("grid_rescale", 1.0))
+        except KeyError as exc:
+            raise NotImplementedError(f"the {key.method} key's settings lack {exc}; cannot draw another warping "
+                                      "field") from None
+        _, h, w = key.image_shape
+
+        def draw(g: torch.Generator) -> torch.Tensor:
+            return warp_field(h, w, k, strength, rescale, g).to(grid.dtype)
+
+        new = draw_different(draw, grid, torch.Generator().manual_seed(seed), "warping field")
+        return redrawn_key(key, seed, grid=new)

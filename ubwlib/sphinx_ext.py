@@ -1,0 +1,75 @@
+"""Sphinx extension for the book: MathJax from a local copy, so that the built site renders its formulas without
+network, opened from ``file://`` or served.
+
+Sphinx's math extension loads MathJax 3 from a CDN by default (jupyter-book 1 keeps that default). This extension
+points ``mathjax_path`` at ``_static/mathjax/`` and copies MathJax 3 there from the ``sphinx-mathjax-offline``
+package (a dependency of the ``book`` extra; MathJax 3.2.2 under the Apache License 2.0): the same component
+(``tex-mml-chtml.js``), with the extensions, fonts and accessibility modules it loads on demand. A local
+``mathjax_path`` set in ``_config.yml`` (``sphinx: config:``) is kept. Enabled in ``_config.yml``::
+
+    sphinx:
+      extra_extensions: [ubwlib.sphinx_ext]
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+__all__ = ["MATHJAX_COMPONENT", "MATHJAX_DIR", "mathjax_source", "setup"]
+
+#: The MathJax component the pages load: the one Sphinx loads from its CDN by default.
+MATHJAX_COMPONENT = "tex-mml-chtml.js"
+#: Where the copy goes, under the site's ``_static/``.
+MATHJAX_DIR = "mathjax"
+_DISTRIBUTION = "sphinx-mathjax-offline"
+
+
+def mathjax_source() -> Path:
+    """The folder of the installed MathJax 3 copy (``sphinx-mathjax-offline``'s ``static/mathjax``)."""
+    import importlib.metadata
+
+    try:
+        dist = importlib.metadata.distribution(_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        raise RuntimeError(f"the book renders its formulas with a local MathJax from the {_DISTRIBUTION!r} "
+                           "package: install the book's dependencies (`make install`, or "
+                           "`pip install -c constraints.txt -e '.[book]'`)") from None
+    folder = Path(dist.locate_file(f"{_DISTRIBUTION}/static/mathjax"))
+    if not (folder / MATHJAX_COMPONENT).is_file():
+        raise RuntimeError(f"{folder / MATHJAX_COMPONENT} is missing: reinstall {_DISTRIBUTION}")
+    return folder
+
+
+def _is_remote(path: str) -> bool:
+    return not path or "://" in path or path.startswith("//")
+
+
+def _use_local_mathjax(app, config) -> None:
+    if _is_remote(str(config.mathjax_path or "")):
+        mathjax_source()  # fail early, with the install command, when the copy is missing
+        config.mathjax_path = f"{MATHJAX_DIR}/{MATHJAX_COMPONENT}"
+
+
+def _copy_mathjax(app, exc) -> None:
+    if exc is not None or app.builder.format != "html":
+        return
+    if not str(app.config.mathjax_path).startswith(f"{MATHJAX_DIR}/"):
+        return  # another MathJax chosen in the configuration
+    source = mathjax_source()
+
+    def ignore(folder: str, names: list[str]) -> list[str]:
+        """The other combined components at the top (``tex-svg.js``, ``mml-chtml.js``...): 24 MB -> 10 MB."""
+        if Path(folder) != source:
+            return []
+        return [n for n in names if n.endswith(".js") and n != MATHJAX_COMPONENT]
+
+    shutil.copytree(source, Path(app.outdir) / "_static" / MATHJAX_DIR, ignore=ignore, dirs_exist_ok=True)
+
+
+def setup(app):
+    app.setup_extension("sphinx.ext.mathjax")
+    # After the configuration is read (jupyter-book's `sphinx: config:` included), before the pages are written.
+    app.connect("config-inited", _use_local_mathjax, priority=900)
+    app.connect("build-finished", _copy_mathjax)
+    return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
