@@ -220,7 +220,7 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
     def compute() -> pd.DataFrame:
         rows = []
 
-        def measure(epoch: int, model, row: dict) -> None:
+        def measure(epoch: int, model, row: dict | None = None) -> None:
             model = copy.deepcopy(model).to("cpu").eval()
             t = [g.detach() for g in target_fn(model)]
             tn = torch.sqrt(sum((g * g).sum() for g in t))
