@@ -14,6 +14,7 @@ key: callers pass models, benign datasets, (already triggered) images and evalua
   detector of sample-agnostic triggers (Gao et al., 2019).
 """
 
+from . import fine_tuning, pruning, strip
 from .fine_tuning import FineTuningSettings, fine_tune, fine_tune_size
 from .pruning import (
     ChannelMask,
@@ -27,20 +28,4 @@ from .pruning import (
 )
 from .strip import StripSettings, rank_auc, strip_detect, strip_entropy
 
-__all__ = [
-    "FineTuningSettings",
-    "fine_tune",
-    "fine_tune_size",
-    "ChannelMask",
-    "get_layer",
-    "layer_activations",
-    "pruning_order",
-    "prune_channels",
-    "prune_by_activation",
-    "pruned_count",
-    "pruning_curve",
-    "StripSettings",
-    "strip_entropy",
-    "strip_detect",
-    "rank_auc",
-]
+__all__ = [*fine_tuning.__all__, *pruning.__all__, *strip.__all__]
