@@ -8,6 +8,12 @@ tensors. ubwlib's trainer keeps the uint8 data as one tensor on the device, augm
 and uses bfloat16 autocast + channels-last where the hardware supports it. Both train the same model
 (same architecture, same initial weights) on the same images for the same number of steps; the first
 steps of each are a warm-up and are not timed. The table prints images/s and the ratio.
+
+A second table times the two other hot loops of the book on the same model: the crafting step of gradient
+matching (poisons/s: augment, per-batch parameter gradient with ``create_graph``, passenger loss against a target
+gradient, gradient with respect to the perturbation: a double backward) and the per-sample gradient norms that
+select the poisons (images/s). With a GPU, the CIFAR-shape ResNet-18 rows add ubwlib at batch 128 and 512, in
+float32, and the plain loop with 0 and 8 DataLoader workers (the figures of issue 11).
 """
 
 from __future__ import annotations
@@ -25,8 +31,14 @@ from .data import DataNotFoundError, ImageDataset, load_dataset
 from .experiments.profiles import get_profile
 from .models import build_model
 from .train import TrainConfig, resolve_device, resolve_precision, train
+from .watermarks.gradient_matching import (
+    GradientMatchingSettings,
+    crafting_augment,
+    ensemble_passenger_loss,
+    per_sample_grad_norms,
+)
 
-__all__ = ["bench_ubwlib", "bench_plain", "main"]
+__all__ = ["bench_ubwlib", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
 
 
 class _PILDataset(Dataset):
@@ -106,6 +118,56 @@ def bench_ubwlib(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, s
     return (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, steps: int, warmup: int,
+                   device: torch.device, precision: str = "fp32") -> float:
+    """poisons/s of gradient matching's crafting step (the inner loop of
+    :func:`ubwlib.watermarks.gradient_matching.craft`: crafting augmentation, passenger loss with a double
+    backward, gradient with respect to the perturbation), one surrogate, batches of ``batch_size`` poisons."""
+    model = model.to(device).eval()
+    settings = GradientMatchingSettings()
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    n = len(data)
+    base = data.images.to(device).float() / 255
+    labels = data.labels.to(device)
+    # a target gradient: the loss of relabelled images (the passenger loss only needs a fixed direction)
+    loss = F.cross_entropy(model(base[:batch_size]).float(), (labels[:batch_size] + 1) % data.num_classes)
+    target = [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
+    target_norm = torch.sqrt(sum((t * t).sum() for t in target))
+    delta = torch.zeros_like(base)
+    seen, t0 = 0, None
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            t0 = time.perf_counter()
+        b = (step * batch_size) % max(1, n - batch_size + 1)
+        d = delta[b : b + batch_size].detach().requires_grad_(True)
+        x = crafting_augment(base[b : b + batch_size] + d, settings, gen)
+        loss = ensemble_passenger_loss([model], [(target, target_norm)], x, labels[b : b + batch_size], precision)
+        (g,) = torch.autograd.grad(loss, d)
+        delta[b : b + batch_size] -= 1e-3 * g.sign()
+        if step >= warmup:
+            seen += len(d)
+    _sync(device)
+    return seen / (time.perf_counter() - t0)
+
+
+def bench_grad_norms(model: torch.nn.Module, data: ImageDataset, device: torch.device, warmup: int = 256) -> float:
+    """images/s of :func:`~ubwlib.watermarks.gradient_matching.per_sample_grad_norms` over ``data`` (after a
+    warm-up on its first ``warmup`` images)."""
+    model = model.to(device)
+    per_sample_grad_norms(model, data.images[:warmup], data.labels[:warmup], device=device)
+    _sync(device)
+    t0 = time.perf_counter()
+    per_sample_grad_norms(model, data.images, data.labels, device=device)
+    _sync(device)
+    return len(data) / (time.perf_counter() - t0)
+
+
 def _data_for(profile, n_needed: int) -> tuple[ImageDataset, str]:
     try:
         d = load_dataset(profile.dataset, root=profile.data_root).train
@@ -130,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40, help="timed steps of ubwlib's trainer (default-profile model)")
     ap.add_argument("--plain-steps", type=int, default=15, help="timed steps of the plain loop")
     ap.add_argument("--cifar-steps", type=int, default=6, help="timed steps for CIFAR-shape ResNet-18 (0: skip)")
+    ap.add_argument("--craft-steps", type=int, default=4, help="timed crafting steps (0: skip)")
+    ap.add_argument("--norm-images", type=int, default=2048, help="images for the gradient-norm pass (0: skip)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
@@ -168,7 +232,53 @@ def main(argv: list[str] | None = None) -> int:
     for name, o, o32, p in rows:
         print(f"{name:<{w}}  {o:>13,.0f}  {o32:>12,.0f}  {p:>12,.0f}  {o / p:>5.1f}x")
     print("ratio = ubwlib (auto precision) / plain loop; 'ubwlib fp32' is ubwlib's trainer forced to float32")
+
+    loops = []
+    if args.craft_steps > 0:
+        gm = GradientMatchingSettings()
+        crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
+        loops.append((f"gradient-matching crafting step, {prof.model} x{prof.width}, batch {gm.batch_size}",
+                      "poisons/s", bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
+                                                  args.craft_steps, 1, dev, prec)))
+    if args.norm_images > 0:
+        loops.append((f"per-sample gradient norms, {prof.model} x{prof.width}", "images/s",
+                      bench_grad_norms(model(prof.model, prof.width, k, c),
+                                       data.subset(torch.arange(min(len(data), args.norm_images))), dev)))
+    if dev.type == "cuda" and args.cifar_steps > 0:
+        rows_gpu = _gpu_rows(args, dev, model)
+        loops.extend(rows_gpu)
+    if loops:
+        w = max(len(r[0]) for r in loops)
+        print(f"{'loop':<{w}}  {'rate':>12}")
+        for name, unit, rate in loops:
+            print(f"{name:<{w}}  {rate:>12,.0f} {unit}")
     return 0
+
+
+def _gpu_rows(args: argparse.Namespace, dev: torch.device, model) -> list[tuple[str, str, float]]:
+    """The GPU figures of issue 11 (CIFAR-shape ResNet-18): ubwlib at batch 128 and 512 (auto precision and
+    float32), the plain loop with 0 and 8 workers, crafting poisons/s and gradient-norm images/s."""
+    ccfg = get_profile("paper").train
+    steps = max(args.cifar_steps, 20)
+    out = []
+    for batch in (128, 512):
+        cdata = _cifar_shape((steps + 3) * batch)
+        out.append((f"GPU ubwlib, resnet18-cifar, batch {batch}", "images/s",
+                    bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(batch_size=batch), steps, 3,
+                                 dev)))
+    cdata = _cifar_shape((steps + 3) * 128)
+    out.append(("GPU ubwlib, resnet18-cifar, batch 128, fp32", "images/s",
+                bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(precision="fp32"), steps, 3,
+                             dev)))
+    for workers in (0, 8):
+        out.append((f"GPU plain loop, resnet18-cifar, batch 128, {workers} workers", "images/s",
+                    bench_plain(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, steps, 3, dev, workers)))
+    out.append(("GPU crafting step, resnet18-cifar, batch 128", "poisons/s",
+                bench_crafting(model("resnet18-cifar", 1.0, 10, 3), cdata, 128, steps, 3, dev,
+                               resolve_precision("auto", dev))))
+    out.append(("GPU per-sample gradient norms, resnet18-cifar", "images/s",
+                bench_grad_norms(model("resnet18-cifar", 1.0, 10, 3), cdata, dev)))
+    return out
 
 
 if __name__ == "__main__":
