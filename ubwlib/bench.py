@@ -41,6 +41,12 @@ from .watermarks.gradient_matching import (
 __all__ = ["bench_ubwlib", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
 
 
+def _sync(device: torch.device) -> None:
+    """Wait for the device's queued work (timings on a GPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
 class _PILDataset(Dataset):
     """The usual per-sample pipeline: uint8 array -> PIL image -> torchvision transforms -> tensor."""
 
@@ -94,8 +100,7 @@ def bench_plain(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, st
         opt.step()
         if step >= warmup:
             seen += len(y)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return seen / (time.perf_counter() - t0)
 
 
@@ -109,18 +114,11 @@ def bench_ubwlib(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, s
     one = cfg.replace(epochs=1, drop_last=True, schedule="constant")
     train(model, subset(warmup), one, device=device, progress=False)
     timed = subset(steps)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     t0 = time.perf_counter()
     train(model, timed, one, device=device, progress=False)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    _sync(device)
     return (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, steps: int, warmup: int,

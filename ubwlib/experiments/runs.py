@@ -24,7 +24,8 @@ from functools import lru_cache
 import torch
 
 from ..cache import Cache, table_from_data, table_to_data
-from ..watermarks import REGISTRY, GradientMatchingSettings, WatermarkedDataset, WatermarkKey, get_watermark
+from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, get_watermark
+from ..watermarks.base import watermark_class
 from ..watermarks.gradient_matching import derived_seed, per_sample_grad_norms
 from .core import TrainedModel, benign_model, cached_evaluation, default_cache, fingerprint, load_data, trained_model
 from .profiles import Profile
@@ -50,16 +51,10 @@ VERSION = "2"
 VICTIM_SEED_OFFSET = 1000
 
 
-def _registered(method: str):
-    if method not in REGISTRY:
-        raise ValueError(f"unknown watermark {method!r}; choose one of {sorted(REGISTRY)}")
-    return REGISTRY[method]
-
-
 def is_clean_label(method: str) -> bool:
     """True for the watermarks that keep every label and perturb images against a surrogate model
     (Label-Consistent, Sleeper Agent, UBW-C): their releases are cached on disk and tested on a victim seed."""
-    return _registered(method).label_type == "clean"
+    return watermark_class(method).label_type == "clean"
 
 
 def victim_seed(seed: int) -> int:
@@ -88,7 +83,7 @@ def crafting_budget(profile: Profile) -> GradientMatchingSettings:
 def method_settings(profile: Profile, method: str, **overrides) -> dict:
     """Keyword settings of ``method`` on ``profile``, with ``overrides``: what depends on the profile (the crafting
     budget of a gradient-matching watermark, the surrogate of Label-Consistent); the paper's defaults otherwise."""
-    settings_type = _registered(method).Settings
+    settings_type = watermark_class(method).Settings
     fields = {f.name for f in dataclasses.fields(settings_type)}
     settings = {}
     if "crafting" in fields:

@@ -481,13 +481,17 @@ def register(cls: type[Watermark]) -> type[Watermark]:
     return cls
 
 
-def get_watermark(name: str, **settings) -> Watermark:
-    """A watermark by name (``badnets``, ``blended``, ``wanet``, ``ubw-p``...) with its settings."""
+def watermark_class(name: str) -> type[Watermark]:
+    """The registered watermark class ``name`` (``badnets``, ``blended``, ``wanet``, ``ubw-p``...)."""
     try:
-        cls = REGISTRY[name]
+        return REGISTRY[name]
     except KeyError:
         raise ValueError(f"unknown watermark {name!r}; choose one of {', '.join(REGISTRY)}") from None
-    return cls(**settings)
+
+
+def get_watermark(name: str, **settings) -> Watermark:
+    """A watermark by name (``badnets``, ``blended``, ``wanet``, ``ubw-p``...) with its settings."""
+    return watermark_class(name)(**settings)
 
 
 def trigger(images: torch.Tensor, key: WatermarkKey, seed: int | None = None) -> torch.Tensor:
