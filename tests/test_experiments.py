@@ -30,7 +30,10 @@ from ubwlib.experiments import (
     get_profile,
     load_data,
     profile_names,
+    run,
+    run_many,
     trained_model,
+    trained_models,
 )
 from ubwlib.experiments.dispersibility import (
     lemma1_table,
@@ -295,15 +298,18 @@ def test_fingerprint_is_content():
 # --------------------------------------------------------------------------------------------------
 
 
-def _counting_train(monkeypatch):
+def _counting_train(monkeypatch, groups: list | None = None):
+    """Record the config of every model the recipes train (and, in ``groups``, how many trained side by side)."""
     calls = []
-    real = core.train
+    real = core.train_many
 
-    def counting(*args, **kwargs):
-        calls.append(args[2] if len(args) > 2 else kwargs.get("config"))
-        return real(*args, **kwargs)
+    def counting(models, datasets, configs, **kwargs):
+        calls.extend(configs)
+        if groups is not None:
+            groups.append(len(models))
+        return real(models, datasets, configs, **kwargs)
 
-    monkeypatch.setattr(core, "train", counting)
+    monkeypatch.setattr(core, "train_many", counting)
     return calls
 
 
@@ -311,7 +317,7 @@ def _forbid_train(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("trained although the model is in the cache")
 
-    monkeypatch.setattr(core, "train", boom)
+    monkeypatch.setattr(core, "train_many", boom)
 
 
 def test_trained_model_cold_then_warm(tiny, tmp_path, monkeypatch):
@@ -341,6 +347,51 @@ def test_default_cache_follows_ubw_cache(tiny, tmp_path, monkeypatch):
     assert (tmp_path / "cache" / "model" / a.key).is_dir()
     b = benign_model(tiny, progress=False)
     assert b.cached is True and len(calls) == 1 and b.key == a.key
+
+
+def test_trained_models_stack_the_uncached_and_cache_each_under_trained_models_key(tiny, tmp_path, monkeypatch):
+    groups: list[int] = []
+    calls = _counting_train(monkeypatch, groups)
+    P = tiny.replace(stack=2)
+    train_set = load_data(P).train
+    flipped = train_set.replace(images=train_set.images.flip(3))
+    half = train_set.stratified_subset(100, seed=0)
+    cache = Cache(tmp_path / "models")
+    trained_model(P, train_set, seed=5, cache=cache, progress=False)  # already cached: not trained again
+    calls.clear(), groups.clear()
+    jobs = [(train_set, 5), (train_set, 6), (flipped, 5), (half, 5), (train_set, 6)]  # the last repeats the 2nd
+    out = trained_models(P, jobs, cache=cache, progress=False)
+    # 2 new models of the full size side by side, 1 of the half size alone; the cached one and the repeat not at all
+    assert sorted(groups) == [1, 2] and len(calls) == 3
+    assert [t.cached for t in out] == [True, False, False, False, False]
+    assert out[1].key == out[4].key
+    _assert_same_weights(out[1].model, out[4].model)
+    _forbid_train(monkeypatch)
+    for (data, seed), t in zip(jobs, out):  # each stored under the key trained_model looks up
+        again = trained_model(P, data, seed=seed, cache=Cache(tmp_path / "models"), progress=False)
+        assert again.cached and again.key == t.key
+        _assert_same_weights(again.model, t.model)
+    assert len({t.key for t in out}) == 4
+
+
+def test_run_many_equals_run_and_trains_the_victims_side_by_side(tiny, tmp_path, monkeypatch):
+    groups: list[int] = []
+    _counting_train(monkeypatch, groups)
+    P = tiny.replace(stack=4)
+    cache = Cache(tmp_path / "c")
+    trained_model(P, load_data(P).train, cache=cache, progress=False)  # the benign model
+    groups.clear()
+    many = run_many(P, ["badnets", ("ubw-p", None), ("ubw-p", None, {"poisoning_rate": 0.05})], cache, progress=False)
+    assert groups == [3]
+    _forbid_train(monkeypatch)
+    for r, (m, o) in zip(many, [("badnets", {}), ("ubw-p", {}), ("ubw-p", {"poisoning_rate": 0.05})]):
+        one = run(P, m, cache=cache, progress=False, **o)
+        assert one.trained.key == r.trained.key and one.method == m
+        pd.testing.assert_series_equal(pd.Series(one.row), pd.Series(r.row))  # NaN where a rate does not apply
+        assert not r.trained.cached and one.trained.cached
+    assert len(many[2].released.indices) == round(0.05 * len(load_data(P).train))
+    with pytest.raises(TypeError, match="each spec"):
+        run_many(P, [("ubw-p", None, "gamma")], cache, progress=False)
 
 
 def test_key_changes_with_seed_config_and_labels(tiny, tmp_path, monkeypatch):

@@ -212,7 +212,7 @@ def test_second_calls_are_served_from_the_cache(tables, cache, monkeypatch):
 
     for name in ("fine_tune", "pruning_curve", "strip_detect"):
         monkeypatch.setattr(rob, name, boom)
-    monkeypatch.setattr(core, "train", boom)  # no model is retrained either
+    monkeypatch.setattr(core, "train_many", boom)  # no model is retrained either
     for m in DEFENSE_METHODS:
         pd.testing.assert_frame_equal(fine_tuning_table(P, m, settings=FT, cache=cache, progress=False),
                                       tables["ft"][m])

@@ -37,6 +37,7 @@ __all__ = [
     "TrainResult",
     "EpochCallback",
     "train",
+    "train_many",
     "prepare_model",
     "predict_proba",
     "predict",
@@ -277,77 +278,156 @@ def train(
 
     Seeded: the data order and augmentation come from generators seeded with ``config.seed``; build the model
     with ``ubwlib.models.build_model(..., seed=...)`` for reproducible initial weights. The same seed gives
-    the same weights on the same CPU.
+    the same weights on the same CPU. Several models of one architecture: :func:`train_many`.
     """
-    if not isinstance(dataset, ImageDataset):
-        raise TypeError(f"dataset must be an ubwlib.data.ImageDataset, got {type(dataset).__name__}")
-    if len(dataset) == 0:
-        raise ValueError("cannot train on an empty dataset")
+    _check_dataset(dataset)
     callback = _epoch_callback(on_epoch)
     dev = resolve_device(device)
     precision = resolve_precision(config.precision, dev)
     model = prepare_model(model, dev, precision)
-    images = dataset.images.to(dev)
-    labels = dataset.labels.to(dev)
-    n = len(dataset)
+
+    def after_epoch(epoch: int, rows: list[dict]) -> None:
+        if eval_set is not None:
+            rows[0]["eval_acc"] = accuracy(model, eval_set, device=dev, precision=precision)
+        if callback is not None:
+            callback(epoch, model, dict(rows[0]))
+
+    (hist,) = _fit(model, [_Stream(dataset, config.seed, dev)], config, dev, precision, progress, desc, after_epoch,
+                   eval_col=eval_set is not None)
+    model.eval()
+    return TrainResult(model, hist)
+
+
+def train_many(
+    models: list[nn.Module],
+    datasets: list[ImageDataset],
+    configs: list[TrainConfig],
+    *,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[TrainResult]:
+    """Train ``G`` models of one architecture in one pass (:func:`ubwlib.stacked.stack_models`): model ``i`` on
+    ``datasets[i]`` with ``configs[i]``, each with its own data order and augmentation drawn exactly as
+    :func:`train` draws them for that config's seed. Returns one ``(model, history)`` per model (the models are
+    trained in place). The datasets must have the same size and image shape, and the configs may differ in their
+    ``seed`` only (the schedule is shared); otherwise train the models separately with :func:`train`.
+
+    On the bfloat16 channels-last path the weights equal those of :func:`train` for each model (tested); in
+    float32 they may differ in the last bits. Faster than one at a time where the models are small for the
+    device (``python -m ubwlib.bench``)."""
+    from .stacked import stack_models, unstack_models
+
+    if not (len(models) == len(datasets) == len(configs)) or not models:
+        raise ValueError(f"train_many needs one dataset and one config per model, got {len(models)} models, "
+                         f"{len(datasets)} datasets and {len(configs)} configs")
+    for d in datasets:
+        _check_dataset(d)
+    if len({(len(d), tuple(d.image_shape)) for d in datasets}) > 1:
+        raise ValueError("train_many needs datasets of one size and image shape, got "
+                         f"{sorted({(len(d), tuple(d.image_shape)) for d in datasets})}; train the others separately")
+    shared = {dataclasses.replace(c, seed=0) for c in configs}
+    if len(shared) > 1:
+        raise ValueError("train_many needs configs that differ in their seed only; train the others separately")
+    config = configs[0]
+    dev = resolve_device(device)
+    precision = resolve_precision(config.precision, dev)
+    if len(models) == 1:
+        return [train(models[0], datasets[0], config, device=dev, progress=progress, desc=desc)]
+    models = [prepare_model(m, dev, precision) for m in models]
+    net = prepare_model(stack_models(models), dev, precision)
+    streams = [_Stream(d, c.seed, dev) for d, c in zip(datasets, configs)]
+    hists = _fit(net, streams, config, dev, precision, progress, f"{desc} (x{len(models)})", None)
+    unstack_models(net, models)
+    for m in models:
+        m.eval()
+    return [TrainResult(m, h) for m, h in zip(models, hists)]
+
+
+def _check_dataset(dataset) -> None:
+    if not isinstance(dataset, ImageDataset):
+        raise TypeError(f"dataset must be an ubwlib.data.ImageDataset, got {type(dataset).__name__}")
+    if len(dataset) == 0:
+        raise ValueError("cannot train on an empty dataset")
+
+
+class _Stream:
+    """One model's data in a training pass: its tensors on the device, its order and augmentation generators
+    (seeded as :func:`train` seeds them)."""
+
+    def __init__(self, dataset: ImageDataset, seed: int, dev: torch.device) -> None:
+        self.images = dataset.images.to(dev)
+        self.labels = dataset.labels.to(dev)
+        self.order_gen = torch.Generator().manual_seed(seed)
+        self.aug_gen = torch.Generator(device=dev).manual_seed(seed + 1)
+
+
+def _fit(net: nn.Module, streams: list[_Stream], config: TrainConfig, dev: torch.device, precision: str,
+         progress: bool, desc: str, after_epoch: Callable[[int, list[dict]], None] | None,
+         eval_col: bool = False) -> list[pd.DataFrame]:
+    """The training loop of :func:`train` (one stream, ``net`` the model) and :func:`train_many` (``G`` streams,
+    ``net`` the stacked module): one SGD step per batch on the sum of the ``G`` models' mean cross-entropies,
+    so each model's gradient is its own. Returns one history per stream."""
+    g = len(streams)
+    n = len(streams[0].labels)
     steps_per_epoch = (n // config.batch_size) if (config.drop_last and n >= config.batch_size) else math.ceil(
         n / config.batch_size
     )
-
-    order_gen = torch.Generator().manual_seed(config.seed)
-    aug_gen = torch.Generator(device=dev).manual_seed(config.seed + 1)
     opt = torch.optim.SGD(
-        model.parameters(),
+        net.parameters(),
         lr=config.lr,
         momentum=config.momentum,
         weight_decay=config.weight_decay,
         nesterov=config.nesterov and config.momentum > 0,
     )
     sched, per_batch = _make_scheduler(opt, config, steps_per_epoch)
-    rows = []
+    rows: list[list[dict]] = [[] for _ in streams]
     bar = progress_bar(range(config.epochs), desc=desc, progress=progress, leave=False, unit="epoch")
     for epoch in bar:
-        model.train()
+        net.train()
         t0 = time.perf_counter()
         lr_epoch = opt.param_groups[0]["lr"]
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
+        loss_sum = torch.zeros(g, device=dev)
+        correct = torch.zeros(g, device=dev, dtype=torch.long)
         seen = 0
-        for idx in _batches(n, config.batch_size, config.drop_last, order_gen):
-            idx = idx.to(dev)
-            xb = augment_batch(images[idx], flip=config.flip, crop_padding=config.crop_padding, generator=aug_gen)
-            xb = to_model_input(xb, precision)
-            yb = labels[idx]
+        orders = [_batches(n, config.batch_size, config.drop_last, s.order_gen) for s in streams]
+        for idxs in zip(*orders):
+            xs, ys = [], []
+            for s, idx in zip(streams, idxs):
+                idx = idx.to(dev)
+                xs.append(augment_batch(s.images[idx], flip=config.flip, crop_padding=config.crop_padding,
+                                        generator=s.aug_gen))
+                ys.append(s.labels[idx])
+            xb = to_model_input(xs[0] if g == 1 else torch.cat(xs, 1), precision)
             with autocast_context(precision, dev):
-                logits = model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=config.label_smoothing)
+                logits = net(xb)
+                outs = [logits] if g == 1 else list(logits.view(len(xb), g, -1).unbind(1))
+                losses = [F.cross_entropy(o.float(), y, label_smoothing=config.label_smoothing)
+                          for o, y in zip(outs, ys)]
+                loss = losses[0] if g == 1 else torch.stack(losses).sum()
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             if per_batch:
                 sched.step()
-            loss_sum += loss.detach() * len(idx)
-            correct += (logits.detach().argmax(1) == yb).sum()
-            seen += len(idx)
+            with torch.no_grad():
+                loss_sum += torch.stack([x.detach() for x in losses]) * len(xb)
+                correct += torch.stack([(o.detach().argmax(1) == y).sum() for o, y in zip(outs, ys)])
+            seen += len(xb)
         if not per_batch:
             sched.step()
-        row = {
-            "epoch": epoch + 1,
-            "lr": lr_epoch,
-            "loss": float(loss_sum) / seen,
-            "train_acc": float(correct) / seen,
-            "seconds": time.perf_counter() - t0,
-        }
-        if eval_set is not None:
-            row["eval_acc"] = accuracy(model, eval_set, device=dev, precision=precision)
-        rows.append(row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['train_acc']:.3f}")
-        if callback is not None:
-            callback(epoch + 1, model, dict(row))
+        seconds = time.perf_counter() - t0
+        epoch_rows = [{"epoch": epoch + 1, "lr": lr_epoch, "loss": float(loss_sum[i]) / seen,
+                       "train_acc": float(correct[i]) / seen, "seconds": seconds / g} for i in range(g)]
+        if after_epoch is not None:
+            after_epoch(epoch + 1, epoch_rows)
+        for r, row in zip(rows, epoch_rows):
+            r.append(row)
+        bar.set_postfix(loss=f"{epoch_rows[0]['loss']:.3f}", acc=f"{epoch_rows[0]['train_acc']:.3f}")
     bar.close()
-    model.eval()
-    cols = ["epoch", "lr", "loss", "train_acc", "seconds"] + (["eval_acc"] if eval_set is not None else [])
-    return TrainResult(model, pd.DataFrame(rows, columns=cols))
+    net.eval()
+    cols = ["epoch", "lr", "loss", "train_acc", "seconds"] + (["eval_acc"] if eval_col else [])
+    return [pd.DataFrame(r, columns=cols) for r in rows]
 
 
 # --------------------------------------------------------------------------- inference

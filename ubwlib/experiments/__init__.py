@@ -4,9 +4,10 @@ The book calls only this layer; it calls the methods (``watermarks``, ``verify``
 call ``train``, which calls ``models`` and ``data``.
 """
 
-from .core import VERSIONS, TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model
+from .core import (VERSIONS, TrainedModel, benign_model, default_cache, fingerprint, load_data, trained_model,
+                   trained_models)
 from .profiles import PROFILES, Profile, get_profile, profile_names
-from .runs import Run, release, run
+from .runs import Run, release, run, run_many
 
 __all__ = [
     "PROFILES",
@@ -20,7 +21,9 @@ __all__ = [
     "fingerprint",
     "load_data",
     "trained_model",
+    "trained_models",
     "release",
     "run",
+    "run_many",
     "Run",
 ]

@@ -29,7 +29,7 @@ from ..watermarks import UBWCSettings, WatermarkKey
 from .core import TrainedModel, benign_model, cached_evaluation, load_data
 from .paper import METHOD_LABELS
 from .profiles import AblationGrid, Profile
-from .runs import release, run, source_class
+from .runs import Run, release, run_many, source_class
 
 __all__ = [
     "METRICS",
@@ -103,10 +103,10 @@ def _evaluation(trained: TrainedModel, key: WatermarkKey, source_class: int | No
     return cached_evaluation(trained, load_data(profile).test, key, source_class=source_class, seed=seed, cache=cache)
 
 
-def _point(profile: Profile, method: str, seed: int | None, cache: Cache | None, progress: bool, **settings) -> dict:
-    """One :func:`~ubwlib.experiments.runs.run` with ``settings`` (same releases, same trained models, same cache
-    entries), evaluated on the source class where the watermark has one (``source_row``), else as its ``row``."""
-    point = run(profile, method, seed, cache, progress, **settings)
+def _point(point: Run) -> dict:
+    """One point of a sweep: a :class:`~ubwlib.experiments.runs.Run` (from :func:`~ubwlib.experiments.runs.run_many`:
+    the same releases, trained models and cache entries as :func:`~ubwlib.experiments.runs.run`), evaluated on the
+    source class where the watermark has one (``source_row``), else as its ``row``."""
     r = point.row if point.source_row is None else point.source_row
     return {"poisons": len(point.released.indices), **{k: float(r[k]) for k in METRICS}, "eval set": r["eval set"],
             "n eval": int(r["n eval"])}
@@ -131,12 +131,10 @@ def gamma_sweep(profile: Profile, methods=("ubw-p", "ubw-c"), gammas=None, seed:
         per_method = {m: grid[m] for m in methods}
     else:
         per_method = _gammas_for(gammas, methods)
-    rows = []
-    for m in methods:
-        for g in per_method[m]:
-            rows.append({"method": m, "Method": METHOD_LABELS.get(m, m), "gamma": g,
-                         **_point(profile, m, seed, cache, progress, poisoning_rate=g)})
-    return pd.DataFrame(rows)
+    specs = [(m, seed, {"poisoning_rate": g}) for m in methods for g in per_method[m]]
+    points = run_many(profile, specs, cache, progress)
+    return pd.DataFrame([{"method": m, "Method": METHOD_LABELS.get(m, m), "gamma": o["poisoning_rate"], **_point(p)}
+                         for (m, _, o), p in zip(specs, points)])
 
 
 def lambda_sweep(profile: Profile, lambdas=None, gamma: float = TABLE1_GAMMA, seed: int | None = None,
@@ -147,11 +145,9 @@ def lambda_sweep(profile: Profile, lambdas=None, gamma: float = TABLE1_GAMMA, se
     Rows (lam, gamma, poisons, BA, ASR-A, ASR-C, D_p, D_s (triggered), eval set, n eval), rates as fractions."""
     lambdas = ablation_grid(profile)["lambdas"] if lambdas is None else _floats(lambdas, "lambdas")
     gamma = float(gamma)
-    rows = []
-    for lam in lambdas:
-        rows.append({"lam": lam, "gamma": gamma,
-                     **_point(profile, "ubw-c", seed, cache, progress, poisoning_rate=gamma, lam=lam)})
-    return pd.DataFrame(rows)
+    points = run_many(profile, [("ubw-c", seed, {"poisoning_rate": gamma, "lam": lam}) for lam in lambdas], cache,
+                      progress)
+    return pd.DataFrame([{"lam": lam, "gamma": gamma, **_point(p)} for lam, p in zip(lambdas, points)])
 
 
 def benign_baseline(profile: Profile, methods=("ubw-p", "ubw-c"), seed: int | None = None,

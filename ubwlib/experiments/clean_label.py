@@ -16,7 +16,7 @@ from .core import load_data
 from .profiles import Profile
 from .runs import Run, crafting_budget, method_settings, release, run
 
-__all__ = ["CLEAN_LABEL_METHODS", "noise_control_run", "perturbation_rows", "perturbation_stats", "crafting_curves"]
+__all__ = ["CLEAN_LABEL_METHODS", "noise_control_run", "noise_control_spec", "perturbation_rows", "perturbation_stats", "crafting_curves"]
 
 #: The clean-label watermarks of Table 1, in the paper's order.
 CLEAN_LABEL_METHODS = ("label-consistent", "sleeper-agent", "ubw-c")
@@ -27,8 +27,14 @@ def noise_control_run(profile: Profile, seed: int | None = None, cache=None, pro
     (uniform in the eps-ball, seeded) and *no* crafting step, then a victim trained from scratch like every other.
     What UBW-C does beyond this row is what the gradient matching adds; what this row does beyond the benign model
     is what any perturbation of these poisons does."""
-    budget = dataclasses.replace(crafting_budget(profile), steps=0)
-    return run(profile, "ubw-c", seed, cache, progress, crafting=budget)
+    method, seed, overrides = noise_control_spec(profile, seed)
+    return run(profile, method, seed, cache, progress, **overrides)
+
+
+def noise_control_spec(profile: Profile, seed: int | None = None) -> tuple[str, int | None, dict]:
+    """The noise control of :func:`noise_control_run` as a :func:`~ubwlib.experiments.runs.run_many` spec
+    (``"ubw-c"`` with 0 crafting steps), so that its victim trains beside the others."""
+    return "ubw-c", seed, {"crafting": dataclasses.replace(crafting_budget(profile), steps=0)}
 
 
 def perturbation_rows(profile: Profile, method: str, n: int = 8, seed: int | None = None, **overrides) -> dict:

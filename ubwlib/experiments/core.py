@@ -18,11 +18,11 @@ from torch import nn
 from ..cache import Cache, load_state_dict_tensors, state_dict_tensors, table_from_data, table_to_data
 from ..data import DatasetSplits, ImageDataset, load_dataset
 from ..models import build_model
-from ..train import resolve_device, train
+from ..train import TrainConfig, resolve_device, train_many
 from ..watermarks.base import dataset_fingerprint
 from .profiles import Profile
 
-__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "benign_model", "default_cache",
+__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model", "default_cache",
            "cached_table", "cached_evaluation", "key_digest"]
 
 #: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
@@ -81,30 +81,74 @@ def trained_model(
     desc: str = "train",
 ) -> TrainedModel:
     """The profile's model trained on ``train_set`` with the profile's schedule (from the cache when possible)."""
+    return trained_models(profile, [(train_set, seed)], cache=cache, progress=progress, desc=desc)[0]
+
+
+def trained_models(
+    profile: Profile,
+    jobs: list[tuple[ImageDataset, int | None]],
+    *,
+    cache: Cache | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[TrainedModel]:
+    """:func:`trained_model` for each ``(train_set, seed)`` of ``jobs`` (seed None: the profile's). Those not in the
+    cache are trained ``profile.stack`` at a time side by side (:func:`ubwlib.train.train_many`; datasets of one
+    size), then cached one by one under the same keys as :func:`trained_model`'s."""
     cache = cache or default_cache()
-    seed = profile.seed if seed is None else seed
-    cfg = profile.train.replace(seed=seed)
-    settings = {
-        "model": profile.model,
-        "width": profile.width,
-        "num_classes": train_set.num_classes,
-        "in_channels": train_set.image_shape[0],
-        "train": dataclasses.asdict(cfg),
-        "data": fingerprint(train_set),
-    }
+    specs = []
+    for train_set, seed in jobs:
+        seed = profile.seed if seed is None else seed
+        cfg = profile.train.replace(seed=seed)
+        settings = {
+            "model": profile.model,
+            "width": profile.width,
+            "num_classes": train_set.num_classes,
+            "in_channels": train_set.image_shape[0],
+            "train": dataclasses.asdict(cfg),
+            "data": fingerprint(train_set),
+        }
+        specs.append((train_set, cfg, settings))
 
-    def make() -> nn.Module:
-        return build_model(profile.model, train_set.num_classes, train_set.image_shape[0], profile.width, seed=seed)
+    def make(train_set: ImageDataset, cfg: TrainConfig) -> nn.Module:
+        return build_model(profile.model, train_set.num_classes, train_set.image_shape[0], profile.width,
+                           seed=cfg.seed)
 
-    def compute():
-        model, hist = train(make(), train_set, cfg, progress=progress, desc=desc)
-        return state_dict_tensors(model), {"history": table_to_data(hist)}
-
-    entry = cache.get_or_compute("model", settings, VERSIONS["model"], compute)
-    model = make()
-    load_state_dict_tensors(model, entry.tensors)
-    model.to(resolve_device(None)).eval()
-    return TrainedModel(model, table_from_data(entry.data["history"]), entry.hit, entry.path.name)
+    entries: dict[int, object] = {}
+    todo: list[int] = []
+    for i, (_, _, settings) in enumerate(specs):
+        if any(settings == specs[j][2] for j in todo):
+            continue  # the same model asked twice: trained once
+        entry = cache.get("model", settings, VERSIONS["model"])
+        if entry is None:
+            todo.append(i)
+        else:
+            entries[i] = entry
+    # side by side only what can share a pass: datasets of one size and shape
+    groups: dict[tuple, list[int]] = {}
+    for i in todo:
+        groups.setdefault((len(specs[i][0]), tuple(specs[i][0].image_shape)), []).append(i)
+    stack = max(1, profile.stack)
+    for members in groups.values():
+        for start in range(0, len(members), stack):
+            chunk = members[start : start + stack]
+            results = train_many([make(specs[i][0], specs[i][1]) for i in chunk], [specs[i][0] for i in chunk],
+                                 [specs[i][1] for i in chunk], progress=progress, desc=desc)
+            for i, (model, hist) in zip(chunk, results):
+                entries[i] = cache.put("model", specs[i][2], VERSIONS["model"], state_dict_tensors(model),
+                                       {"history": table_to_data(hist)},
+                                       overwrite=cache.enabled and not cache.reads_enabled)
+    out = []
+    for i, (train_set, cfg, settings) in enumerate(specs):
+        entry = entries.get(i)
+        if entry is None:  # a repeat of an earlier job
+            entry = entries[next(j for j in entries if specs[j][2] == settings)]
+        model = make(train_set, cfg)
+        load_state_dict_tensors(model, entry.tensors)
+        model.to(resolve_device(None)).eval()
+        out.append(TrainedModel(model, table_from_data(entry.data["history"]), bool(entry.hit) and i not in todo,
+                                entry.path.name))
+    return out
 
 
 def benign_model(profile: Profile, seed: int | None = None, cache: Cache | None = None,

@@ -10,7 +10,7 @@ import pandas as pd
 
 from .paper import METHOD_LABELS
 from .profiles import Profile
-from .runs import run
+from .runs import run_many
 
 __all__ = ["REPORT_METHODS", "report_seeds", "seed_runs", "seed_variance"]
 
@@ -31,21 +31,20 @@ def seed_runs(profile: Profile, methods=REPORT_METHODS, seeds=None, cache=None, 
     UBW-C, the victim's initialisation and data order."""
     seeds = report_seeds(profile) if seeds is None else list(seeds)
     rows = []
-    for m in methods:
-        for s in seeds:
-            r = run(profile, m, s, cache, progress)
-            rows.append({"method": METHOD_LABELS.get(m, m), "seed": s, "eval set": "whole test set",
-                         **{k: r.row[k] for k in HEADLINE}})
-            if r.source_row is not None:
-                rows.append({"method": METHOD_LABELS.get(m, m), "seed": s, "eval set": "source class",
-                             **{k: r.source_row[k] for k in HEADLINE}})
+    specs = [(m, s) for m in methods for s in seeds]
+    for (m, s), r in zip(specs, run_many(profile, specs, cache, progress)):
+        rows.append({"method": METHOD_LABELS.get(m, m), "seed": s, "eval set": "whole test set",
+                     **{k: r.row[k] for k in HEADLINE}})
+        if r.source_row is not None:
+            rows.append({"method": METHOD_LABELS.get(m, m), "seed": s, "eval set": "source class",
+                         **{k: r.source_row[k] for k in HEADLINE}})
     return pd.DataFrame(rows)
 
 
-def seed_variance(runs: pd.DataFrame) -> pd.DataFrame:
+def seed_variance(seed_rows: pd.DataFrame) -> pd.DataFrame:
     """Mean, standard deviation (ddof 1) and range over seeds of each headline number, per method and
     evaluation set (rates in %)."""
-    df = runs.copy()
+    df = seed_rows.copy()
     for c in ("BA", "ASR-A", "ASR-C"):
         df[c] = df[c] * 100
     g = df.groupby(["method", "eval set"], sort=False)[list(HEADLINE)]

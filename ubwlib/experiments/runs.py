@@ -11,7 +11,8 @@ from the profile's benign model of ``seed`` (cached) as its surrogate.
 for a clean-label release with :func:`victim_seed`, a seed that no model of the crafting used) and evaluates it
 on the whole test set (``row``) and, for a source-specific watermark, on its source class (``source_row``). What
 is source-specific is read from the key: a key whose settings name a ``source`` class
-(:func:`source_class`).
+(:func:`source_class`). ``run_many(profile, specs)`` is :func:`run` for several at once: the releases first, then
+the victims not yet cached trained ``profile.stack`` at a time side by side.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from ..cache import Cache, table_from_data, table_to_data
 from ..watermarks import GradientMatchingSettings, WatermarkedDataset, WatermarkKey, get_watermark
 from ..watermarks.base import watermark_class
 from ..watermarks.gradient_matching import derived_seed, per_sample_grad_norms
-from .core import TrainedModel, benign_model, cached_evaluation, default_cache, fingerprint, load_data, trained_model
+from .core import (TrainedModel, benign_model, cached_evaluation, default_cache, fingerprint, load_data, trained_model,
+                   trained_models)
 from .profiles import Profile
 
 __all__ = [
@@ -41,6 +43,7 @@ __all__ = [
     "release",
     "Run",
     "run",
+    "run_many",
 ]
 
 #: Version of the cached clean-label releases (and of their checkpoints and gradient norms).
@@ -240,9 +243,33 @@ def run(profile: Profile, method: str, seed: int | None = None, cache: Cache | N
     with :func:`victim_seed`), evaluate on the whole test set and, where the key names one, the source class."""
     seed = profile.seed if seed is None else seed
     released = release(profile, method, seed, cache, progress, **overrides)
-    model_seed = victim_seed(seed) if is_clean_label(method) else seed
-    trained = trained_model(profile, released.dataset, seed=model_seed, cache=cache, progress=progress,
+    trained = trained_model(profile, released.dataset, seed=_model_seed(method, seed), cache=cache, progress=progress,
                             desc=method)
+    return _evaluated(profile, method, seed, released, trained, cache)
+
+
+def run_many(profile: Profile, specs, cache: Cache | None = None, progress: bool = True) -> list[Run]:
+    """:func:`run` for each spec: a method name, ``(method, seed)`` or ``(method, seed, overrides)`` (seed None:
+    the profile's). Every release is made first; then the victims not in the cache are trained ``profile.stack``
+    at a time side by side (:func:`~ubwlib.experiments.core.trained_models`), under the keys :func:`run` uses."""
+    parsed = []
+    for spec in specs:
+        method, seed, overrides = (spec, None, {}) if isinstance(spec, str) else (*tuple(spec), None, {})[:3]
+        if not isinstance(method, str) or not isinstance(overrides or {}, dict):
+            raise TypeError(f"each spec must be a method name, (method, seed) or (method, seed, overrides); got {spec!r}")
+        parsed.append((method, profile.seed if seed is None else seed, overrides or {}))
+    released = [release(profile, m, s, cache, progress, **o) for m, s, o in parsed]
+    trained = trained_models(profile, [(r.dataset, _model_seed(m, s)) for (m, s, _), r in zip(parsed, released)],
+                             cache=cache, progress=progress, desc="victims")
+    return [_evaluated(profile, m, s, r, t, cache) for (m, s, _), r, t in zip(parsed, released, trained)]
+
+
+def _model_seed(method: str, seed: int) -> int:
+    return victim_seed(seed) if is_clean_label(method) else seed
+
+
+def _evaluated(profile: Profile, method: str, seed: int, released: WatermarkedDataset, trained: TrainedModel,
+               cache: Cache | None) -> Run:
     test = load_data(profile).test
     row = cached_evaluation(trained, test, released.key, seed=seed, cache=cache)
     source = source_class(released.key)

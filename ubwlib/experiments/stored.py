@@ -219,7 +219,7 @@ def table_settings(spec: TableSpec, profile: Profile) -> dict:
     from .robustness import VERSION as ROBUSTNESS_VERSION
     from .verification import VERIFY_DRAW
 
-    shape = {k: v for k, v in dataclasses.asdict(profile).items() if k not in ("description", "data_root")}
+    shape = {k: v for k, v in dataclasses.asdict(profile).items() if k not in ("description", "data_root", "stack")}
     return {"table": spec.id, "profile": shape, "methods": {m: _method_settings(profile, m) for m in spec.methods},
             "versions": {**VERSIONS, "clean-label": CLEAN_LABEL_VERSION, "robustness": ROBUSTNESS_VERSION,
                          "verification draw": VERIFY_DRAW}}

@@ -343,7 +343,7 @@ def study_settings_hash(profile: Profile) -> str:
     The book flags a stored table whose hash differs from the current code's."""
     # the crafting budget enters through the UBW-C settings; the profile's other size groups play no part here
     shape = {k: v for k, v in dataclasses.asdict(profile.replace(data_root=None)).items()
-             if k not in ("crafting", "grid", "verification")}
+             if k not in ("crafting", "grid", "verification", "stack")}
     settings = {"profile": shape, "rows": study_rows(),
                 "ubw-c": {"source": 0, **method_settings(profile, "ubw-c")},  # "source": as hashed when it was passed
                 "victim seed": victim_seed(profile.seed)}

@@ -20,7 +20,7 @@ from .clean_label import CLEAN_LABEL_METHODS, noise_control_run
 from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data
 from .paper import METHOD_LABELS
 from .profiles import Profile
-from .runs import Run, crafting_budget, release, run, source_class
+from .runs import Run, crafting_budget, release, run_many, source_class
 
 __all__ = [
     "POISONED_LABEL_METHODS",
@@ -56,8 +56,7 @@ def table1(profile: Profile, methods=POISONED_LABEL_METHODS, seed: int | None = 
            progress: bool = True) -> pd.DataFrame:
     """Rows of Table 1 on the profile's dataset (rates as fractions), No Attack first."""
     rows = [no_attack_row(profile, seed, cache, progress)]
-    for m in methods:
-        rows.append(run(profile, m, seed, cache, progress).row)
+    rows += [r.row for r in run_many(profile, [(m, seed) for m in methods], cache, progress)]
     df = pd.DataFrame(rows)
     df.insert(0, "Method", df["method"].map(METHOD_LABELS).fillna(df["method"]))
     return df.set_index("Method")
@@ -72,8 +71,7 @@ def source_table(profile: Profile, methods=("sleeper-agent", "ubw-c"), seed: int
     test = load_data(profile).test
     benign = benign_model(profile, seed=seed, cache=cache, progress=progress)
     rows = []
-    for m in methods:
-        r = run(profile, m, seed, cache, progress)
+    for m, r in zip(methods, run_many(profile, [(m, seed) for m in methods], cache, progress)):
         label = METHOD_LABELS.get(m, m)
         rows.append({"Method": label, **r.source_row})
         base = cached_evaluation(benign, test, r.released.key, source_class=source_class(r.released.key), seed=seed,
