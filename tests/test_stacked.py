@@ -100,7 +100,7 @@ def test_train_many_one_step_equals_train_per_model():
         for k in sa:
             if sa[k].is_floating_point():
                 moved = (sa[k] - s0[k]).abs().max()
-                assert (sa[k] - sb[k]).abs().max() <= 1e-4 * max(float(moved), 1e-3), k
+                assert (sa[k] - sb[k]).abs().max() <= 1e-4 * float(moved) + 1e-6, k  # 1e-6: a few ulps near 1
             else:
                 assert torch.equal(sa[k], sb[k]), k
         assert hb["loss"].iloc[0] == pytest.approx(ha["loss"].iloc[0], rel=1e-5)

@@ -22,6 +22,7 @@ from ubwlib.train import (
     predict_proba,
     resolve_precision,
     to_model_input,
+    channels_last,
     train,
 )
 
@@ -312,9 +313,9 @@ def test_auto_precision_uses_the_resolved_precision(monkeypatch):
     seen = []
     real = train_mod.to_model_input
 
-    def spy(images, precision):
+    def spy(images, precision, **kwargs):
         seen.append(precision)
-        return real(images, precision)
+        return real(images, precision, **kwargs)
 
     monkeypatch.setattr(train_mod, "to_model_input", spy)
     run(tiny_cnn(num_classes=3), random_dataset(n=16), epochs=1, precision="auto")
@@ -499,6 +500,10 @@ def test_to_model_input():
     out_bf16 = to_model_input(x, "bf16")
     assert out_bf16.dtype == torch.float32 and torch.equal(out_bf16, out)
     assert out_bf16.is_contiguous(memory_format=torch.channels_last)
+    assert out.is_contiguous() and not channels_last("fp32", torch.device("cpu"))  # one float32 model: default layout
+    assert to_model_input(x, "fp32", side_by_side=True).is_contiguous(memory_format=torch.channels_last)
+    assert channels_last("fp32", torch.device("cpu"), side_by_side=True) and channels_last("bf16", torch.device("cuda"))
+    assert not channels_last("fp32", torch.device("cuda"), side_by_side=True)
     f = torch.rand(2, 3, 4, 4)
     assert torch.equal(to_model_input(f, "fp32"), f)  # float input is taken as already scaled
     assert torch.equal(to_model_input(f.double(), "fp32"), f.double().float())

@@ -13,7 +13,8 @@ A second table times the two other hot loops of the book on the same model: the 
 matching (poisons/s: augment, per-batch parameter gradient with ``create_graph``, passenger loss against a target
 gradient, gradient with respect to the perturbation: a double backward) and the per-sample gradient norms that
 select the poisons (images/s). With a GPU, the CIFAR-shape ResNet-18 rows add ubwlib at batch 128 and 512, in
-float32, and the plain loop with 0 and 8 DataLoader workers (the figures of issue 11).
+float32, and the plain loop with 0 and 8 DataLoader workers (the figures of issue 11). Where the profile trains
+several models side by side (``Profile.stack``), a row times :func:`ubwlib.train.train_many` with that many.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from .data import DataNotFoundError, ImageDataset, load_dataset
 from .experiments.profiles import get_profile
 from .models import build_model
-from .train import TrainConfig, resolve_device, resolve_precision, train
+from .train import TrainConfig, resolve_device, resolve_precision, train, train_many
 from .watermarks.gradient_matching import (
     GradientMatchingSettings,
     crafting_augment,
@@ -38,7 +39,7 @@ from .watermarks.gradient_matching import (
     per_sample_grad_norms,
 )
 
-__all__ = ["bench_ubwlib", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
+__all__ = ["bench_ubwlib", "bench_ubwlib_many", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
 
 
 def _sync(device: torch.device) -> None:
@@ -119,6 +120,26 @@ def bench_ubwlib(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, s
     train(model, timed, one, device=device, progress=False)
     _sync(device)
     return (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
+
+
+def bench_ubwlib_many(build, data: ImageDataset, cfg: TrainConfig, count: int, steps: int, warmup: int,
+                      device: torch.device) -> float:
+    """images/s of :func:`ubwlib.train.train_many` with ``count`` models (``build(i)``) side by side, each on its own
+    copy of the data with its own seed: images seen by all the models together per second."""
+    def subset(n_batches: int) -> ImageDataset:
+        n = min(len(data), n_batches * cfg.batch_size)
+        return data.subset(torch.arange(n))
+
+    one = cfg.replace(epochs=1, drop_last=True, schedule="constant")
+    configs = [one.replace(seed=one.seed + i) for i in range(count)]
+    train_many([build(i) for i in range(count)], [subset(warmup)] * count, configs, device=device, progress=False)
+    timed = subset(steps)
+    models = [build(i) for i in range(count)]
+    _sync(device)
+    t0 = time.perf_counter()
+    train_many(models, [timed] * count, configs, device=device, progress=False)
+    _sync(device)
+    return count * (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
 
 
 def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, steps: int, warmup: int,
@@ -215,6 +236,14 @@ def main(argv: list[str] | None = None) -> int:
     plain = bench_plain(model(prof.model, prof.width, k, c), data, cfg, args.plain_steps, 2, dev)
     rows.append((f"{prof.name}: {prof.model} x{prof.width}, {tuple(data.image_shape)}, batch {cfg.batch_size}",
                  ours, ours32, plain))
+    if prof.stack > 1:  # the profile's recipes train several models side by side: all of them per second
+        def build(i: int):
+            return build_model(prof.model, k, c, prof.width, seed=i)
+
+        many = bench_ubwlib_many(build, data, cfg, prof.stack, args.steps, 3, dev)
+        many32 = bench_ubwlib_many(build, data, fp32, prof.stack, args.steps, 3, dev)
+        rows.append((f"  the same, {prof.stack} models side by side (train_many; images of all models)", many, many32,
+                     plain))
     if args.cifar_steps > 0:
         ccfg = get_profile("paper").train
         cdata = _cifar_shape((args.cifar_steps + 2) * ccfg.batch_size)
