@@ -22,7 +22,8 @@ from ..train import TrainConfig, resolve_device, train_many
 from ..watermarks.base import dataset_fingerprint
 from .profiles import Profile
 
-__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model", "default_cache",
+__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model",
+           "benign_models", "default_cache",
            "cached_table", "cached_evaluation", "key_digest"]
 
 #: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
@@ -156,6 +157,12 @@ def benign_model(profile: Profile, seed: int | None = None, cache: Cache | None 
     """'No Attack': the profile's model trained on the benign training set."""
     return trained_model(profile, load_data(profile).train, seed=seed, cache=cache, progress=progress,
                          desc="benign")
+
+
+def benign_models(profile: Profile, seeds, cache: Cache | None = None, progress: bool = True) -> list[TrainedModel]:
+    """:func:`benign_model` for each seed; those not cached train side by side (:func:`trained_models`)."""
+    train_set = load_data(profile).train
+    return trained_models(profile, [(train_set, s) for s in seeds], cache=cache, progress=progress, desc="benign")
 
 
 def cached_table(name: str, settings: dict, compute, cache: Cache | None = None) -> pd.DataFrame:

@@ -26,7 +26,7 @@ from ..verify import (
     verify,
 )
 from ..watermarks import trigger
-from .core import benign_model, cached_table, key_digest, load_data
+from .core import benign_model, benign_models, cached_table, key_digest, load_data
 from .profiles import Profile
 from .runs import run, source_class
 
@@ -94,7 +94,7 @@ def false_positive_table(profile: Profile, method: str, n_triggers: int = 8, n_m
     key = wm_run.released.key
     test = load_data(profile).test
     model_seeds = [seed, *independent_seeds(profile, n_models - 1)]
-    models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in model_seeds]
+    models = benign_models(profile, model_seeds, cache, progress)
     s = dataclasses.asdict(settings)
     classes = verification_classes(key)
 
@@ -190,7 +190,7 @@ def forgery_table(profile: Profile, method: str, n_models: int = 3, steps: int =
     key = wm_run.released.key
     data = load_data(profile)
     model_seeds = [seed, *independent_seeds(profile, n_models - 1)]
-    models = [benign_model(profile, seed=s, cache=cache, progress=progress) for s in model_seeds]
+    models = benign_models(profile, model_seeds, cache, progress)
     s = dataclasses.asdict(settings)
     classes = verification_classes(key)
     # the owner's commitment, published with the dataset (a fixed salt here, so that the table is reproducible)
