@@ -125,10 +125,11 @@ def trained_models(
             todo.append(i)
         else:
             entries[i] = entry
-    # side by side only what can share a pass: datasets of one size and shape
+    # side by side only what can share a pass: datasets of one size, image shape and number of classes
     groups: dict[tuple, list[int]] = {}
     for i in todo:
-        groups.setdefault((len(specs[i][0]), tuple(specs[i][0].image_shape)), []).append(i)
+        d = specs[i][0]
+        groups.setdefault((len(d), tuple(d.image_shape), d.num_classes), []).append(i)
     stack = max(1, profile.stack)
     for members in groups.values():
         for start in range(0, len(members), stack):
