@@ -829,3 +829,15 @@ def test_surrogate_fine_tune_by_hand(tiny):
     assert benign["ASR-A"] == pytest.approx(
         float((predict(model_b, trigger(src, rel.key, seed=tiny.seed)) != 0).float().mean()))
     assert surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, epochs=1, progress=False) == got  # cached
+    # the poisons alone, and the same images unperturbed: trained on exactly those samples
+    alone = surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, epochs=1, on="poisons", progress=False)
+    control = surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, epochs=1, on="unperturbed", progress=False)
+    for result, data in ((alone, rel.dataset), (control, load_data(tiny).train)):
+        m, _ = train(copy.deepcopy(benign_model(tiny).model), data.subset(rel.indices), cfg, progress=False)
+        assert result["clean error"] == pytest.approx(float((predict(m, src) != 0).float().mean()))
+        assert result["ASR-A"] == pytest.approx(
+            float((predict(m, trigger(src, rel.key, seed=tiny.seed)) != 0).float().mean()))
+    with pytest.raises(ValueError, match="on must be one of"):
+        surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, on="clean")
+    with pytest.raises(ValueError, match="need a lever"):
+        surrogate_fine_tune(tiny, None, lr=0.01, on="poisons")

@@ -36,7 +36,8 @@ from ..train import predict
 
 __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
            "load_stored_study", "best_row", "RESULTS_DIR",
-           "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS"]
+           "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS", "FINE_TUNE_ON",
+           "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -247,14 +248,27 @@ def victim_trajectory(profile: Profile, lever: dict | str | None = None, *, seed
 FINE_TUNE_ROWS = ("benign model", "noise control (same poisons, 0 steps)", REFERENCE,
                   "contrast 1: what the trigger adds (not in the paper)")
 FINE_TUNE_LRS = (0.01, 0.05)
+#: What :func:`surrogate_fine_tune` trains on.
+FINE_TUNE_ON = ("release", "poisons", "unperturbed")
+#: The poisons-alone check (:func:`poisons_alone_table`): its releases and its fine-tuning (lr, epochs).
+POISONS_ALONE_ROWS = (REFERENCE, "contrast 1: what the trigger adds (not in the paper)")
+POISONS_ALONE_TRAINING = {"lr": 0.01, "epochs": 8}
 
 
 def surrogate_fine_tune(profile: Profile, lever: dict | str | None, *, lr: float, epochs: int = 2,
-                        seed: int | None = None, cache: Cache | None = None, progress: bool = True) -> dict:
+                        on: str = "release", seed: int | None = None, cache: Cache | None = None,
+                        progress: bool = True) -> dict:
     """The most favourable case for gradient matching (cached): the benign model of ``seed`` (the crafting's
     first surrogate) fine-tuned for ``epochs`` at a constant ``lr`` on the UBW-C release of ``lever`` (None:
     on the benign data), then measured on the source-class test images: ASR-A triggered, the error on the clean
-    images, and their difference, the part of ASR-A that the trigger causes."""
+    images, and their difference, the part of ASR-A that the trigger causes.
+
+    ``on``: the whole ``release``; its ``poisons`` alone (nothing pulls the model back); or the same images
+    ``unperturbed`` (the control of ``poisons``: what training on that subset does without the perturbations)."""
+    if on not in FINE_TUNE_ON:
+        raise ValueError(f"on must be one of {FINE_TUNE_ON}, got {on!r}")
+    if lever is None and on != "release":
+        raise ValueError("on='poisons' and on='unperturbed' need a lever (a release whose poisons to take)")
     from ..train import train
     from ..watermarks import trigger
 
@@ -264,7 +278,8 @@ def surrogate_fine_tune(profile: Profile, lever: dict | str | None, *, lr: float
     data = load_data(profile)
     source = source_class(released.key)
     surrogate = benign_model(profile, seed=seed, cache=cache, progress=progress)
-    train_set = data.train if lever is None else released.dataset
+    train_set = {"release": released.dataset, "poisons": released.dataset.subset(released.indices),
+                 "unperturbed": data.train.subset(released.indices)}[on] if lever is not None else data.train
     cfg = profile.train.replace(epochs=epochs, lr=lr, schedule="constant", seed=victim_seed(seed))
     src = data.test.images[data.test.labels == source]
 
@@ -285,6 +300,15 @@ def fine_tune_table(profile: Profile, *, cache: Cache | None = None, progress: b
     return pd.DataFrame([{"row": name, "lr": lr, **surrogate_fine_tune(profile, levers[name], lr=lr, cache=cache,
                                                                          progress=progress)}
                          for name in FINE_TUNE_ROWS for lr in FINE_TUNE_LRS])
+
+
+def poisons_alone_table(profile: Profile, *, cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`surrogate_fine_tune` on the poisons of :data:`POISONS_ALONE_ROWS` alone and on the same images
+    unperturbed (:data:`POISONS_ALONE_TRAINING`): what the perturbations do when no clean image pulls back."""
+    levers = {**LEVERS, **COMBINATIONS}
+    return pd.DataFrame([{"row": name, "on": on, **surrogate_fine_tune(profile, levers[name], on=on, cache=cache,
+                                                                       progress=progress, **POISONS_ALONE_TRAINING)}
+                         for name in POISONS_ALONE_ROWS for on in ("poisons", "unperturbed")])
 
 
 def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
@@ -315,7 +339,8 @@ def study_table(profile: Profile | str = "study", *, seed: int | None = None, vi
 
 def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
                 directory: Path | str = RESULTS_DIR, trajectories: pd.DataFrame | None = None,
-                fine_tune: pd.DataFrame | None = None, missing: list[str] = ()) -> Path:
+                fine_tune: pd.DataFrame | None = None, poisons_alone: pd.DataFrame | None = None,
+                missing: list[str] = ()) -> Path:
     """Write the table (CSV), the victims' trajectories if given (CSV, one block per row name) and their
     provenance (JSON: commit, date, machine, torch, command, wall time, and the hash of every setting they were
     computed with) under ``directory``; returns the table's path."""
@@ -327,6 +352,8 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
         trajectories.to_csv(directory / f"{STUDY_FILE}-trajectories.csv", float_format="%.4f", index=False)
     if fine_tune is not None:
         fine_tune.to_csv(directory / f"{STUDY_FILE}-finetune.csv", float_format="%.4f", index=False)
+    if poisons_alone is not None:
+        poisons_alone.to_csv(directory / f"{STUDY_FILE}-poisons-alone.csv", float_format="%.4f", index=False)
     meta = {
         "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
         **{k: v for k, v in provenance(command, seconds).items() if k != "python"},
@@ -365,6 +392,8 @@ def load_stored_study(directory: Path | str = RESULTS_DIR, profile: Profile | st
     meta["trajectories"] = pd.read_csv(traj) if traj.exists() else None
     ft = directory / f"{STUDY_FILE}-finetune.csv"
     meta["fine-tune"] = pd.read_csv(ft) if ft.exists() else None
+    alone = directory / f"{STUDY_FILE}-poisons-alone.csv"
+    meta["poisons alone"] = pd.read_csv(alone) if alone.exists() else None
     return pd.read_csv(csv, index_col="row"), meta
 
 
@@ -376,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=None, help="row names separated by ';', computed in that order (default: all)")
     ap.add_argument("--no-store", action="store_true", help="print the table, do not store it")
     ap.add_argument("--fine-tune", action="store_true",
-                    help="also with --rows: fine-tune the crafting surrogate on some releases (surrogate_fine_tune)")
+                    help="also with --rows: fine-tune the crafting surrogate on some releases and on their poisons "
+                         "alone (surrogate_fine_tune)")
     args = ap.parse_args(argv)
     profile = get_profile(args.profile)
     rows = study_rows()
@@ -416,10 +446,12 @@ def main(argv: list[str] | None = None) -> int:
     print(table.to_string())
     if not args.rows or args.fine_tune:
         fine = fine_tune_table(profile, progress=False)
+        alone = poisons_alone_table(profile, progress=False)
         print(fine.to_string())
+        print(alone.to_string())
         if store:
             store_study(table, profile, seconds=time.perf_counter() - t0, command=command, directory=args.out,
-                        trajectories=stored_trajectories(table), fine_tune=fine,
+                        trajectories=stored_trajectories(table), fine_tune=fine, poisons_alone=alone,
                         missing=[n for n, _, _ in study_rows() if n not in table.index])
     if store:
         print(f"stored: {Path(args.out) / (STUDY_FILE + '.csv')}")
