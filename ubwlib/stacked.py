@@ -10,9 +10,9 @@ are. The stacked module takes ``B x (G*C) x H x W`` (model ``g``'s batch in chan
 returns ``B x (G*K)``; :func:`unstack_models` copies the weights back into the ``G`` models.
 
 Small models on a CPU run their narrow convolutions far below the cores' rate; ``G`` of them side by side fill
-the vector units better (``python -m ubwlib.bench`` prints the ratio). On the bfloat16 channels-last path the
-stacked convolutions give the same numbers as the single ones (tested); in float32 they may differ in the last
-bits, as any other choice of convolution kernel may.
+the vector units better (``python -m ubwlib.bench`` prints the ratio). The forward pass gives each model exactly
+its own output (tested); the weight gradients of grouped and single convolutions sum in different orders, so they
+agree to rounding, not bit for bit.
 """
 
 from __future__ import annotations

@@ -31,6 +31,7 @@ from torch import nn
 from ._progress import progress_bar
 
 from .data import ImageDataset
+from .stacked import split_outputs, stack_inputs, stack_models, unstack_models
 
 __all__ = [
     "TrainConfig",
@@ -325,11 +326,10 @@ def train_many(
     trained in place). The datasets must have the same size and image shape, and the configs may differ in their
     ``seed`` only (the schedule is shared); otherwise train the models separately with :func:`train`.
 
-    On the bfloat16 channels-last path the weights equal those of :func:`train` for each model (tested); in
-    float32 they may differ in the last bits. Faster than one at a time where the models are small for the
-    device (``python -m ubwlib.bench``)."""
-    from .stacked import stack_models, unstack_models
-
+    The weights are not bit-equal to :func:`train`'s (grouped and single convolutions sum in different orders;
+    one step agrees to 1e-4 of the step, tested), and a from-scratch training amplifies such rounding like a change
+    of data order: a model trained side by side is another draw of the same recipe. Faster than one at a time where
+    the models are small for the device (``python -m ubwlib.bench``)."""
     if not (len(models) == len(datasets) == len(configs)) or not models:
         raise ValueError(f"train_many needs one dataset and one config per model, got {len(models)} models, "
                          f"{len(datasets)} datasets and {len(configs)} configs")
@@ -410,10 +410,10 @@ def _fit(net: nn.Module, streams: list[_Stream], config: TrainConfig, dev: torch
                 xs.append(augment_batch(s.images[idx], flip=config.flip, crop_padding=config.crop_padding,
                                         generator=s.aug_gen))
                 ys.append(s.labels[idx])
-            xb = to_model_input(xs[0] if g == 1 else torch.cat(xs, 1), precision, side_by_side=g > 1)
+            xb = to_model_input(stack_inputs(xs), precision, side_by_side=g > 1)
             with autocast_context(precision, dev):
                 logits = net(xb)
-                outs = [logits] if g == 1 else list(logits.view(len(xb), g, -1).unbind(1))
+                outs = [logits] if g == 1 else list(split_outputs(logits, g).unbind(0))
                 losses = [F.cross_entropy(o.float(), y, label_smoothing=config.label_smoothing)
                           for o, y in zip(outs, ys)]
                 loss = losses[0] if g == 1 else torch.stack(losses).sum()
@@ -423,8 +423,8 @@ def _fit(net: nn.Module, streams: list[_Stream], config: TrainConfig, dev: torch
             if per_batch:
                 sched.step()
             with torch.no_grad():
-                loss_sum += torch.stack([x.detach() for x in losses]) * len(xb)
-                correct += torch.stack([(o.detach().argmax(1) == y).sum() for o, y in zip(outs, ys)])
+                loss_sum += torch.stack(losses) * len(xb)
+                correct += torch.stack([(o.argmax(1) == y).sum() for o, y in zip(outs, ys)])
             seen += len(xb)
         if not per_batch:
             sched.step()

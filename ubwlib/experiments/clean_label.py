@@ -16,7 +16,8 @@ from .core import load_data
 from .profiles import Profile
 from .runs import Run, crafting_budget, method_settings, release, run
 
-__all__ = ["CLEAN_LABEL_METHODS", "noise_control_run", "noise_control_spec", "perturbation_rows", "perturbation_stats", "crafting_curves"]
+__all__ = ["CLEAN_LABEL_METHODS", "noise_control_run", "noise_control_spec", "perturbation_rows", "perturbation_stats",
+           "crafting_curves"]
 
 #: The clean-label watermarks of Table 1, in the paper's order.
 CLEAN_LABEL_METHODS = ("label-consistent", "sleeper-agent", "ubw-c")

@@ -115,16 +115,18 @@ def trained_models(
         return build_model(profile.model, train_set.num_classes, train_set.image_shape[0], profile.width,
                            seed=cfg.seed)
 
-    entries: dict[int, object] = {}
+    keys = [cache.path_for("model", settings, VERSIONS["model"]).name for _, _, settings in specs]
+    first = {}  # cache key -> its first job (a model asked twice is trained once)
+    for i, k in enumerate(keys):
+        first.setdefault(k, i)
+    entries = {}
     todo: list[int] = []
-    for i, (_, _, settings) in enumerate(specs):
-        if any(settings == specs[j][2] for j in todo):
-            continue  # the same model asked twice: trained once
-        entry = cache.get("model", settings, VERSIONS["model"])
+    for k, i in first.items():
+        entry = cache.get("model", specs[i][2], VERSIONS["model"])
         if entry is None:
             todo.append(i)
         else:
-            entries[i] = entry
+            entries[k] = entry
     # side by side only what can share a pass: datasets of one size, image shape and number of classes
     groups: dict[tuple, list[int]] = {}
     for i in todo:
@@ -137,18 +139,17 @@ def trained_models(
             results = train_many([make(specs[i][0], specs[i][1]) for i in chunk], [specs[i][0] for i in chunk],
                                  [specs[i][1] for i in chunk], progress=progress, desc=desc)
             for i, (model, hist) in zip(chunk, results):
-                entries[i] = cache.put("model", specs[i][2], VERSIONS["model"], state_dict_tensors(model),
-                                       {"history": table_to_data(hist)},
-                                       overwrite=cache.enabled and not cache.reads_enabled)
+                entries[keys[i]] = cache.put("model", specs[i][2], VERSIONS["model"], state_dict_tensors(model),
+                                             {"history": table_to_data(hist)},
+                                             overwrite=cache.enabled and not cache.reads_enabled)
+    trained = {keys[i] for i in todo}
     out = []
-    for i, (train_set, cfg, settings) in enumerate(specs):
-        entry = entries.get(i)
-        if entry is None:  # a repeat of an earlier job
-            entry = entries[next(j for j in entries if specs[j][2] == settings)]
+    for (train_set, cfg, _), k in zip(specs, keys):
+        entry = entries[k]
         model = make(train_set, cfg)
         load_state_dict_tensors(model, entry.tensors)
         model.to(resolve_device(None)).eval()
-        out.append(TrainedModel(model, table_from_data(entry.data["history"]), bool(entry.hit) and i not in todo,
+        out.append(TrainedModel(model, table_from_data(entry.data["history"]), bool(entry.hit) and k not in trained,
                                 entry.path.name))
     return out
 
