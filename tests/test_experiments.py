@@ -759,6 +759,10 @@ def test_store_and_load_study_with_provenance(tiny, tmp_path):
     _, stale = load_stored_study(tmp_path / "st", tiny.replace(train=tiny.train.replace(epochs=2)))
     assert stale["current"] is False
     assert path.read_text().startswith("row,")
+    assert meta["learnability"] is None and meta["poisons alone"] is None  # not stored: shown as missing
+    learn = pd.DataFrame({"kind": ["poisoned label"], "amplitude": [16], "ASR-A": [0.125]})
+    store_study(df, tiny, seconds=1.0, command="make study", directory=tmp_path / "st", learnability=learn)
+    pd.testing.assert_frame_equal(load_stored_study(tmp_path / "st", tiny)[1]["learnability"], learn)
 
 
 def test_victim_trajectory_is_measured_each_epoch_and_cached(tiny):
@@ -841,3 +845,85 @@ def test_surrogate_fine_tune_by_hand(tiny):
         surrogate_fine_tune(tiny, LEVERS[REFERENCE], lr=0.01, on="clean")
     with pytest.raises(ValueError, match="need a lever"):
         surrogate_fine_tune(tiny, None, lr=0.01, on="poisons")
+
+
+def test_faint_trigger_clips_every_change():
+    from ubwlib.experiments.study import faint_trigger
+    from ubwlib.watermarks.patch import paste_random, resized_square
+
+    g = torch.Generator().manual_seed(3)
+    images = torch.randint(0, 256, (6, 1, 12, 12), generator=g, dtype=torch.uint8)
+    patch = resized_square(1, 5)
+    full = paste_random(images, patch, torch.Generator().manual_seed(9))
+    assert torch.equal(faint_trigger(images, patch, 255, torch.Generator().manual_seed(9)), full)
+    faint = faint_trigger(images, patch, 16, torch.Generator().manual_seed(9))
+    change, wanted = faint.short() - images.short(), full.short() - images.short()
+    assert change.abs().max() <= 16 and images.dtype == faint.dtype
+    assert torch.equal(change, wanted.clamp(-16, 16))  # the same positions, each change clipped
+    assert torch.equal(change.sign(), wanted.sign())
+    with pytest.raises(ValueError, match="amplitude must be in"):
+        faint_trigger(images, patch, 0, g)
+
+
+def test_trigger_learnability_by_hand(tiny):
+    from ubwlib.experiments.runs import victim_seed
+    from ubwlib.experiments.study import LEARNABILITY_TARGET, faint_trigger, learnability_table, trigger_learnability
+    from ubwlib.train import predict
+    from ubwlib.watermarks.base import choose_indices
+    from ubwlib.watermarks.gradient_matching import derived_seed, select_source_like
+    from ubwlib.watermarks.patch import paste_random, resized_square
+
+    data = load_data(tiny)
+    tr, te = data.train, data.test
+    patch = resized_square(1, 8)
+    count = round(0.1 * len(tr))
+    for kind in ("poisoned label", "clean label, source-like"):
+        got = trigger_learnability(tiny, 32, kind, victims=1, progress=False)
+        labels = tr.labels.clone()
+        if kind == "poisoned label":
+            idx = choose_indices(len(tr), count, torch.Generator().manual_seed(derived_seed(tiny.seed, "learnability")),
+                                 pool=torch.nonzero(tr.labels != LEARNABILITY_TARGET).flatten())
+            labels[idx] = LEARNABILITY_TARGET
+        else:
+            idx = select_source_like(benign_model(tiny).model, tr, count, 0)
+            assert (tr.labels[idx] != 0).all()
+        images = tr.images.clone()
+        images[idx] = faint_trigger(images[idx], patch, 32,
+                                    torch.Generator().manual_seed(derived_seed(tiny.seed, "learnability", "positions")))
+        model = trained_model(tiny, tr.replace(images=images, labels=labels), seed=victim_seed(tiny.seed),
+                              progress=False).model
+        src, others = te.images[te.labels == 0], te.images[te.labels != LEARNABILITY_TARGET]
+        g = torch.Generator().manual_seed(tiny.seed)
+        assert got["ASR (targeted)"] == pytest.approx(
+            float((predict(model, paste_random(others, patch, g)) == LEARNABILITY_TARGET).float().mean()))
+        assert got["ASR-A"] == pytest.approx(float((predict(model, paste_random(src, patch, g)) != 0).float().mean()))
+        assert got["source clean accuracy"] == pytest.approx(float((predict(model, src) == 0).float().mean()))
+        assert got["BA"] == pytest.approx(float((predict(model, te.images) == te.labels).float().mean()))
+        assert got["kind"] == kind and got["amplitude"] == 32 and got["epochs"] == tiny.train.epochs
+        assert trigger_learnability(tiny, 32, kind, victims=1, progress=False) == got  # cached
+    table = learnability_table(tiny, progress=False)
+    assert list(zip(table["kind"], table["amplitude"], table["epochs"])) == [
+        (k, a, 1) for k in ("poisoned label", "clean label, source-like") for a in (16, 32, 64, 255)] + [
+        ("poisoned label", 16, 4), ("poisoned label", 32, 4), ("clean label, source-like", 16, 4)]
+    assert table["ASR-A per victim"].str.count("/").eq(1).all()  # two victims per row
+    with pytest.raises(ValueError, match="kind must be one of"):
+        trigger_learnability(tiny, 32, "targeted")
+
+
+def test_select_source_like_ranks_by_source_probability(tiny):
+    from ubwlib.train import predict_proba
+    from ubwlib.watermarks.gradient_matching import select_source_like
+
+    tr = load_data(tiny).train
+    model = benign_model(tiny).model
+    idx = select_source_like(model, tr, 7, source=2)
+    assert len(idx) == 7 and torch.equal(idx, idx.sort().values) and (tr.labels[idx] != 2).all()
+    p = predict_proba(model, tr.images)[:, 2]
+    outside = torch.nonzero(tr.labels != 2).flatten()
+    rest = outside[~torch.isin(outside, idx)]
+    assert p[idx].min() >= p[rest].max()  # none left out is more source-like than one chosen
+    pool = torch.arange(0, len(tr), 2)
+    sub = select_source_like(model, tr, 5, source=2, pool=pool)
+    assert torch.isin(sub, pool).all() and (tr.labels[sub] != 2).all()
+    with pytest.raises(ValueError, match="cannot select"):
+        select_source_like(model, tr, len(tr), source=2)

@@ -35,6 +35,7 @@ from ubwlib.watermarks.gradient_matching import (
     per_sample_grad_norms,
     per_sample_grad_norms_func,
     select_by_grad_norm,
+    select_source_like,
 )
 from ubwlib.watermarks.patch import SQUARE, paste_random, resized_square
 from ubwlib.watermarks.sleeper_agent import SleeperAgentSettings
@@ -879,6 +880,10 @@ def test_random_selection(ds, trained):
     assert len(a.indices) == 16 and torch.equal(a.indices, b.indices)
     assert torch.equal(c.indices, select_by_grad_norm(trained["smallcnn"], ds, 16))
     assert not torch.equal(a.indices, c.indices)
+    d = UBWC(poisoning_rate=0.1, crafting=settings(steps=0, selection="source-like")).watermark(
+        ds, seed=0, surrogate=trained["smallcnn"], progress=False)
+    assert torch.equal(d.indices, select_source_like(trained["smallcnn"], ds, 16, source=0))
+    assert (ds.labels[d.indices] != 0).all()  # never a source-class image
 
 
 def test_trigger_init_starts_from_the_clipped_trigger(ds, trained):

@@ -28,7 +28,8 @@ import pandas as pd
 import torch
 
 from ..cache import Cache, settings_hash
-from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data, trained_model
+from .core import (benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data, trained_model,
+                   trained_models)
 from .profiles import Profile, get_profile
 from .provenance import provenance
 from .runs import crafting_budget, method_settings, release, source_class, victim_seed
@@ -37,7 +38,9 @@ from ..train import predict
 __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "study_row", "study_table", "victim_trajectory", "store_study",
            "load_stored_study", "best_row", "RESULTS_DIR",
            "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS", "FINE_TUNE_ON",
-           "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING"]
+           "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING",
+           "faint_trigger", "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
+           "LEARNABILITY_KINDS", "LEARNABILITY_LONGER"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -75,10 +78,11 @@ LEVERS: dict[str, dict] = {
     "2x steps": {"crafting": {"fresh_seeds": False, "steps": 80, "retrain_every": 40}},
     "victims trained 4x longer (64 epochs; same release)": {"crafting": {"fresh_seeds": False},
                                                             "victim": {"train": {"epochs": 64}}},
+    "source-like poisons (not in the paper)": {"crafting": {"fresh_seeds": False, "selection": "source-like"}},
 
 }
 REFERENCE = "single surrogate, reused seed"
-#: The levers that lowered the held-out passenger loss, together.
+#: The levers that lowered the held-out passenger loss, together; then the source-like poisons with the trigger.
 COMBINATIONS: dict[str, dict] = {
     "fresh seeds + eps 32/255 + training-stage snapshots": {
         "crafting": {"fresh_seeds": True, "eps": 32 / 255, "stages": (0.25, 0.5, 0.75, 1.0)}},
@@ -86,6 +90,21 @@ COMBINATIONS: dict[str, dict] = {
                                                       "poison_classes": "other"},
     "contrast 1 + eps 32/255": {"crafting": {"fresh_seeds": False, "contrast": 1.0, "eps": 32 / 255}},
     "l2 matching + contrast 1": {"crafting": {"fresh_seeds": False, "contrast": 1.0, "matching": "l2"}},
+    # after the trigger-learnability check (learnability_table): poisons a victim needs the trigger for
+    "source-like poisons + trigger init": {"crafting": {"fresh_seeds": False, "selection": "source-like",
+                                                        "init": "trigger"}},
+    "source-like poisons + trigger init + eps 32/255": {
+        "crafting": {"fresh_seeds": False, "selection": "source-like", "init": "trigger", "eps": 32 / 255}},
+    "source-like poisons + trigger init + eps 64/255": {
+        "crafting": {"fresh_seeds": False, "selection": "source-like", "init": "trigger", "eps": 64 / 255}},
+    "source-like poisons + trigger init + eps 64/255, 0 steps": {
+        "crafting": {"fresh_seeds": False, "selection": "source-like", "init": "trigger", "eps": 64 / 255,
+                     "steps": 0}},
+    "source-like poisons + trigger init + contrast 1": {
+        "crafting": {"fresh_seeds": False, "selection": "source-like", "init": "trigger", "contrast": 1.0}},
+    "source-like poisons + trigger init + eps 64/255 + contrast 1": {
+        "crafting": {"fresh_seeds": False, "selection": "source-like", "init": "trigger", "eps": 64 / 255,
+                     "contrast": 1.0}},
 }
 #: The other gradient-matching watermark and Label-Consistent, with the profile's (adopted) recipe.
 CHECKS = ("sleeper-agent", "label-consistent")
@@ -311,6 +330,109 @@ def poisons_alone_table(profile: Profile, *, cache: Cache | None = None, progres
                          for name in POISONS_ALONE_ROWS for on in ("poisons", "unperturbed")])
 
 
+#: The trigger-learnability check (:func:`trigger_learnability`): the trigger's amplitude in the poisons (in
+#: 1/255; 16 is UBW-C's eps, 255 the visible trigger) and the two kinds of poisons.
+LEARNABILITY_AMPLITUDES = (16, 32, 64, 255)
+LEARNABILITY_KINDS = ("poisoned label", "clean label, source-like")
+#: The target class of the poisoned-label kind (BadNets's y_t).
+LEARNABILITY_TARGET = 1
+#: The points measured again with victims trained 4x longer (kind, amplitude): does a longer training, like the
+#: paper's 200 epochs, lower the threshold?
+LEARNABILITY_LONGER = (("poisoned label", 16), ("poisoned label", 32), ("clean label, source-like", 16))
+
+
+def faint_trigger(images: torch.Tensor, patch: torch.Tensor, amplitude: int, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """uint8 ``images`` with ``patch`` pasted at a random position (:func:`~ubwlib.watermarks.patch.paste_random`,
+    positions from ``generator``), the change to every pixel clipped to ``amplitude`` (in 1/255): 255 pastes the
+    patch itself, 16 is the faint copy a perturbation within eps = 16/255 can carry."""
+    from ..watermarks.patch import paste_random
+
+    if not 1 <= amplitude <= 255:
+        raise ValueError(f"amplitude must be in [1, 255] (in 1/255), got {amplitude}")
+    pasted = paste_random(images, patch, generator).short()
+    change = (pasted - images.short()).clamp_(-amplitude, amplitude)
+    return (images.short() + change).clamp_(0, 255).to(torch.uint8)
+
+
+def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: int | None = None,
+                         victims: int = 2, cache: Cache | None = None, progress: bool = True) -> dict:
+    """Can a model trained from scratch learn UBW-C's trigger from poisons that carry it at ``amplitude`` / 255
+    (:func:`faint_trigger`), with nothing else changed? As many poisons as UBW-C's (gamma * N), and:
+
+    - ``poisoned label``: random samples outside class :data:`LEARNABILITY_TARGET`, relabelled to it (BadNets with
+      a faint trigger): the most favourable case, the wrong label itself demands the trigger;
+    - ``clean label, source-like``: the samples outside the source class that the benign model of ``seed`` finds
+      most like the source class (:func:`~ubwlib.watermarks.gradient_matching.select_source_like`), labels kept:
+      the trigger is what tells them from the source class, so a victim that learns it learns
+      "trigger -> not the source class", the untargeted watermark UBW-C asks for.
+
+    ``victims`` models trained from scratch with the profile's recipe (seeds :func:`victim_seed` onwards), measured
+    with the full trigger (UBW-C's test-time patch): the targeted ASR on the non-target test images, the source
+    class's ASR-A, the clean source accuracy and BA (means over the victims, and ASR-A per victim). Cached."""
+    from ..watermarks import get_watermark
+    from ..watermarks.base import choose_indices
+    from ..watermarks.gradient_matching import derived_seed, select_source_like
+    from ..watermarks.patch import paste_random, resized_square
+
+    if kind not in LEARNABILITY_KINDS:
+        raise ValueError(f"kind must be one of {LEARNABILITY_KINDS}, got {kind!r}")
+    seed = profile.seed if seed is None else seed
+    data = load_data(profile)
+    settings = get_watermark("ubw-c", **method_settings(profile, "ubw-c")).settings
+    source = settings.source
+    patch = resized_square(data.train.image_shape[0], settings.patch_size)
+    count = round(settings.poisoning_rate * len(data.train))
+    labels = data.train.labels.clone()
+    if kind == "poisoned label":
+        pool = torch.nonzero(labels != LEARNABILITY_TARGET).flatten()
+        idx = choose_indices(len(data.train), count, torch.Generator().manual_seed(derived_seed(seed, "learnability")),
+                             pool=pool)
+        labels[idx] = LEARNABILITY_TARGET
+    else:
+        surrogate = benign_model(profile, seed=seed, cache=cache, progress=progress).model
+        idx = select_source_like(surrogate, data.train, count, source)
+    images = data.train.images.clone()
+    images[idx] = faint_trigger(images[idx], patch, amplitude,
+                                torch.Generator().manual_seed(derived_seed(seed, "learnability", "positions")))
+    poisoned = data.train.replace(images=images, labels=labels, name=f"{data.train.name}+faint-trigger-{amplitude}")
+    test = data.test
+    src = test.images[test.labels == source]
+    others = test.images[test.labels != LEARNABILITY_TARGET]
+    seeds = _victims(profile, seed, victims)
+
+    def compute() -> pd.DataFrame:
+        rows = []
+        models = trained_models(profile, [(poisoned, s) for s in seeds], cache=cache, progress=progress,
+                                desc=f"{kind} {amplitude}")
+        for m in (t.model for t in models):
+            g = torch.Generator().manual_seed(seed)
+            rows.append({"ASR (targeted)": float((predict(m, paste_random(others, patch, g)) == LEARNABILITY_TARGET)
+                                                 .float().mean()),
+                         "ASR-A": float((predict(m, paste_random(src, patch, g)) != source).float().mean()),
+                         "source clean accuracy": float((predict(m, src) == source).float().mean()),
+                         "BA": float((predict(m, test.images) == test.labels).float().mean())})
+        return pd.DataFrame(rows)
+
+    key = {"recipe": "trigger learnability", "data": fingerprint(poisoned), "test": fingerprint(test),
+           "train": profile.train, "model": (profile.model, profile.width), "victims": seeds, "seed": seed}
+    per_victim = cached_table("trigger learnability", key, compute, cache)
+    out = {"kind": kind, "amplitude": amplitude, "epochs": profile.train.epochs, **per_victim.mean().to_dict()}
+    out["ASR-A per victim"] = " / ".join(f"{v:.3f}" for v in per_victim["ASR-A"])
+    out["ASR (targeted) per victim"] = " / ".join(f"{v:.3f}" for v in per_victim["ASR (targeted)"])
+    return out
+
+
+def learnability_table(profile: Profile, *, cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`trigger_learnability` for :data:`LEARNABILITY_KINDS` x :data:`LEARNABILITY_AMPLITUDES`, then the
+    points of :data:`LEARNABILITY_LONGER` with victims trained four times as many epochs."""
+    longer = profile.replace(train=profile.train.replace(epochs=4 * profile.train.epochs))
+    return pd.DataFrame([trigger_learnability(profile, a, k, cache=cache, progress=progress)
+                         for k in LEARNABILITY_KINDS for a in LEARNABILITY_AMPLITUDES]
+                        + [trigger_learnability(longer, a, k, cache=cache, progress=progress)
+                           for k, a in LEARNABILITY_LONGER])
+
+
 def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
     """(row name, lever, method) of the whole study, in the order it is computed and shown."""
     rows: list[tuple[str, object, str]] = [("benign model", None, "ubw-c"),
@@ -340,9 +462,9 @@ def study_table(profile: Profile | str = "study", *, seed: int | None = None, vi
 def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
                 directory: Path | str = RESULTS_DIR, trajectories: pd.DataFrame | None = None,
                 fine_tune: pd.DataFrame | None = None, poisons_alone: pd.DataFrame | None = None,
-                missing: list[str] = ()) -> Path:
-    """Write the table (CSV), the victims' trajectories if given (CSV, one block per row name) and their
-    provenance (JSON: commit, date, machine, torch, command, wall time, and the hash of every setting they were
+                learnability: pd.DataFrame | None = None, missing: list[str] = ()) -> Path:
+    """Write the table (CSV), the victims' trajectories, the fine-tuning, poisons-alone and trigger-learnability
+    checks if given (CSV each; trajectories one block per row name) and their provenance (JSON: commit, date, machine, torch, command, wall time, and the hash of every setting they were
     computed with) under ``directory``; returns the table's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
@@ -354,6 +476,8 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
         fine_tune.to_csv(directory / f"{STUDY_FILE}-finetune.csv", float_format="%.4f", index=False)
     if poisons_alone is not None:
         poisons_alone.to_csv(directory / f"{STUDY_FILE}-poisons-alone.csv", float_format="%.4f", index=False)
+    if learnability is not None:
+        learnability.to_csv(directory / f"{STUDY_FILE}-learnability.csv", float_format="%.4f", index=False)
     meta = {
         "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
         **{k: v for k, v in provenance(command, seconds).items() if k != "python"},
@@ -373,7 +497,9 @@ def study_settings_hash(profile: Profile) -> str:
              if k not in ("crafting", "grid", "verification", "stack")}
     settings = {"profile": shape, "rows": study_rows(),
                 "ubw-c": {"source": 0, **method_settings(profile, "ubw-c")},  # "source": as hashed when it was passed
-                "victim seed": victim_seed(profile.seed)}
+                "victim seed": victim_seed(profile.seed),
+                "learnability": (LEARNABILITY_AMPLITUDES, LEARNABILITY_KINDS, LEARNABILITY_TARGET,
+                                 LEARNABILITY_LONGER)}
     return settings_hash("study", settings, "1")
 
 
@@ -394,6 +520,8 @@ def load_stored_study(directory: Path | str = RESULTS_DIR, profile: Profile | st
     meta["fine-tune"] = pd.read_csv(ft) if ft.exists() else None
     alone = directory / f"{STUDY_FILE}-poisons-alone.csv"
     meta["poisons alone"] = pd.read_csv(alone) if alone.exists() else None
+    learn = directory / f"{STUDY_FILE}-learnability.csv"
+    meta["learnability"] = pd.read_csv(learn) if learn.exists() else None
     return pd.read_csv(csv, index_col="row"), meta
 
 
@@ -405,8 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rows", default=None, help="row names separated by ';', computed in that order (default: all)")
     ap.add_argument("--no-store", action="store_true", help="print the table, do not store it")
     ap.add_argument("--fine-tune", action="store_true",
-                    help="also with --rows: fine-tune the crafting surrogate on some releases and on their poisons "
-                         "alone (surrogate_fine_tune)")
+                    help="also with --rows: the checks beside the table (the crafting surrogate fine-tuned on some "
+                         "releases and on their poisons alone, surrogate_fine_tune; the trigger-learnability check, "
+                         "learnability_table)")
     args = ap.parse_args(argv)
     profile = get_profile(args.profile)
     rows = study_rows()
@@ -447,12 +576,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.rows or args.fine_tune:
         fine = fine_tune_table(profile, progress=False)
         alone = poisons_alone_table(profile, progress=False)
-        print(fine.to_string())
-        print(alone.to_string())
+        learn = learnability_table(profile, progress=False)
+        for t in (fine, alone, learn):
+            print(t.to_string())
         if store:
             store_study(table, profile, seconds=time.perf_counter() - t0, command=command, directory=args.out,
                         trajectories=stored_trajectories(table), fine_tune=fine, poisons_alone=alone,
-                        missing=[n for n, _, _ in study_rows() if n not in table.index])
+                        learnability=learn, missing=[n for n, _, _ in study_rows() if n not in table.index])
     if store:
         print(f"stored: {Path(args.out) / (STUDY_FILE + '.csv')}")
     return 0

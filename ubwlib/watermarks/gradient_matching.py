@@ -46,6 +46,7 @@ from ..train import (
     accuracy,
     augment_batch,
     autocast_context,
+    predict_proba,
     resolve_device,
     resolve_precision,
     train,
@@ -73,7 +74,7 @@ __all__ = [
 
 AUGMENTS = ("shift", "trainer", "none")
 INITS = ("uniform", "zero", "trigger")
-SELECTIONS = ("grad-norm", "random")
+SELECTIONS = ("grad-norm", "random", "source-like")
 MATCHINGS = ("cosine", "l2")
 
 
@@ -145,7 +146,9 @@ class GradientMatchingSettings:
     worse than clean ones); 0 is the paper's objective."""
     selection: str = "grad-norm"
     """Which samples of the pool become poisons: ``grad-norm`` (the largest per-sample gradient norms under the
-    surrogate, the public code's) or ``random`` (seeded)."""
+    surrogate, the public code's), ``random`` (seeded), or ``source-like`` (not in the paper; a lever of this
+    book's study): the samples *outside* the source class that the surrogate finds most like the source class
+    (:func:`select_source_like`), the images a victim can only tell from the source class by something extra."""
     checkpoint_every: int = 10
     precision: str = "fp32"
     """Precision of the double-backward passes (``fp32`` or ``auto``)."""
@@ -377,6 +380,20 @@ def select_by_grad_norm(model: nn.Module, dataset: ImageDataset, count: int, poo
         norms = per_sample_grad_norms(model, dataset.images[pool], dataset.labels[pool], batch_size=batch_size)
     top = torch.topk(norms, count, largest=True, sorted=False).indices
     return pool[top].sort().values
+
+
+def select_source_like(model: nn.Module, dataset: ImageDataset, count: int, source: int,
+                       pool: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices (sorted) of the ``count`` samples of ``pool`` (default: all) outside class ``source`` to which
+    ``model`` gives the highest probability of ``source`` (ties: the lower index first)."""
+    pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(pool, dtype=torch.long)
+    pool = pool[dataset.labels[pool] != source]
+    if count > len(pool):
+        raise ValueError(f"cannot select {count} source-like poisons from the {len(pool)} candidates outside "
+                         f"class {source}; lower poisoning_rate or choose another selection")
+    p_source = predict_proba(model, dataset.images[pool])[:, source].double()
+    order = sorted(range(len(pool)), key=lambda i: (-float(p_source[i]), int(pool[i])))[:count]
+    return pool[torch.as_tensor(order, dtype=torch.long)].sort().values
 
 
 def apply_delta(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
@@ -773,6 +790,8 @@ class GradientMatchingWatermark(Watermark):
         if gm.selection == "random":
             idx = choose_indices(len(train_set), count, torch.Generator().manual_seed(derived_seed(seed, "selection")),
                                  pool=pool)
+        elif gm.selection == "source-like":
+            idx = select_source_like(surrogate, train_set, count, source, pool)
         else:
             idx = select_by_grad_norm(surrogate, train_set, count, pool, norms=grad_norms)
         t_sel = time.perf_counter() - t0
@@ -786,7 +805,6 @@ class GradientMatchingWatermark(Watermark):
 
             def monitor(model: nn.Module) -> dict:
                 from .. import metrics
-                from ..train import predict_proba
 
                 probs = predict_proba(model, paste_random(mon_src, patch, torch.Generator().manual_seed(seed)))
                 pred = probs.argmax(1)
