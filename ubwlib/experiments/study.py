@@ -40,7 +40,7 @@ __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "st
            "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS", "FINE_TUNE_ON",
            "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING",
            "faint_trigger", "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
-           "LEARNABILITY_KINDS", "LEARNABILITY_LONGER"]
+           "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -339,6 +339,10 @@ LEARNABILITY_TARGET = 1
 #: The points measured again with victims trained 4x longer (kind, amplitude): does a longer training, like the
 #: paper's 200 epochs, lower the threshold?
 LEARNABILITY_LONGER = (("poisoned label", 16), ("poisoned label", 32), ("clean label, source-like", 16))
+#: The paper's number of epochs, and the points measured with one victim trained that long (about 11 minutes each
+#: on 2 CPU cores with the study profile).
+LEARNABILITY_PAPER_EPOCHS = 200
+LEARNABILITY_PAPER = (("poisoned label", 16),)
 
 
 def faint_trigger(images: torch.Tensor, patch: torch.Tensor, amplitude: int, generator: torch.Generator
@@ -425,12 +429,17 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
 
 def learnability_table(profile: Profile, *, cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
     """:func:`trigger_learnability` for :data:`LEARNABILITY_KINDS` x :data:`LEARNABILITY_AMPLITUDES`, then the
-    points of :data:`LEARNABILITY_LONGER` with victims trained four times as many epochs."""
-    longer = profile.replace(train=profile.train.replace(epochs=4 * profile.train.epochs))
+    points of :data:`LEARNABILITY_LONGER` with victims trained four times as many epochs, and those of
+    :data:`LEARNABILITY_PAPER` with one victim trained :data:`LEARNABILITY_PAPER_EPOCHS` epochs."""
+    def epochs(n: int) -> Profile:
+        return profile.replace(train=profile.train.replace(epochs=n))
+
     return pd.DataFrame([trigger_learnability(profile, a, k, cache=cache, progress=progress)
                          for k in LEARNABILITY_KINDS for a in LEARNABILITY_AMPLITUDES]
-                        + [trigger_learnability(longer, a, k, cache=cache, progress=progress)
-                           for k, a in LEARNABILITY_LONGER])
+                        + [trigger_learnability(epochs(4 * profile.train.epochs), a, k, cache=cache, progress=progress)
+                           for k, a in LEARNABILITY_LONGER]
+                        + [trigger_learnability(epochs(LEARNABILITY_PAPER_EPOCHS), a, k, victims=1, cache=cache,
+                                                progress=progress) for k, a in LEARNABILITY_PAPER])
 
 
 def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
@@ -499,7 +508,7 @@ def study_settings_hash(profile: Profile) -> str:
                 "ubw-c": {"source": 0, **method_settings(profile, "ubw-c")},  # "source": as hashed when it was passed
                 "victim seed": victim_seed(profile.seed),
                 "learnability": (LEARNABILITY_AMPLITUDES, LEARNABILITY_KINDS, LEARNABILITY_TARGET,
-                                 LEARNABILITY_LONGER)}
+                                 LEARNABILITY_LONGER, LEARNABILITY_PAPER_EPOCHS, LEARNABILITY_PAPER)}
     return settings_hash("study", settings, "1")
 
 
