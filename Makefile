@@ -82,8 +82,8 @@ results: data
 bench: data
 	$(BIN)/python -m ubwlib.bench
 
-# The UBW-C recipe study (issue 9): about an hour on 2 CPU cores; every release and victim is cached, so an
-# interrupted run resumes. The stored table (results/study/) is what the book shows.
+# The UBW-C recipe study (issue 9): about two hours on 2 CPU cores (its trigger-learnability check alone 21 minutes);
+# every release and victim is cached, so an interrupted run resumes. The stored table (results/study/) is what the book shows.
 # ROWS="row; row; ..." computes (and stores) those rows only, in that order.
 ROWS ?=
 study: data
