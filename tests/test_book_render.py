@@ -118,6 +118,30 @@ def test_book_config_loads_the_local_mathjax():
     assert (source / "output" / "chtml" / "fonts" / "woff-v2").is_dir()
 
 
+def test_a_changed_profile_rebuilds_every_page(tmp_path, monkeypatch):
+    """Sphinx reuses unchanged pages; the book's profile is a config value, so a new profile re-reads them all."""
+    from sphinx.application import Sphinx
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "conf.py").write_text("extensions = ['ubwlib.sphinx_ext']\n")
+    (src / "index.rst").write_text("Title\n=====\n\nSome text.\n")
+
+    def pages_read(profile):
+        monkeypatch.setenv("UBW_PROFILE", profile)
+        app = Sphinx(str(src), str(src), str(tmp_path / "html"), str(tmp_path / "doctrees"), "html",
+                     status=None, warning=None)
+        read = []
+        app.connect("source-read", lambda _app, docname, _source: read.append(docname))
+        app.build()
+        assert app.config.ubw_profile == profile
+        return read
+
+    assert pages_read("smoke") == ["index"]
+    assert pages_read("smoke") == []  # nothing changed: nothing read
+    assert pages_read("default") == ["index"]  # the profile changed: every page again
+
+
 # ------------------------------------------------------------------------------------------ the built book
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:

@@ -1,5 +1,9 @@
 """Sphinx extension for the book: MathJax from a local copy, so that the built site renders its formulas without
-network, opened from ``file://`` or served.
+network, opened from ``file://`` or served; and a rebuild of every page when the book's profile changes.
+
+The profile (``UBW_PROFILE``) is a config value of the build (``ubw_profile``, rebuild ``env``): Sphinx reuses
+the pages of the previous build when no source changed, so without it ``make book`` after ``make book
+PROFILE=smoke`` kept the smoke pages; a changed value makes Sphinx read (and execute) every page again.
 
 Sphinx's math extension loads MathJax 3 from a CDN by default (jupyter-book 1 keeps that default). This extension
 points ``mathjax_path`` at ``_static/mathjax/`` and copies MathJax 3 there from the ``sphinx-mathjax-offline``
@@ -13,10 +17,11 @@ package (a dependency of the ``book`` extra; MathJax 3.2.2 under the Apache Lice
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
-__all__ = ["MATHJAX_COMPONENT", "MATHJAX_DIR", "mathjax_source", "setup"]
+__all__ = ["MATHJAX_COMPONENT", "MATHJAX_DIR", "book_profile", "mathjax_source", "setup"]
 
 #: The MathJax component the pages load: the one Sphinx loads from its CDN by default.
 MATHJAX_COMPONENT = "tex-mml-chtml.js"
@@ -67,8 +72,14 @@ def _copy_mathjax(app, exc) -> None:
     shutil.copytree(source, Path(app.outdir) / "_static" / MATHJAX_DIR, ignore=ignore, dirs_exist_ok=True)
 
 
+def book_profile() -> str:
+    """The profile the book is built with (``UBW_PROFILE``, else ``default``, as the chapters choose it)."""
+    return os.environ.get("UBW_PROFILE") or "default"
+
+
 def setup(app):
     app.setup_extension("sphinx.ext.mathjax")
+    app.add_config_value("ubw_profile", book_profile(), "env")
     # After the configuration is read (jupyter-book's `sphinx: config:` included), before the pages are written.
     app.connect("config-inited", _use_local_mathjax, priority=900)
     app.connect("build-finished", _copy_mathjax)
