@@ -848,7 +848,7 @@ def test_surrogate_fine_tune_by_hand(tiny):
 
 
 def test_faint_trigger_clips_every_change():
-    from ubwlib.experiments.study import faint_trigger
+    from ubwlib.watermarks.patch import faint_trigger
     from ubwlib.watermarks.patch import paste_random, resized_square
 
     g = torch.Generator().manual_seed(3)
@@ -870,7 +870,8 @@ def test_trigger_learnability_by_hand(tiny, monkeypatch):
 
     monkeypatch.setattr(study, "LEARNABILITY_PAPER_EPOCHS", 3)  # the paper's 200 epochs: a test needs no such wait
     from ubwlib.experiments.runs import victim_seed
-    from ubwlib.experiments.study import LEARNABILITY_TARGET, faint_trigger, learnability_table, trigger_learnability
+    from ubwlib.experiments.study import LEARNABILITY_TARGET, learnability_table, trigger_learnability
+    from ubwlib.watermarks.patch import faint_trigger
     from ubwlib.train import predict
     from ubwlib.watermarks.base import choose_indices
     from ubwlib.watermarks.gradient_matching import derived_seed, select_source_like

@@ -39,7 +39,7 @@ __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "st
            "load_stored_study", "best_row", "RESULTS_DIR",
            "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS", "FINE_TUNE_ON",
            "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING",
-           "faint_trigger", "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
+           "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
            "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
@@ -345,24 +345,11 @@ LEARNABILITY_PAPER_EPOCHS = 200
 LEARNABILITY_PAPER = (("poisoned label", 16),)
 
 
-def faint_trigger(images: torch.Tensor, patch: torch.Tensor, amplitude: int, generator: torch.Generator
-                  ) -> torch.Tensor:
-    """uint8 ``images`` with ``patch`` pasted at a random position (:func:`~ubwlib.watermarks.patch.paste_random`,
-    positions from ``generator``), the change to every pixel clipped to ``amplitude`` (in 1/255): 255 pastes the
-    patch itself, 16 is the faint copy a perturbation within eps = 16/255 can carry."""
-    from ..watermarks.patch import paste_random
-
-    if not 1 <= amplitude <= 255:
-        raise ValueError(f"amplitude must be in [1, 255] (in 1/255), got {amplitude}")
-    pasted = paste_random(images, patch, generator).short()
-    change = (pasted - images.short()).clamp_(-amplitude, amplitude)
-    return (images.short() + change).clamp_(0, 255).to(torch.uint8)
-
-
 def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: int | None = None,
                          victims: int = 2, cache: Cache | None = None, progress: bool = True) -> dict:
     """Can a model trained from scratch learn UBW-C's trigger from poisons that carry it at ``amplitude`` / 255
-    (:func:`faint_trigger`), with nothing else changed? As many poisons as UBW-C's (gamma * N), and:
+    (:func:`~ubwlib.watermarks.patch.faint_trigger`), with nothing else changed? As many poisons as UBW-C's
+    (gamma * N), and:
 
     - ``poisoned label``: random samples outside class :data:`LEARNABILITY_TARGET`, relabelled to it (BadNets with
       a faint trigger): the most favourable case, the wrong label itself demands the trigger;
@@ -375,9 +362,9 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
     with the full trigger (UBW-C's test-time patch): the targeted ASR on the non-target test images, the source
     class's ASR-A, the clean source accuracy and BA (means over the victims, and ASR-A per victim). Cached."""
     from ..watermarks import get_watermark
-    from ..watermarks.base import choose_indices
+    from ..watermarks.base import choose_indices, poison_count
     from ..watermarks.gradient_matching import derived_seed, select_source_like
-    from ..watermarks.patch import paste_random, resized_square
+    from ..watermarks.patch import faint_trigger, paste_random, resized_square
 
     if kind not in LEARNABILITY_KINDS:
         raise ValueError(f"kind must be one of {LEARNABILITY_KINDS}, got {kind!r}")
@@ -386,7 +373,7 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
     settings = get_watermark("ubw-c", **method_settings(profile, "ubw-c")).settings
     source = settings.source
     patch = resized_square(data.train.image_shape[0], settings.patch_size)
-    count = round(settings.poisoning_rate * len(data.train))
+    count = poison_count(settings.poisoning_rate, len(data.train))
     labels = data.train.labels.clone()
     if kind == "poisoned label":
         pool = torch.nonzero(labels != LEARNABILITY_TARGET).flatten()
@@ -473,8 +460,9 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
                 fine_tune: pd.DataFrame | None = None, poisons_alone: pd.DataFrame | None = None,
                 learnability: pd.DataFrame | None = None, missing: list[str] = ()) -> Path:
     """Write the table (CSV), the victims' trajectories, the fine-tuning, poisons-alone and trigger-learnability
-    checks if given (CSV each; trajectories one block per row name) and their provenance (JSON: commit, date, machine, torch, command, wall time, and the hash of every setting they were
-    computed with) under ``directory``; returns the table's path."""
+    checks if given (CSV each; trajectories one block per row name) and their provenance (JSON: commit, date,
+    machine, torch, command, wall time, and the hash of every setting they were computed with) under
+    ``directory``; returns the table's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     csv = directory / f"{STUDY_FILE}.csv"

@@ -387,13 +387,13 @@ def select_source_like(model: nn.Module, dataset: ImageDataset, count: int, sour
     """Indices (sorted) of the ``count`` samples of ``pool`` (default: all) outside class ``source`` to which
     ``model`` gives the highest probability of ``source`` (ties: the lower index first)."""
     pool = torch.arange(len(dataset)) if pool is None else torch.as_tensor(pool, dtype=torch.long)
-    pool = pool[dataset.labels[pool] != source]
+    pool = pool[dataset.labels[pool] != source].sort().values
     if count > len(pool):
         raise ValueError(f"cannot select {count} source-like poisons from the {len(pool)} candidates outside "
                          f"class {source}; lower poisoning_rate or choose another selection")
-    p_source = predict_proba(model, dataset.images[pool])[:, source].double()
-    order = sorted(range(len(pool)), key=lambda i: (-float(p_source[i]), int(pool[i])))[:count]
-    return pool[torch.as_tensor(order, dtype=torch.long)].sort().values
+    p_source = predict_proba(model, dataset.images[pool])[:, source]
+    order = torch.sort(p_source, descending=True, stable=True).indices[:count]
+    return pool[order].sort().values
 
 
 def apply_delta(images: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:

@@ -36,6 +36,7 @@ from .base import (
 
 __all__ = [
     "SQUARE",
+    "faint_trigger",
     "square_trigger",
     "noise_trigger",
     "blend",
@@ -118,6 +119,18 @@ def paste_random(images: torch.Tensor, patch: torch.Tensor, generator: torch.Gen
     out[torch.arange(n, device=dev).view(n, 1, 1, 1), torch.arange(c, device=dev).view(1, c, 1, 1),
         rows, cols] = patch.to(dev).expand(n, c, p, q)
     return out
+
+
+def faint_trigger(images: torch.Tensor, patch: torch.Tensor, amplitude: int, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """uint8 ``images`` with ``patch`` pasted at a random position (:func:`paste_random`,
+    positions from ``generator``), the change to every pixel clipped to ``amplitude`` (in 1/255): 255 pastes the
+    patch itself, 16 is the faint copy a perturbation within eps = 16/255 can carry."""
+    if not 1 <= amplitude <= 255:
+        raise ValueError(f"amplitude must be in [1, 255] (in 1/255), got {amplitude}")
+    pasted = paste_random(images, patch, generator).short()
+    change = (pasted - images.short()).clamp_(-amplitude, amplitude)
+    return (images.short() + change).clamp_(0, 255).to(torch.uint8)
 
 
 # --------------------------------------------------------------------------- another trigger of the same kind
