@@ -763,6 +763,10 @@ def test_store_and_load_study_with_provenance(tiny, tmp_path):
     learn = pd.DataFrame({"kind": ["poisoned label"], "amplitude": [16], "ASR-A": [0.125]})
     store_study(df, tiny, seconds=1.0, command="make study", directory=tmp_path / "st", learnability=learn)
     pd.testing.assert_frame_equal(load_stored_study(tmp_path / "st", tiny)[1]["learnability"], learn)
+    assert load_stored_study(tmp_path / "st", tiny)[1]["amplitudes"] is None
+    amps = pd.DataFrame({"row": ["benign model"], "test amplitude": [16], "ASR-A": [0.25]})
+    store_study(df, tiny, seconds=1.0, command="make study", directory=tmp_path / "st", amplitudes=amps)
+    pd.testing.assert_frame_equal(load_stored_study(tmp_path / "st", tiny)[1]["amplitudes"], amps)
 
 
 def test_victim_trajectory_is_measured_each_epoch_and_cached(tiny):
@@ -903,6 +907,14 @@ def test_trigger_learnability_by_hand(tiny, monkeypatch):
         assert got["ASR-A"] == pytest.approx(float((predict(model, paste_random(src, patch, g)) != 0).float().mean()))
         assert got["source clean accuracy"] == pytest.approx(float((predict(model, src) == 0).float().mean()))
         assert got["BA"] == pytest.approx(float((predict(model, te.images) == te.labels).float().mean()))
+        assert got["poisons fitted"] == pytest.approx(float((predict(model, images[idx]) == labels[idx]).float().mean()))
+        for a in (16, 32, 64, 128, 255):  # the kind's measure, the trigger at a / 255, the same positions
+            g = torch.Generator().manual_seed(tiny.seed)
+            o, sr = faint_trigger(others, patch, a, g), faint_trigger(src, patch, a, g)
+            want = ((predict(model, o) == LEARNABILITY_TARGET) if kind == "poisoned label"
+                    else (predict(model, sr) != 0)).float().mean()
+            assert got[f"test trigger {a}/255"] == pytest.approx(float(want))
+        assert got["test trigger 255/255"] == got["ASR (targeted)" if kind == "poisoned label" else "ASR-A"]
         assert got["kind"] == kind and got["amplitude"] == 32 and got["epochs"] == tiny.train.epochs
         assert trigger_learnability(tiny, 32, kind, victims=1, progress=False) == got  # cached
     table = learnability_table(tiny, progress=False)
@@ -914,6 +926,35 @@ def test_trigger_learnability_by_hand(tiny, monkeypatch):
     assert table["ASR-A per victim"].str.count("/").tolist() == [1] * 11 + [0]
     with pytest.raises(ValueError, match="kind must be one of"):
         trigger_learnability(tiny, 32, "targeted")
+
+
+def test_amplitude_response_by_hand(tiny):
+    """The victims of a study row under UBW-C's trigger at every test amplitude, recomputed by hand."""
+    from ubwlib.experiments.runs import release, victim_seed
+    from ubwlib.experiments.study import REFERENCE, LEVERS, TEST_AMPLITUDES, _overrides, amplitude_response
+    from ubwlib.train import predict
+    from ubwlib.watermarks.patch import faint_trigger, resized_square
+
+    got = amplitude_response(tiny, REFERENCE, victims=2, progress=False)
+    assert got["test amplitude"].tolist() == list(TEST_AMPLITUDES) and (got["row"] == REFERENCE).all()
+    rel = release(tiny, "ubw-c", progress=False, **_overrides(tiny, LEVERS[REFERENCE]))
+    te = load_data(tiny).test
+    src = te.images[te.labels == 0]  # the tiny profile's source class
+    models = [trained_model(tiny, rel.dataset, seed=victim_seed(tiny.seed) + i, progress=False).model
+              for i in range(2)]
+    for a, (_, r) in zip(TEST_AMPLITUDES, got.iterrows()):
+        per = [float((predict(m, faint_trigger(src, resized_square(1, 8), a, torch.Generator().manual_seed(tiny.seed)))
+                      != 0).float().mean()) for m in models]
+        assert r["ASR-A"] == pytest.approx(np.mean(per))
+        assert r["ASR-A per victim"] == " / ".join(f"{v:.3f}" for v in per)
+    assert got["clean source ASR-A"].iloc[0] == pytest.approx(
+        np.mean([float((predict(m, src) != 0).float().mean()) for m in models]))
+    benign = amplitude_response(tiny, "benign model", victims=2, progress=False)  # the benign models of those seeds
+    full = float((predict(benign_model(tiny, seed=victim_seed(tiny.seed)).model,
+                          faint_trigger(src, resized_square(1, 8), 255, torch.Generator().manual_seed(tiny.seed)))
+                  != 0).float().mean())
+    assert benign["ASR-A per victim"].iloc[-1].split(" / ")[0] == f"{full:.3f}"
+    pd.testing.assert_frame_equal(amplitude_response(tiny, REFERENCE, victims=2, progress=False), got)  # cached
 
 
 def test_select_source_like_ranks_by_source_probability(tiny):

@@ -40,7 +40,8 @@ __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "st
            "surrogate_fine_tune", "fine_tune_table", "FINE_TUNE_ROWS", "FINE_TUNE_LRS", "FINE_TUNE_ON",
            "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING",
            "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
-           "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS"]
+           "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS",
+           "TEST_AMPLITUDES", "AMPLITUDE_ROWS", "amplitude_response", "amplitude_table"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -151,6 +152,27 @@ def _summary(rows: list[dict], extra: dict) -> dict:
     return out
 
 
+def _row_models(profile: Profile, name: str, lever: dict | str | None, method: str, seed: int, victims: int,
+                cache: Cache | None, progress: bool) -> tuple:
+    """(release profile, victims' profile, release or None, watermark key, victims) of a study row; the benign
+    model's row (``lever`` None) has no release: its key is the trigger of the UBW-C release with the study's
+    crafting settings, its victims the benign models of the same seeds."""
+    victim_profile = profile
+    if lever is not None:
+        profile, overrides, victim_profile = _resolve(profile, lever)
+    seeds = _victims(profile, seed, victims)
+    if lever is None:
+        key = release(profile, "ubw-c", seed, cache, progress, **_overrides(profile, {})).key
+        return profile, victim_profile, None, key, [benign_model(victim_profile, seed=s, cache=cache,
+                                                                 progress=progress) for s in seeds]
+    if method == "label-consistent":  # no crafting settings: the profile's recipe
+        overrides = {}
+    released = release(profile, method, seed, cache, progress, **overrides)
+    models = [trained_model(victim_profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
+              for s in seeds]
+    return profile, victim_profile, released, released.key, models
+
+
 def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = "ubw-c", seed: int | None = None,
               victims: int = 2, cache: Cache | None = None, progress: bool = True) -> dict:
     """One row: ``lever`` (None: the benign model; ``"noise"``: the noise control) released with ``seed``, then
@@ -160,24 +182,12 @@ def study_row(profile: Profile, name: str, lever: dict | None, *, method: str = 
     test images of the source class (targeted methods: their targeted ASR there; Label-Consistent: all non-target
     test images)."""
     seed = profile.seed if seed is None else seed
-    victim_profile = profile
-    if lever is not None:
-        profile, overrides, victim_profile = _resolve(profile, lever)
-    data = load_data(profile)
     t0 = time.perf_counter()
-    extra: dict = {"row": name, "method": method}
-    if lever is None:  # the benign model: the trigger of the UBW-C release with the study's crafting settings
-        key = release(profile, "ubw-c", seed, cache, progress, **_overrides(profile, {})).key
-        models = [benign_model(victim_profile, seed=s, cache=cache, progress=progress)
-                  for s in _victims(profile, seed, victims)]
-        extra["method"] = "no attack"
-    else:
-        if method == "label-consistent":  # no crafting settings: the profile's recipe
-            overrides = {}
-        released = release(profile, method, seed, cache, progress, **overrides)
-        key = released.key
-        models = [trained_model(victim_profile, released.dataset, seed=s, cache=cache, progress=progress, desc=name)
-                  for s in _victims(profile, seed, victims)]
+    profile, victim_profile, released, key, models = _row_models(profile, name, lever, method, seed, victims, cache,
+                                                                 progress)
+    data = load_data(profile)
+    extra: dict = {"row": name, "method": "no attack" if lever is None else method}
+    if released is not None:
         report = released.report or {}
         hist = report.get("history")
         if hist is not None and len(hist):
@@ -343,6 +353,14 @@ LEARNABILITY_LONGER = (("poisoned label", 16), ("poisoned label", 32), ("clean l
 #: on 2 CPU cores with the study profile).
 LEARNABILITY_PAPER_EPOCHS = 200
 LEARNABILITY_PAPER = (("poisoned label", 16),)
+#: The trigger's amplitudes at test time (in 1/255; 255 is the visible trigger a dataset owner verifies with):
+#: does what a victim learns from a faint trigger answer to the visible one?
+TEST_AMPLITUDES = (16, 32, 64, 128, 255)
+#: The study rows whose victims are also measured with the trigger at every :data:`TEST_AMPLITUDES`
+#: (:func:`amplitude_response`).
+AMPLITUDE_ROWS = ("benign model", "noise control (same poisons, 0 steps)", REFERENCE,
+                  "contrast 1: what the trigger adds (not in the paper)",
+                  "victims trained 4x longer (64 epochs; same release)")
 
 
 def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: int | None = None,
@@ -360,11 +378,15 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
 
     ``victims`` models trained from scratch with the profile's recipe (seeds :func:`victim_seed` onwards), measured
     with the full trigger (UBW-C's test-time patch): the targeted ASR on the non-target test images, the source
-    class's ASR-A, the clean source accuracy and BA (means over the victims, and ASR-A per victim). Cached."""
+    class's ASR-A, the clean source accuracy and BA (means over the victims, and ASR-A per victim). Beside them:
+    ``"test trigger a/255"``, the kind's own measure (targeted ASR for poisoned labels, ASR-A for clean labels)
+    with the trigger at each of :data:`TEST_AMPLITUDES` at test time, at the same positions (at 255 it is the
+    column of the full trigger); and ``"poisons fitted"``, the share of the poisoned training images the victim
+    predicts as their training label. Cached."""
     from ..watermarks import get_watermark
     from ..watermarks.base import choose_indices, poison_count
     from ..watermarks.gradient_matching import derived_seed, select_source_like
-    from ..watermarks.patch import faint_trigger, paste_random, resized_square
+    from ..watermarks.patch import faint_trigger, resized_square
 
     if kind not in LEARNABILITY_KINDS:
         raise ValueError(f"kind must be one of {LEARNABILITY_KINDS}, got {kind!r}")
@@ -397,16 +419,22 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
         models = trained_models(profile, [(poisoned, s) for s in seeds], cache=cache, progress=progress,
                                 desc=f"{kind} {amplitude}")
         for m in (t.model for t in models):
-            g = torch.Generator().manual_seed(seed)
-            rows.append({"ASR (targeted)": float((predict(m, paste_random(others, patch, g)) == LEARNABILITY_TARGET)
-                                                 .float().mean()),
-                         "ASR-A": float((predict(m, paste_random(src, patch, g)) != source).float().mean()),
-                         "source clean accuracy": float((predict(m, src) == source).float().mean()),
-                         "BA": float((predict(m, test.images) == test.labels).float().mean())})
+            row = {}
+            for a in TEST_AMPLITUDES:  # the same positions at every amplitude: only the strength changes
+                g = torch.Generator().manual_seed(seed)
+                targeted = float((predict(m, faint_trigger(others, patch, a, g)) == LEARNABILITY_TARGET).float().mean())
+                asr_a = float((predict(m, faint_trigger(src, patch, a, g)) != source).float().mean())
+                row[f"test trigger {a}/255"] = targeted if kind == "poisoned label" else asr_a
+            row.update({"ASR (targeted)": targeted, "ASR-A": asr_a,  # the full trigger (a = 255, last)
+                        "source clean accuracy": float((predict(m, src) == source).float().mean()),
+                        "BA": float((predict(m, test.images) == test.labels).float().mean()),
+                        "poisons fitted": float((predict(m, images[idx]) == labels[idx]).float().mean())})
+            rows.append(row)
         return pd.DataFrame(rows)
 
     key = {"recipe": "trigger learnability", "data": fingerprint(poisoned), "test": fingerprint(test),
-           "train": profile.train, "model": (profile.model, profile.width), "victims": seeds, "seed": seed}
+           "train": profile.train, "model": (profile.model, profile.width), "victims": seeds, "seed": seed,
+           "test amplitudes": TEST_AMPLITUDES}
     per_victim = cached_table("trigger learnability", key, compute, cache)
     out = {"kind": kind, "amplitude": amplitude, "epochs": profile.train.epochs, **per_victim.mean().to_dict()}
     out["ASR-A per victim"] = " / ".join(f"{v:.3f}" for v in per_victim["ASR-A"])
@@ -427,6 +455,44 @@ def learnability_table(profile: Profile, *, cache: Cache | None = None, progress
                            for k, a in LEARNABILITY_LONGER]
                         + [trigger_learnability(epochs(LEARNABILITY_PAPER_EPOCHS), a, k, victims=1, cache=cache,
                                                 progress=progress) for k, a in LEARNABILITY_PAPER])
+
+
+def amplitude_response(profile: Profile, name: str, *, seed: int | None = None, victims: int = 2,
+                       cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """The victims of the study row ``name`` (one of :func:`study_rows`, UBW-C's), measured with UBW-C's trigger
+    at each of :data:`TEST_AMPLITUDES` at test time (:func:`~ubwlib.watermarks.patch.faint_trigger`, the same
+    positions at every amplitude): one row per amplitude with the source class's ASR-A (mean and per victim) and
+    the clean source images' ASR-A. Does the watermark answer to the visible trigger more than to a faint one, or
+    is what a victim learned from the poisons keyed to the perturbations' own strength? Cached."""
+    from ..watermarks.patch import faint_trigger, resized_square
+
+    seed = profile.seed if seed is None else seed
+    lever = {n: lv for n, lv, _ in study_rows()}[name]
+    profile, _, _, key, models = _row_models(profile, name, lever, "ubw-c", seed, victims, cache, progress)
+    data = load_data(profile)
+    source = source_class(key)
+    src = data.test.images[data.test.labels == source]
+    patch = resized_square(data.test.image_shape[0], key.settings["patch_size"])  # the release's own trigger
+
+    def compute() -> pd.DataFrame:
+        out = []
+        for a in TEST_AMPLITUDES:
+            per = [float((predict(m.model, faint_trigger(src, patch, a, torch.Generator().manual_seed(seed)))
+                          != source).float().mean()) for m in models]
+            out.append({"row": name, "test amplitude": a, "ASR-A": float(np.mean(per)),
+                        "ASR-A per victim": " / ".join(f"{v:.3f}" for v in per)})
+        clean = float(np.mean([float((predict(m.model, src) != source).float().mean()) for m in models]))
+        return pd.DataFrame(out).assign(**{"clean source ASR-A": clean})
+
+    settings = {"recipe": "amplitude response", "models": [m.key for m in models], "trigger": key_digest(key),
+                "test": fingerprint(data.test), "amplitudes": TEST_AMPLITUDES, "seed": seed}
+    return cached_table("amplitude response", settings, compute, cache)
+
+
+def amplitude_table(profile: Profile, *, cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """:func:`amplitude_response` of every :data:`AMPLITUDE_ROWS`, one table."""
+    return pd.concat([amplitude_response(profile, n, cache=cache, progress=progress) for n in AMPLITUDE_ROWS],
+                     ignore_index=True)
 
 
 def study_rows(include_checks: bool = True) -> list[tuple[str, object, str]]:
@@ -458,9 +524,10 @@ def study_table(profile: Profile | str = "study", *, seed: int | None = None, vi
 def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, command: str,
                 directory: Path | str = RESULTS_DIR, trajectories: pd.DataFrame | None = None,
                 fine_tune: pd.DataFrame | None = None, poisons_alone: pd.DataFrame | None = None,
-                learnability: pd.DataFrame | None = None, missing: list[str] = ()) -> Path:
-    """Write the table (CSV), the victims' trajectories, the fine-tuning, poisons-alone and trigger-learnability
-    checks if given (CSV each; trajectories one block per row name) and their provenance (JSON: commit, date,
+                learnability: pd.DataFrame | None = None, amplitudes: pd.DataFrame | None = None,
+                missing: list[str] = ()) -> Path:
+    """Write the table (CSV), the victims' trajectories, the fine-tuning, poisons-alone, trigger-learnability and
+    test-amplitude checks if given (CSV each; trajectories one block per row name) and their provenance (JSON: commit, date,
     machine, torch, command, wall time, and the hash of every setting they were computed with) under
     ``directory``; returns the table's path."""
     directory = Path(directory)
@@ -475,6 +542,8 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
         poisons_alone.to_csv(directory / f"{STUDY_FILE}-poisons-alone.csv", float_format="%.4f", index=False)
     if learnability is not None:
         learnability.to_csv(directory / f"{STUDY_FILE}-learnability.csv", float_format="%.4f", index=False)
+    if amplitudes is not None:
+        amplitudes.to_csv(directory / f"{STUDY_FILE}-amplitudes.csv", float_format="%.4f", index=False)
     meta = {
         "what": "UBW-C recipe study (issue 9): victims trained from scratch, source-class evaluation",
         **{k: v for k, v in provenance(command, seconds).items() if k != "python"},
@@ -496,7 +565,8 @@ def study_settings_hash(profile: Profile) -> str:
                 "ubw-c": {"source": 0, **method_settings(profile, "ubw-c")},  # "source": as hashed when it was passed
                 "victim seed": victim_seed(profile.seed),
                 "learnability": (LEARNABILITY_AMPLITUDES, LEARNABILITY_KINDS, LEARNABILITY_TARGET,
-                                 LEARNABILITY_LONGER, LEARNABILITY_PAPER_EPOCHS, LEARNABILITY_PAPER)}
+                                 LEARNABILITY_LONGER, LEARNABILITY_PAPER_EPOCHS, LEARNABILITY_PAPER),
+                "test amplitudes": (TEST_AMPLITUDES, AMPLITUDE_ROWS)}
     return settings_hash("study", settings, "1")
 
 
@@ -519,6 +589,8 @@ def load_stored_study(directory: Path | str = RESULTS_DIR, profile: Profile | st
     meta["poisons alone"] = pd.read_csv(alone) if alone.exists() else None
     learn = directory / f"{STUDY_FILE}-learnability.csv"
     meta["learnability"] = pd.read_csv(learn) if learn.exists() else None
+    amps = directory / f"{STUDY_FILE}-amplitudes.csv"
+    meta["amplitudes"] = pd.read_csv(amps) if amps.exists() else None
     return pd.read_csv(csv, index_col="row"), meta
 
 
@@ -532,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--fine-tune", action="store_true",
                     help="also with --rows: the checks beside the table (the crafting surrogate fine-tuned on some "
                          "releases and on their poisons alone, surrogate_fine_tune; the trigger-learnability check, "
-                         "learnability_table)")
+                         "learnability_table; the victims under a fainter trigger, amplitude_table)")
     args = ap.parse_args(argv)
     profile = get_profile(args.profile)
     rows = study_rows()
@@ -574,12 +646,13 @@ def main(argv: list[str] | None = None) -> int:
         fine = fine_tune_table(profile, progress=False)
         alone = poisons_alone_table(profile, progress=False)
         learn = learnability_table(profile, progress=False)
-        for t in (fine, alone, learn):
+        amps = amplitude_table(profile, progress=False)
+        for t in (fine, alone, learn, amps):
             print(t.to_string())
         if store:
             store_study(table, profile, seconds=time.perf_counter() - t0, command=command, directory=args.out,
                         trajectories=stored_trajectories(table), fine_tune=fine, poisons_alone=alone,
-                        learnability=learn, missing=[n for n, _, _ in study_rows() if n not in table.index])
+                        learnability=learn, amplitudes=amps, missing=[n for n, _, _ in study_rows() if n not in table.index])
     if store:
         print(f"stored: {Path(args.out) / (STUDY_FILE + '.csv')}")
     return 0
