@@ -908,15 +908,25 @@ def test_trigger_learnability_by_hand(tiny, monkeypatch):
         assert got["source clean accuracy"] == pytest.approx(float((predict(model, src) == 0).float().mean()))
         assert got["BA"] == pytest.approx(float((predict(model, te.images) == te.labels).float().mean()))
         assert got["poisons fitted"] == pytest.approx(float((predict(model, images[idx]) == labels[idx]).float().mean()))
+        measured = others if kind == "poisoned label" else src
+        g = torch.Generator().manual_seed(tiny.seed)
+        under = [paste_random(torch.zeros_like(x), torch.full_like(patch, 255), g) > 0 for x in (others, src)]
+        under = under[0 if kind == "poisoned label" else 1]  # the pixels under the trigger, by hand
+        black = ((measured == 0) & under).flatten(1).sum(1) / under.flatten(1).sum(1)
+        assert got["test images, trigger on the background"] == int((black >= 0.9).sum())
+        assert got["test images, trigger on the object"] == int((black <= 0.1).sum())
         for a in (16, 32, 64, 128, 255):  # the kind's measure, the trigger at a / 255, the same positions
             g = torch.Generator().manual_seed(tiny.seed)
             o, sr = faint_trigger(others, patch, a, g), faint_trigger(src, patch, a, g)
-            want = ((predict(model, o) == LEARNABILITY_TARGET) if kind == "poisoned label"
-                    else (predict(model, sr) != 0)).float().mean()
-            assert got[f"test trigger {a}/255"] == pytest.approx(float(want))
+            hit = (predict(model, o) == LEARNABILITY_TARGET) if kind == "poisoned label" else (predict(model, sr) != 0)
+            assert got[f"test trigger {a}/255"] == pytest.approx(float(hit.float().mean()))
+            for w, mask in (("on the background", black >= 0.9), ("on the object", black <= 0.1)):
+                want = float(hit[mask].float().mean()) if mask.any() else math.nan
+                assert got[f"test trigger {a}/255 {w}"] == pytest.approx(want, nan_ok=True)
         assert got["test trigger 255/255"] == got["ASR (targeted)" if kind == "poisoned label" else "ASR-A"]
         assert got["kind"] == kind and got["amplitude"] == 32 and got["epochs"] == tiny.train.epochs
-        assert trigger_learnability(tiny, 32, kind, victims=1, progress=False) == got  # cached
+        again = trigger_learnability(tiny, 32, kind, victims=1, progress=False)  # cached (NaN where no image lands)
+        pd.testing.assert_series_equal(pd.Series(again, dtype=object), pd.Series(got, dtype=object))
     table = learnability_table(tiny, progress=False)
     assert list(zip(table["kind"], table["amplitude"], table["epochs"])) == [
         (k, a, 1) for k in ("poisoned label", "clean label, source-like") for a in (16, 32, 64, 255)] + [
@@ -926,6 +936,23 @@ def test_trigger_learnability_by_hand(tiny, monkeypatch):
     assert table["ASR-A per victim"].str.count("/").tolist() == [1] * 11 + [0]
     with pytest.raises(ValueError, match="kind must be one of"):
         trigger_learnability(tiny, 32, "targeted")
+
+
+def test_background_share_counts_black_pixels_under_the_trigger():
+    from ubwlib.experiments.study import background_share
+    from ubwlib.watermarks.patch import faint_trigger
+
+    patch = torch.full((1, 4, 4), 255, dtype=torch.uint8)
+    g = lambda: torch.Generator().manual_seed(3)
+    assert torch.equal(background_share(torch.zeros(5, 1, 12, 12, dtype=torch.uint8), patch, g()), torch.ones(5))
+    assert torch.equal(background_share(torch.full((5, 1, 12, 12), 7, dtype=torch.uint8), patch, g()), torch.zeros(5))
+    half = torch.zeros(64, 1, 12, 12, dtype=torch.uint8)
+    half[..., 6:] = 100  # black left half, grey right half
+    share = background_share(half, patch, g())
+    pasted = faint_trigger(torch.zeros_like(half), patch, 255, g()) > 0  # the same positions
+    cols = pasted[:, 0].any(1)  # the columns under the trigger
+    assert torch.equal(share, cols[:, :6].sum(1) / 4)
+    assert set(share.tolist()) > {0.0, 1.0}  # all three cases drawn: on black, on grey, across the edge
 
 
 def test_amplitude_response_by_hand(tiny):

@@ -41,7 +41,7 @@ __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "st
            "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING",
            "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
            "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS",
-           "TEST_AMPLITUDES", "AMPLITUDE_ROWS", "amplitude_response", "amplitude_table"]
+           "TEST_AMPLITUDES", "AMPLITUDE_ROWS", "BACKGROUND_SHARE", "background_share", "amplitude_response", "amplitude_table"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -356,6 +356,19 @@ LEARNABILITY_PAPER = (("poisoned label", 16),)
 #: The trigger's amplitudes at test time (in 1/255; 255 is the visible trigger a dataset owner verifies with):
 #: does what a victim learns from a faint trigger answer to the visible one?
 TEST_AMPLITUDES = (16, 32, 64, 128, 255)
+#: Where a test trigger lands: "on the background" when at least this share of the pixels under it are exactly 0
+#: in the clean image (Fashion-MNIST's background is exactly black), "on the object" when at most 1 minus it are.
+BACKGROUND_SHARE = 0.9
+
+
+def background_share(images: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Per image, the share of the pixels under ``patch`` that are exactly 0 in ``images``, at the positions
+    :func:`~ubwlib.watermarks.patch.paste_random` draws from ``generator`` (so the same generator state places
+    :func:`~ubwlib.watermarks.patch.faint_trigger` there too)."""
+    from ..watermarks.patch import paste_random
+
+    region = paste_random(torch.zeros_like(images), torch.full_like(patch, 255), generator) > 0
+    return ((images == 0) & region).flatten(1).sum(1) / region.flatten(1).sum(1)
 #: The study rows whose victims are also measured with the trigger at every :data:`TEST_AMPLITUDES`
 #: (:func:`amplitude_response`).
 AMPLITUDE_ROWS = ("benign model", "noise control (same poisons, 0 steps)", REFERENCE,
@@ -381,8 +394,9 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
     class's ASR-A, the clean source accuracy and BA (means over the victims, and ASR-A per victim). Beside them:
     ``"test trigger a/255"``, the kind's own measure (targeted ASR for poisoned labels, ASR-A for clean labels)
     with the trigger at each of :data:`TEST_AMPLITUDES` at test time, at the same positions (at 255 it is the
-    column of the full trigger); and ``"poisons fitted"``, the share of the poisoned training images the victim
-    predicts as their training label. Cached."""
+    column of the full trigger), and the same on the test images where the trigger lands on the black background
+    and on the object (:data:`BACKGROUND_SHARE`, :func:`background_share`); and ``"poisons fitted"``, the share of
+    the poisoned training images the victim predicts as their training label. Cached."""
     from ..watermarks import get_watermark
     from ..watermarks.base import choose_indices, poison_count
     from ..watermarks.gradient_matching import derived_seed, select_source_like
@@ -418,13 +432,20 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
         rows = []
         models = trained_models(profile, [(poisoned, s) for s in seeds], cache=cache, progress=progress,
                                 desc=f"{kind} {amplitude}")
+        g = torch.Generator().manual_seed(seed)
+        share = [background_share(x, patch, g) for x in (others, src)][0 if kind == "poisoned label" else 1]
+        where = {"on the background": share >= BACKGROUND_SHARE, "on the object": share <= 1 - BACKGROUND_SHARE}
         for m in (t.model for t in models):
-            row = {}
+            row = {f"test images, trigger {w}": int(mask.sum()) for w, mask in where.items()}
             for a in TEST_AMPLITUDES:  # the same positions at every amplitude: only the strength changes
                 g = torch.Generator().manual_seed(seed)
-                targeted = float((predict(m, faint_trigger(others, patch, a, g)) == LEARNABILITY_TARGET).float().mean())
-                asr_a = float((predict(m, faint_trigger(src, patch, a, g)) != source).float().mean())
-                row[f"test trigger {a}/255"] = targeted if kind == "poisoned label" else asr_a
+                hit_t = predict(m, faint_trigger(others, patch, a, g)) == LEARNABILITY_TARGET
+                hit_a = predict(m, faint_trigger(src, patch, a, g)) != source
+                targeted, asr_a = float(hit_t.float().mean()), float(hit_a.float().mean())
+                hit = hit_t if kind == "poisoned label" else hit_a
+                row[f"test trigger {a}/255"] = float(hit.float().mean())
+                for w, mask in where.items():
+                    row[f"test trigger {a}/255 {w}"] = float(hit[mask].float().mean()) if mask.any() else math.nan
             row.update({"ASR (targeted)": targeted, "ASR-A": asr_a,  # the full trigger (a = 255, last)
                         "source clean accuracy": float((predict(m, src) == source).float().mean()),
                         "BA": float((predict(m, test.images) == test.labels).float().mean()),
@@ -434,7 +455,7 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
 
     key = {"recipe": "trigger learnability", "data": fingerprint(poisoned), "test": fingerprint(test),
            "train": profile.train, "model": (profile.model, profile.width), "victims": seeds, "seed": seed,
-           "test amplitudes": TEST_AMPLITUDES}
+           "test amplitudes": TEST_AMPLITUDES, "background share": BACKGROUND_SHARE}
     per_victim = cached_table("trigger learnability", key, compute, cache)
     out = {"kind": kind, "amplitude": amplitude, "epochs": profile.train.epochs, **per_victim.mean().to_dict()}
     out["ASR-A per victim"] = " / ".join(f"{v:.3f}" for v in per_victim["ASR-A"])
@@ -566,7 +587,7 @@ def study_settings_hash(profile: Profile) -> str:
                 "victim seed": victim_seed(profile.seed),
                 "learnability": (LEARNABILITY_AMPLITUDES, LEARNABILITY_KINDS, LEARNABILITY_TARGET,
                                  LEARNABILITY_LONGER, LEARNABILITY_PAPER_EPOCHS, LEARNABILITY_PAPER),
-                "test amplitudes": (TEST_AMPLITUDES, AMPLITUDE_ROWS)}
+                "test amplitudes": (TEST_AMPLITUDES, AMPLITUDE_ROWS, BACKGROUND_SHARE)}
     return settings_hash("study", settings, "1")
 
 
