@@ -142,6 +142,48 @@ def test_a_changed_profile_rebuilds_every_page(tmp_path, monkeypatch):
     assert pages_read("default") == ["index"]  # the profile changed: every page again
 
 
+def test_changed_code_results_or_precision_rebuild_every_page(tmp_path, monkeypatch):
+    """What a page computes depends on ubwlib's code, the stored results and UBW_PRECISION/UBW_DATA/UBW_DEVICE,
+    none of them a page's source: a change to any of them re-reads every page; no change reads none."""
+    from sphinx.application import Sphinx
+    from ubwlib import sphinx_ext
+
+    src, code, results = tmp_path / "src", tmp_path / "ubwlib", tmp_path / "results"
+    for d in (src, code / "__pycache__", results / "study"):
+        d.mkdir(parents=True)
+    (src / "conf.py").write_text("extensions = ['ubwlib.sphinx_ext']\n")
+    (src / "index.rst").write_text("Title\n=====\n\nSome text.\n")
+    (code / "train.py").write_text("LR = 0.1\n")
+    (results / "study" / "table.csv").write_text("row,ASR-A\na,0.5\n")
+    monkeypatch.setattr(sphinx_ext, "input_folders", lambda: (code, results))
+    monkeypatch.setenv("UBW_PROFILE", "smoke")
+    for name in sphinx_ext.INPUT_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+    def pages_read():
+        app = Sphinx(str(src), str(src), str(tmp_path / "html"), str(tmp_path / "doctrees"), "html",
+                     status=None, warning=None)
+        read = []
+        app.connect("source-read", lambda _app, docname, _source: read.append(docname))
+        app.build()
+        assert app.config.ubw_inputs == sphinx_ext.book_inputs((code, results))
+        return read
+
+    assert pages_read() == ["index"]
+    assert pages_read() == []  # nothing changed: nothing read, nothing executed
+    (code / "__pycache__" / "train.cpython-312.pyc").write_bytes(b"compiled")
+    assert pages_read() == []  # a compiled cache is not an input
+    (code / "train.py").write_text("LR = 0.2\n")
+    assert pages_read() == ["index"]  # the library changed
+    assert pages_read() == []
+    (results / "study" / "table.csv").write_text("row,ASR-A\na,0.25\n")
+    assert pages_read() == ["index"]  # a stored table changed
+    monkeypatch.setenv("UBW_PRECISION", "fp32")
+    assert pages_read() == ["index"]  # another precision computes other numbers
+    (results / "study" / "table.csv").rename(results / "study" / "renamed.csv")
+    assert pages_read() == ["index"]  # a file's name is part of the input
+
+
 # ------------------------------------------------------------------------------------------ the built book
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:

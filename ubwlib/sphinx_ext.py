@@ -3,7 +3,11 @@ network, opened from ``file://`` or served; and a rebuild of every page when the
 
 The profile (``UBW_PROFILE``) is a config value of the build (``ubw_profile``, rebuild ``env``): Sphinx reuses
 the pages of the previous build when no source changed, so without it ``make book`` after ``make book
-PROFILE=smoke`` kept the smoke pages; a changed value makes Sphinx read (and execute) every page again.
+PROFILE=smoke`` kept the smoke pages; a changed value makes Sphinx read (and execute) every page again. So is a
+hash of everything else the pages' outputs depend on (``ubw_inputs``, :func:`book_inputs`): ubwlib's code, the
+stored results and the environment variables ubwlib reads. An unchanged book rebuilds in seconds without running a
+cell; a changed library or stored table runs every page again (against the warm cache) instead of keeping pages
+computed with the old one.
 
 Sphinx's math extension loads MathJax 3 from a CDN by default (jupyter-book 1 keeps that default). This extension
 points ``mathjax_path`` at ``_static/mathjax/`` and copies MathJax 3 there from the ``sphinx-mathjax-offline``
@@ -17,11 +21,13 @@ package (a dependency of the ``book`` extra; MathJax 3.2.2 under the Apache Lice
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
 
-__all__ = ["MATHJAX_COMPONENT", "MATHJAX_DIR", "book_profile", "mathjax_source", "setup"]
+__all__ = ["INPUT_VARIABLES", "MATHJAX_COMPONENT", "MATHJAX_DIR", "book_inputs", "book_profile", "input_folders",
+           "mathjax_source", "setup"]
 
 #: The MathJax component the pages load: the one Sphinx loads from its CDN by default.
 MATHJAX_COMPONENT = "tex-mml-chtml.js"
@@ -77,9 +83,38 @@ def book_profile() -> str:
     return os.environ.get("UBW_PROFILE") or "default"
 
 
+#: The environment variables ubwlib reads that change what a page computes (the profile has its own config value;
+#: the cache's location does not change a number).
+INPUT_VARIABLES = ("UBW_DATA", "UBW_DEVICE", "UBW_PRECISION")
+
+
+def input_folders() -> tuple[Path, ...]:
+    """The folders whose files the pages' outputs depend on besides their sources: the ubwlib package and the
+    stored results (``results/`` beside it)."""
+    package = Path(__file__).resolve().parent
+    return package, package.parent / "results"
+
+
+def book_inputs(folders: tuple[Path, ...] | None = None) -> str:
+    """A hash of every file under ``folders`` (default :func:`input_folders`; compiled caches skipped), by path
+    relative to its folder and content, and of :data:`INPUT_VARIABLES`."""
+    digest = hashlib.sha256()
+    for folder in (input_folders() if folders is None else folders):
+        folder = Path(folder)
+        files = sorted(f for f in folder.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
+            if folder.is_dir() else []
+        for f in files:
+            digest.update(f"{folder.name}/{f.relative_to(folder).as_posix()}\0".encode())
+            digest.update(hashlib.sha256(f.read_bytes()).digest())
+    for name in INPUT_VARIABLES:
+        digest.update(f"{name}={os.environ.get(name, '')}\0".encode())
+    return digest.hexdigest()
+
+
 def setup(app):
     app.setup_extension("sphinx.ext.mathjax")
     app.add_config_value("ubw_profile", book_profile(), "env")
+    app.add_config_value("ubw_inputs", book_inputs(), "env")
     # After the configuration is read (jupyter-book's `sphinx: config:` included), before the pages are written.
     app.connect("config-inited", _use_local_mathjax, priority=900)
     app.connect("build-finished", _copy_mathjax)
