@@ -41,7 +41,8 @@ __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "st
            "poisons_alone_table", "POISONS_ALONE_ROWS", "POISONS_ALONE_TRAINING",
            "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
            "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS",
-           "TEST_AMPLITUDES", "AMPLITUDE_ROWS", "BACKGROUND_SHARE", "background_share", "amplitude_response", "amplitude_table"]
+           "TEST_AMPLITUDES", "AMPLITUDE_ROWS", "BACKGROUND_SHARE", "background_share", "amplitude_response",
+           "amplitude_table"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -359,6 +360,11 @@ TEST_AMPLITUDES = (16, 32, 64, 128, 255)
 #: Where a test trigger lands: "on the background" when at least this share of the pixels under it are exactly 0
 #: in the clean image (Fashion-MNIST's background is exactly black), "on the object" when at most 1 minus it are.
 BACKGROUND_SHARE = 0.9
+#: The study rows whose victims are also measured with the trigger at every :data:`TEST_AMPLITUDES`
+#: (:func:`amplitude_response`).
+AMPLITUDE_ROWS = ("benign model", "noise control (same poisons, 0 steps)", REFERENCE,
+                  "contrast 1: what the trigger adds (not in the paper)",
+                  "victims trained 4x longer (64 epochs; same release)")
 
 
 def background_share(images: torch.Tensor, patch: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -369,11 +375,6 @@ def background_share(images: torch.Tensor, patch: torch.Tensor, generator: torch
 
     region = paste_random(torch.zeros_like(images), torch.full_like(patch, 255), generator) > 0
     return ((images == 0) & region).flatten(1).sum(1) / region.flatten(1).sum(1)
-#: The study rows whose victims are also measured with the trigger at every :data:`TEST_AMPLITUDES`
-#: (:func:`amplitude_response`).
-AMPLITUDE_ROWS = ("benign model", "noise control (same poisons, 0 steps)", REFERENCE,
-                  "contrast 1: what the trigger adds (not in the paper)",
-                  "victims trained 4x longer (64 epochs; same release)")
 
 
 def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: int | None = None,
@@ -432,7 +433,7 @@ def trigger_learnability(profile: Profile, amplitude: int, kind: str, *, seed: i
         rows = []
         models = trained_models(profile, [(poisoned, s) for s in seeds], cache=cache, progress=progress,
                                 desc=f"{kind} {amplitude}")
-        g = torch.Generator().manual_seed(seed)
+        g = torch.Generator().manual_seed(seed)  # both drawn, in the order the evaluation below draws them
         share = [background_share(x, patch, g) for x in (others, src)][0 if kind == "poisoned label" else 1]
         where = {"on the background": share >= BACKGROUND_SHARE, "on the object": share <= 1 - BACKGROUND_SHARE}
         for m in (t.model for t in models):
@@ -548,8 +549,8 @@ def store_study(table: pd.DataFrame, profile: Profile, *, seconds: float, comman
                 learnability: pd.DataFrame | None = None, amplitudes: pd.DataFrame | None = None,
                 missing: list[str] = ()) -> Path:
     """Write the table (CSV), the victims' trajectories, the fine-tuning, poisons-alone, trigger-learnability and
-    test-amplitude checks if given (CSV each; trajectories one block per row name) and their provenance (JSON: commit, date,
-    machine, torch, command, wall time, and the hash of every setting they were computed with) under
+    test-amplitude checks if given (CSV each; trajectories one block per row name) and their provenance (JSON:
+    commit, date, machine, torch, command, wall time, and the hash of every setting they were computed with) under
     ``directory``; returns the table's path."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
