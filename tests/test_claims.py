@@ -69,6 +69,21 @@ def test_known_gaps_and_the_gate(capsys):
     assert evaluate(weak, chosen, "full").loc["ubw-p/asr-a", "known gap"] == ""
 
 
+def test_the_dp_ratio_gap_needs_ubwp_below_and_the_baselines_not_above_the_paper():
+    """On the default profile UBW-P's D_p is below the paper's (a known gap); the ratio's miss is excused only while
+    that is its cause: UBW-P below 1.8 and every baseline at or below the paper's highest (WaNet, 0.1979)."""
+    claim = [BY_ID["ubw-p/dp-10x"]]
+    measured = evaluate({"ubw_p/table1": _t1(ubwp_dp=1.238, targeted_dp=(0.0018, 0.0782, 0.156))}, claim, "default")
+    assert measured.loc["ubw-p/dp-10x", "ours"] == "1.238 vs at most 0.156"
+    assert measured.loc["ubw-p/dp-10x", "verdict"] == "does not hold"
+    assert gate(measured, "default") == ["ubw-p/dp-10x"]  # a known gap: printed, not fatal
+    for ubwp, baselines in ((1.238, (0.0, 0.01, 0.21)), (1.9, (0.0, 0.01, 0.195))):
+        out = evaluate({"ubw_p/table1": _t1(ubwp_dp=ubwp, targeted_dp=baselines)}, claim, "default")
+        assert out.loc["ubw-p/dp-10x", "known gap"] == ""  # another cause: not excused
+        with pytest.raises(AssertionError, match="10x"):
+            gate(out, "default")
+
+
 def test_an_excuse_with_a_condition():
     """UBW-P's fine-tuning gap on the default profile excuses a miss only when ASR-A was already below the bar."""
     claim = [BY_ID["ubw-p/fine-tuning"]]

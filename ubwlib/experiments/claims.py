@@ -73,6 +73,8 @@ def _ba_cost(t: Tables) -> tuple[str, bool]:
             bool((ba0 - rest["BA"] <= 0.03).all()))
 
 
+#: The highest D_p of a poisoned-label baseline in the paper's Table 1 (WaNet's).
+_PAPER_BASELINE_DP = 0.1979
 _SHORT = "4-epoch schedule: near-uniform triggered probabilities, the arg-max keeps the true class (the UBW-P chapter)"
 _UBWP = [
     Claim("ubw-p/asr-a", "ubw_p", "UBW-P's ASR-A is high (>= 80%)", "Table 1: 92.30", (T1P,),
@@ -81,7 +83,10 @@ _UBWP = [
           lambda t: (f"{_ubwp(t)['D_p']:.3f}", _ubwp(t)["D_p"] >= 1.8),
           {"default": "same cause: the arg-max lands among look-alike classes (the UBW-P chapter)"}),
     Claim("ubw-p/dp-10x", "ubw_p", "UBW-P's D_p is more than 10x every poisoned-label baseline's",
-          "Table 1: 2.2548 vs at most 0.1979", (T1P,), _ubwp_dp_ratio),
+          "Table 1: 2.2548 vs at most 0.1979", (T1P,), _ubwp_dp_ratio,
+          {"default": "follows from ubw-p/dp: UBW-P's D_p is below the paper's (same cause), the baselines' are not "
+                      "above the paper's 0.1979 (WaNet's varies between draws of the same recipe)"},
+          excuse_if=lambda t: _ubwp(t)["D_p"] < 1.8 and t[T1P].loc[_TARGETED, "D_p"].max() <= _PAPER_BASELINE_DP),
     Claim("ubw-p/ba-on-par", "ubw_p", "UBW-P's BA is on par with the targeted watermarks' (within 2 points of the "
           "lowest)", "Table 1: 90.59 vs 90.48-91.61", (T1P,),
           lambda t: (f"{_pct(_ubwp(t)['BA'])} vs {_pct(t[T1P].loc[_TARGETED, 'BA'].min())}-"
