@@ -83,7 +83,7 @@ _UBWP = [
           lambda t: (f"{_ubwp(t)['D_p']:.3f}", _ubwp(t)["D_p"] >= 1.8),
           {"default": "same cause: the arg-max lands among look-alike classes (the UBW-P chapter)"}),
     Claim("ubw-p/dp-10x", "ubw_p", "UBW-P's D_p is more than 10x every poisoned-label baseline's",
-          "Table 1: 2.2548 vs at most 0.1979", (T1P,), _ubwp_dp_ratio,
+          f"Table 1: 2.2548 vs at most {_PAPER_BASELINE_DP}", (T1P,), _ubwp_dp_ratio,
           {"default": "follows from ubw-p/dp: UBW-P's D_p is below the paper's (same cause), the baselines' are not "
                       "above the paper's 0.1979 (WaNet's varies between draws of the same recipe)"},
           excuse_if=lambda t: _ubwp(t)["D_p"] < 1.8 and t[T1P].loc[_TARGETED, "D_p"].max() <= _PAPER_BASELINE_DP),
