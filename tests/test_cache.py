@@ -220,6 +220,30 @@ def test_get_or_compute_calls_compute_once(root: Path) -> None:
     assert compute.calls == 3
 
 
+def test_entries_record_their_compute_time_without_the_cached_parts_they_reused(root: Path, monkeypatch) -> None:
+    import ubwlib.cache.store as store
+
+    clock = iter([0.0, 10.0, 13.0, 20.0, 100.0, 101.5])  # outer starts, inner starts, inner ends, outer ends; then one more
+    monkeypatch.setattr(store.time, "perf_counter", lambda: next(clock))
+    c = Cache(root)
+
+    def outer():
+        inner = c.get_or_compute(NS, {"part": 1}, V, lambda: (None, 1))
+        return None, inner.data + 1
+
+    e = c.get_or_compute(NS, {"whole": 1}, V, outer)
+    assert (e.meta["seconds"], e.meta["seconds_own"]) == (20.0, 17.0)
+    assert c.get_or_compute(NS, {"whole": 1}, V, outer).hit  # no clock read for a hit
+    last = c.get_or_compute(NS, {"alone": 1}, V, lambda: (None, 0))
+    assert (last.meta["seconds"], last.meta["seconds_own"]) == (1.5, 1.5)  # the stack is empty again
+    by_key = {info.hash: info for info in c.entries()}
+    part = by_key[settings_hash(NS, {"part": 1}, V)]
+    assert (part.seconds, part.seconds_own) == (3.0, 3.0)
+    assert sum(i.seconds_own for i in by_key.values()) == 20.0 + 1.5  # a cold run's time, each second once
+    plain = c.put(NS, {"stored": 1}, V, data=0)  # stored by hand: nothing was timed
+    assert "seconds" not in plain.meta
+
+
 def test_compute_may_return_no_tensors(root: Path) -> None:
     e = Cache(root).get_or_compute(NS, {}, V, lambda: (None, [1, 2]))
     assert e.tensors == {} and e.data == [1, 2]

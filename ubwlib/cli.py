@@ -59,7 +59,13 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         by_ns.setdefault(e.namespace, []).append(e)
     for ns, items in sorted(by_ns.items()):
         word = "entry" if len(items) == 1 else "entries"
-        print(f"  {ns}: {len(items)} {word}, {sum(e.size_bytes for e in items) / 2**20:.1f} MiB")
+        timed = [e.seconds_own for e in items if e.seconds_own is not None]
+        took = f", computed in {sum(timed):.0f} s" + (f" ({len(timed)} timed)" if len(timed) < len(items) else "")
+        print(f"  {ns}: {len(items)} {word}, {sum(e.size_bytes for e in items) / 2**20:.1f} MiB"
+              + (took if timed else ""))
+    timed = [e.seconds_own for e in entries if e.seconds_own is not None]
+    if timed:
+        print(f"computed in {sum(timed):.0f} s in all (each entry's own time, without the cached parts it reused)")
     return 0
 
 

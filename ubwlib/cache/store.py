@@ -9,6 +9,8 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
+import time
 import uuid
 import warnings
 from collections.abc import Callable, Mapping
@@ -55,6 +57,9 @@ from .payload import (
 __all__ = ["Cache", "Entry", "EntryInfo"]
 
 _NO_CACHE_ENV = "UBW_NO_CACHE"
+#: The computations of :meth:`Cache.get_or_compute` under way in this thread, innermost last: each holds the
+#: seconds its nested computations took, so that an entry records its own time beside the whole.
+_RUNNING = threading.local()
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
@@ -145,6 +150,11 @@ class EntryInfo:
     created: datetime | None
     version: str | None
     path: Path
+    seconds: float | None = None
+    """How long the computation took (``get_or_compute``; None for entries stored otherwise or before it was
+    recorded), including the cached computations it called."""
+    seconds_own: float | None = None
+    """``seconds`` less the time of the cached computations it called: summed over entries, a cold run's time."""
 
 
 
@@ -309,8 +319,9 @@ class Cache:
 
     # ---- writing ---------------------------------------------------------------------
 
-    def _make_meta(self, key: CacheKey, tensor_raw: bytes, data_raw: bytes) -> dict[str, Any]:
-        return {
+    def _make_meta(self, key: CacheKey, tensor_raw: bytes, data_raw: bytes,
+                   timing: Mapping[str, float] | None = None) -> dict[str, Any]:
+        return {**(timing or {}),
             "format": FORMAT,
             "namespace": key.namespace,
             "version": key.version,
@@ -328,11 +339,12 @@ class Cache:
         tensors: Mapping[str, torch.Tensor] | None,
         data: Any,
         overwrite: bool,
+        timing: Mapping[str, float] | None = None,
     ) -> Entry:
         tensors_c = prepare_tensors(tensors)
         data_raw, data_rt = encode_data(data)
         tensor_raw = save_tensors(tensors_c)
-        meta = self._make_meta(key, tensor_raw, data_raw)
+        meta = self._make_meta(key, tensor_raw, data_raw, timing)
         path = self._entry_dir(key)
         if not self.enabled:
             return Entry(tensors=tensors_c, data=data_rt, meta=meta, path=path, hit=False)
@@ -406,13 +418,25 @@ class Cache:
             entry = self._load(key)
             if entry is not None:
                 return entry
-        result = compute()
+        stack = _RUNNING.__dict__.setdefault("stack", [])
+        stack.append(0.0)
+        start = time.perf_counter()
+        try:
+            result = compute()
+        finally:
+            seconds = time.perf_counter() - start
+            nested = stack.pop()
+            if stack:
+                stack[-1] += seconds
+        # where a cold build spends its time (``ubw cache times``): the whole computation, and what remains
+        # of it once the cached computations it called are taken out
+        timing = {"seconds": round(seconds, 3), "seconds_own": round(max(seconds - nested, 0.0), 3)}
         if not isinstance(result, tuple) or len(result) != 2:
             raise TypeError(
                 f"compute() must return a (tensors, data) tuple, got {type_name(result)}"
             )
         tensors, data = result
-        return self._put(key, tensors, data, overwrite=self.enabled and _no_cache_env())
+        return self._put(key, tensors, data, overwrite=self.enabled and _no_cache_env(), timing=timing)
 
     def checkpoint(self, namespace: str, settings: Any, version: str) -> Checkpoint:
         """A :class:`Checkpoint` for a long, resumable computation with this key."""
@@ -457,16 +481,18 @@ class Cache:
                     for f in files:
                         if f.is_file(follow_symlinks=False):
                             size += f.stat(follow_symlinks=False).st_size
-                full, created, version = e.name, None, None
+                full, created, version, seconds, own = e.name, None, None, None, None
                 try:
                     meta = json.loads((p / META_FILE).read_bytes())
                     if isinstance(meta, dict):
                         full = meta.get("hash", full) if isinstance(meta.get("hash"), str) else full
                         created = _parse_time(meta.get("created"))
                         version = meta.get("version") if isinstance(meta.get("version"), str) else None
+                        seconds, own = (meta.get(k) if isinstance(meta.get(k), (int, float)) else None
+                                        for k in ("seconds", "seconds_own"))
                 except (OSError, ValueError):
                     pass
-                out.append(EntryInfo(ns_path.name, full, size, created, version, p))
+                out.append(EntryInfo(ns_path.name, full, size, created, version, p, seconds, own))
         if include_data:
             out.extend(self.data_entries())
         out.sort(key=lambda i: (i.namespace, i.hash))
