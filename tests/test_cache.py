@@ -242,6 +242,13 @@ def test_entries_record_their_compute_time_without_the_cached_parts_they_reused(
     assert sum(i.seconds_own for i in by_key.values()) == 20.0 + 1.5  # a cold run's time, each second once
     plain = c.put(NS, {"stored": 1}, V, data=0)  # stored by hand: nothing was timed
     assert "seconds" not in plain.meta
+    # a part timed by its caller and stored with put (a trained model) inside a computation counts as cached
+    clock = iter([200.0, 210.0])
+    monkeypatch.setattr(store.time, "perf_counter", lambda: next(clock))
+    e = c.get_or_compute(NS, {"with a model": 1}, V,
+                         lambda: (None, c.put(NS, {"model": 1}, V, data=4, seconds=6.0).data))
+    assert (e.meta["seconds"], e.meta["seconds_own"]) == (10.0, 4.0)
+    assert c.get(NS, {"model": 1}, V).meta["seconds_own"] == 6.0
 
 
 def test_compute_may_return_no_tensors(root: Path) -> None:

@@ -388,8 +388,12 @@ class Cache:
         data: Any = None,
         *,
         overwrite: bool = False,
+        seconds: float | None = None,
     ) -> Entry:
         """Store ``tensors`` (dict[str, Tensor], saved as CPU clones) and JSON-able ``data``.
+
+        ``seconds``: how long computing them took, when the caller timed it (recorded as the entry's own time,
+        and counted as a cached part of the :meth:`get_or_compute` under way, if any).
 
         The entry is built in a temporary directory and renamed into place. If a sound entry
         already exists (e.g. a concurrent process won the race) it is kept and returned
@@ -398,7 +402,13 @@ class Cache:
         With ``enabled=False`` nothing is written and the would-be entry is returned.
         """
         key = self._key(namespace, settings, version)
-        return self._put(key, tensors, data, overwrite)
+        timing = None
+        if seconds is not None:
+            timing = {"seconds": round(float(seconds), 3), "seconds_own": round(float(seconds), 3)}
+            stack = getattr(_RUNNING, "stack", None)
+            if stack:
+                stack[-1] += float(seconds)
+        return self._put(key, tensors, data, overwrite, timing=timing)
 
     def get_or_compute(
         self,

@@ -9,6 +9,7 @@ warm cache therefore loads every model instead of retraining it.
 from __future__ import annotations
 
 import dataclasses
+import time
 from dataclasses import dataclass
 from functools import lru_cache
 
@@ -136,12 +137,14 @@ def trained_models(
     for members in groups.values():
         for start in range(0, len(members), stack):
             chunk = members[start : start + stack]
+            t0 = time.perf_counter()
             results = train_many([make(specs[i][0], specs[i][1]) for i in chunk], [specs[i][0] for i in chunk],
                                  [specs[i][1] for i in chunk], progress=progress, desc=desc)
+            share = (time.perf_counter() - t0) / len(chunk)  # each model's part of the pass
             for i, (model, hist) in zip(chunk, results):
                 entries[keys[i]] = cache.put("model", specs[i][2], VERSIONS["model"], state_dict_tensors(model),
                                              {"history": table_to_data(hist)},
-                                             overwrite=cache.enabled and not cache.reads_enabled)
+                                             overwrite=cache.enabled and not cache.reads_enabled, seconds=share)
     trained = {keys[i] for i in todo}
     out = []
     for (train_set, cfg, _), k in zip(specs, keys):
