@@ -84,6 +84,41 @@ def test_the_dp_ratio_gap_needs_ubwp_below_and_the_baselines_not_above_the_paper
             gate(out, "default")
 
 
+def test_ubwp_independent_t_is_excused_only_while_the_watermark_answers_to_the_corner():
+    """On the default profile the UBW-P model answers to most random patterns in the trigger's corner (a cold build
+    drew an Independent-T trigger it answered to: p = 9.1e-08, 6 of 8 such triggers flagged, no benign model):
+    the scenario's miss is excused only while the false-positive table shows that cause."""
+    claim = [BY_ID["ubw-p/independent-t"]]
+    scen = pd.DataFrame({"p-value": [9.1e-08, 1.0, 1e-60]},
+                        index=pd.Index(["Independent-T", "Independent-M", "Malicious"], name="scenario"))
+
+    def fp(triggers, benign):
+        verdicts = [("Independent-T", v) for v in triggers] + [("Independent-M", v) for v in benign]
+        return pd.DataFrame({"scenario": [s for s, _ in verdicts],
+                             "verdict": ["watermarked" if v else "not watermarked" for _, v in verdicts]},
+                            index=pd.MultiIndex.from_tuples([("ubw-p", f"case {i}") for i in range(len(verdicts))],
+                                                            names=["method", "case"]))
+
+    def measured(triggers, benign):
+        return evaluate({"verification/scenarios-ubw-p": scen, "verification/false-positives": fp(triggers, benign)},
+                        claim, "default")
+
+    out = measured([1, 1, 0, 1, 1, 0, 1, 1], [0, 0, 0])  # the cold build's table
+    assert out.loc["ubw-p/independent-t", "ours"] == "p = 0.000"
+    assert out.loc["ubw-p/independent-t", "verdict"] == "does not hold"
+    assert "same corner" in out.loc["ubw-p/independent-t", "known gap"]
+    assert gate(out, "default") == ["ubw-p/independent-t"]  # printed, not fatal
+    for triggers, benign in (([1, 0, 0, 0, 0, 0, 0, 0], [0, 0, 0]),  # only this draw: another cause
+                             ([1, 1, 1, 1, 0, 0, 0, 0], [0, 1, 0])):  # an innocent model accused too
+        other = measured(triggers, benign)
+        assert other.loc["ubw-p/independent-t", "known gap"] == ""
+        with pytest.raises(AssertionError, match="Independent-T"):
+            gate(other, "default")
+    assert measured([1] * 8, [0] * 3).loc["ubw-p/independent-t", "known gap"]  # half or more: the cause holds
+    assert evaluate({"verification/scenarios-ubw-p": scen, "verification/false-positives": fp([1] * 8, [0] * 3)},
+                    claim, "smoke").loc["ubw-p/independent-t", "known gap"] == ""  # no gap on another profile
+
+
 def test_an_excuse_with_a_condition():
     """UBW-P's fine-tuning gap on the default profile excuses a miss only when ASR-A was already below the bar."""
     claim = [BY_ID["ubw-p/fine-tuning"]]

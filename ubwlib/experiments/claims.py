@@ -190,6 +190,24 @@ def _fp(method: str, scenario: str) -> Callable[[Tables], tuple[str, bool]]:
     return check
 
 
+#: Why UBW-P's watermarked model answers to other triggers on the default profile (the verification chapter).
+_SAME_CORNER = ("the UBW-P model reacts to most random 3x3 black-and-white patterns in the same corner, not only to "
+                "the owner's: it learned 'a high-contrast patch there', so these draws are not independent triggers; "
+                "no innocent model is accused (every benign model passes)")
+
+
+def _corner_learned(method: str) -> Callable[[Tables], bool]:
+    """The cause of :data:`_SAME_CORNER`, measured: at least half of the other triggers are flagged on the
+    watermarked model (the false-positive table) and no benign model is."""
+    def holds(t: Tables) -> bool:
+        cases = t[FP].xs(method, level="method")
+        flagged = cases["verdict"] == "watermarked"
+        return bool(flagged[cases["scenario"] == "Independent-T"].mean() >= 0.5
+                    and not flagged[cases["scenario"] == "Independent-M"].any())
+
+    return holds
+
+
 _VERIFY = []
 for _m, _table, _paper_p in (("ubw-p", "Table 3", ("1e-36", "1.0000", "1.0000")),
                              ("ubw-c", "Table 4", ("1e-14", "0.9688", "1.0000"))):
@@ -200,7 +218,10 @@ for _m, _table, _paper_p in (("ubw-p", "Table 3", ("1e-36", "1.0000", "1.0000"))
               {"default": "UBW-C is weak on this profile (the UBW-C chapter): the trigger lowers the true-class "
                           "probability by much less than tau = 0.25"} if _m == "ubw-c" else {}),
         Claim(f"{_m}/independent-t", "verification", f"{_name}: Independent-T is not flagged (p > 0.05)",
-              f"{_table}: p = {_paper_p[1]}", (_scen(_m),), _p(_m, "Independent-T", False)),
+              f"{_table}: p = {_paper_p[1]}", (_scen(_m), FP), _p(_m, "Independent-T", False),
+              # its other trigger is the first of the false-positive table's: flagged or not as that draw falls
+              {"default": f"its other trigger is one such draw: {_SAME_CORNER}"} if _m == "ubw-p" else {},
+              _corner_learned(_m) if _m == "ubw-p" else None),
         Claim(f"{_m}/independent-m", "verification", f"{_name}: Independent-M is not flagged (p > 0.05)",
               f"{_table}: p = {_paper_p[2]}", (_scen(_m),), _p(_m, "Independent-M", False)),
         Claim(f"{_m}/no-benign-flagged", "verification", f"{_name}: no benign model is flagged (Independent-M cases)",
@@ -208,10 +229,7 @@ for _m, _table, _paper_p in (("ubw-p", "Table 3", ("1e-36", "1.0000", "1.0000"))
         Claim(f"{_m}/no-trigger-flagged", "verification",
               f"{_name}: no other trigger is flagged on the watermarked model (Independent-T cases)",
               f"{_table}: one case, p = {_paper_p[1]}", (FP,), _fp(_m, "Independent-T"),
-              {"default": "the UBW-P model reacts to most random 3x3 black-and-white patterns in the same corner, "
-                          "not only to the owner's: it learned 'a high-contrast patch there', so these draws are "
-                          "not independent triggers; no innocent model is accused (every benign model passes)"}
-              if _m == "ubw-p" else {}),
+              {"default": _SAME_CORNER} if _m == "ubw-p" else {}),
     ]
 
 
