@@ -188,6 +188,20 @@ def test_cache_info_and_clear(tmp_path, capsys):
     assert "(0 entries, " in out and "model:" not in out
 
 
+def test_cache_info_sums_the_recorded_compute_times(tmp_path, capsys):
+    root = tmp_path / "cache"
+    _one_entry(root)  # stored by hand: no time
+    c = Cache(root)
+    c.put("model", {"name": "timed", "seed": 1}, "1", data={"acc": 0.4}, seconds=30.0)
+    c.put("table", {"name": "t"}, "1", data=[1], seconds=12.5)
+    assert main(["cache"]) == 0
+    out = capsys.readouterr().out
+    assert "  model: 2 entries, " in out and ", computed in 30 s (1 timed)" in out
+    assert "  table: 1 entry, " in out and ", computed in 12 s\n" in out  # 12.5 printed without decimals
+    assert out.rstrip().endswith("computed in 42 s in all (each entry's own time, without the cached parts it "
+                                 "reused); 1 entry without a recorded time (stored by an older ubwlib or by hand)")
+
+
 def test_cache_info_on_missing_root(tmp_path, capsys):
     assert main(["cache"]) == 0
     assert "(0 entries, 0.0 MiB)" in capsys.readouterr().out

@@ -64,8 +64,11 @@ def _cmd_cache(args: argparse.Namespace) -> int:
         print(f"  {ns}: {len(items)} {word}, {sum(e.size_bytes for e in items) / 2**20:.1f} MiB"
               + (took if timed else ""))
     timed = [e.seconds_own for e in entries if e.seconds_own is not None]
+    untimed = sum(1 for e in entries if e.seconds_own is None and e.namespace != "data")
     if timed:
-        print(f"computed in {sum(timed):.0f} s in all (each entry's own time, without the cached parts it reused)")
+        print(f"computed in {sum(timed):.0f} s in all (each entry's own time, without the cached parts it reused)"
+              + (f"; {untimed} entr{'y' if untimed == 1 else 'ies'} without a recorded time (stored by an older "
+                 "ubwlib or by hand)" if untimed else ""))
     return 0
 
 
