@@ -438,7 +438,7 @@ class Cache:
             nested = stack.pop()
             if stack:
                 stack[-1] += seconds
-        # where a cold build spends its time (``ubw cache times``): the whole computation, and what remains
+        # where a cold build spends its time (``ubw cache`` sums it): the whole computation, and what remains
         # of it once the cached computations it called are taken out
         timing = {"seconds": round(seconds, 3), "seconds_own": round(max(seconds - nested, 0.0), 3)}
         if not isinstance(result, tuple) or len(result) != 2:
