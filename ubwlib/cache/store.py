@@ -60,6 +60,14 @@ _NO_CACHE_ENV = "UBW_NO_CACHE"
 #: The computations of :meth:`Cache.get_or_compute` under way in this thread, innermost last: each holds the
 #: seconds its nested computations took, so that an entry records its own time beside the whole.
 _RUNNING = threading.local()
+
+
+def _timing(seconds: float, nested: float = 0.0) -> dict[str, float]:
+    """An entry's recorded times, and ``seconds`` counted as a cached part of the computation under way, if any."""
+    stack = getattr(_RUNNING, "stack", None)
+    if stack:
+        stack[-1] += seconds
+    return {"seconds": round(seconds, 3), "seconds_own": round(max(seconds - nested, 0.0), 3)}
 _TRUE_WORDS = frozenset({"1", "true", "yes", "on"})
 
 
@@ -151,8 +159,8 @@ class EntryInfo:
     version: str | None
     path: Path
     seconds: float | None = None
-    """How long the computation took (``get_or_compute``; None for entries stored otherwise or before it was
-    recorded), including the cached computations it called."""
+    """How long the computation took, including the cached computations it called (``get_or_compute``, or the
+    caller's ``put(seconds=...)``; None for entries stored otherwise or before it was recorded)."""
     seconds_own: float | None = None
     """``seconds`` less the time of the cached computations it called: summed over entries, a cold run's time."""
 
@@ -402,12 +410,7 @@ class Cache:
         With ``enabled=False`` nothing is written and the would-be entry is returned.
         """
         key = self._key(namespace, settings, version)
-        timing = None
-        if seconds is not None:
-            timing = {"seconds": round(float(seconds), 3), "seconds_own": round(float(seconds), 3)}
-            stack = getattr(_RUNNING, "stack", None)
-            if stack:
-                stack[-1] += float(seconds)
+        timing = None if seconds is None else _timing(float(seconds))
         return self._put(key, tensors, data, overwrite, timing=timing)
 
     def get_or_compute(
@@ -434,13 +437,10 @@ class Cache:
         try:
             result = compute()
         finally:
-            seconds = time.perf_counter() - start
             nested = stack.pop()
-            if stack:
-                stack[-1] += seconds
-        # where a cold build spends its time (``ubw cache`` sums it): the whole computation, and what remains
-        # of it once the cached computations it called are taken out
-        timing = {"seconds": round(seconds, 3), "seconds_own": round(max(seconds - nested, 0.0), 3)}
+            # where a cold build spends its time (``ubw cache`` sums it): the whole computation, and what remains
+            # of it once the cached computations it called are taken out
+            timing = _timing(time.perf_counter() - start, nested)
         if not isinstance(result, tuple) or len(result) != 2:
             raise TypeError(
                 f"compute() must return a (tensors, data) tuple, got {type_name(result)}"
