@@ -12,7 +12,7 @@ PKG = Path(__file__).resolve().parent.parent / "ubwlib"
 #: A module may import only from modules of the same or a lower rank.
 RANK = {
     "_paths": 0, "cache": 0, "data": 0, "models": 0, "metrics": 0,
-    "train": 1,
+    "train": 1, "stacked": 1,
     "remote": 1, "onnx_model": 1,
     "watermarks": 2, "verify": 2, "defenses": 2, "forgery": 2, "publish": 2, "serve": 2,
     "experiments": 3,

@@ -8,7 +8,8 @@ import pytest
 import torch
 from torch import nn
 
-from ubwlib.models import MODEL_NAMES, ResNet18, SmallCNN, build_model, count_parameters
+from ubwlib.models import MODEL_NAMES, BatchNorm2d, ResNet18, SmallCNN, build_model, count_parameters
+from ubwlib.stacked import stack_models
 
 TINY_WIDTH = {"smallcnn": 0.25, "resnet18-cifar": 0.0625, "resnet18-imagenet": 0.0625}
 
@@ -197,3 +198,69 @@ def test_classes_are_exported():
     assert isinstance(build_model("smallcnn", 3, 1, width=0.25), SmallCNN)
     assert isinstance(build_model("resnet18-cifar", 3, 1, width=0.0625), ResNet18)
     assert build_model("resnet18-imagenet", 3, 1, width=0.0625).stem_kind == "imagenet"
+
+
+# --------------------------------------------------------------------------- BatchNorm2d
+def _bn_pair(channels: int, train: bool) -> tuple[BatchNorm2d, nn.BatchNorm2d]:
+    ours, ref = BatchNorm2d(channels), nn.BatchNorm2d(channels)
+    with torch.no_grad():
+        gen = torch.Generator().manual_seed(channels)
+        ours.weight.copy_(torch.rand(channels, generator=gen) + 0.5)
+        ours.bias.copy_(torch.randn(channels, generator=gen))
+        ours.running_mean.copy_(torch.randn(channels, generator=gen))
+        ours.running_var.copy_(torch.rand(channels, generator=gen) + 0.5)
+    ref.load_state_dict(ours.state_dict())
+    return ours.train(train), ref.train(train)
+
+
+@pytest.mark.parametrize("train", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batchnorm_narrow_channels_last_equals_the_contiguous_kernel_exactly(train, dtype):
+    """8 channels, channels-last on a CPU: the result, the gradients and the running statistics are bit-equal to
+    nn.BatchNorm2d on the contiguous copy, and the output stays channels-last (the next convolution's layout)."""
+    ours, ref = _bn_pair(8, train)
+    x = (torch.randn(6, 8, 5, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    x_nc = x.clone().requires_grad_(True)
+    y, y_ref = ours(x_cl), ref(x_nc)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert torch.equal(y, y_ref)
+    grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
+    grads = torch.autograd.grad(y, [x_cl, ours.weight, ours.bias], grad_out)
+    grads_ref = torch.autograd.grad(y_ref, [x_nc, ref.weight, ref.bias], grad_out)
+    for a, b in zip(grads, grads_ref):
+        assert torch.equal(a, b)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        assert torch.equal(getattr(ours, name), getattr(ref, name))
+    assert int(ours.num_batches_tracked) == int(train)
+
+
+@pytest.mark.parametrize("channels, memory_format", [(16, torch.channels_last), (8, torch.contiguous_format),
+                                                     (3, torch.contiguous_format)])
+def test_batchnorm_other_inputs_take_the_parents_path(channels, memory_format):
+    """Wide or contiguous inputs: exactly nn.BatchNorm2d on the same tensor, in the same layout."""
+    ours, ref = _bn_pair(channels, True)
+    x = torch.randn(4, channels, 6, 6, generator=torch.Generator().manual_seed(2)).contiguous(memory_format=memory_format)
+    y, y_ref = ours(x), ref(x)
+    assert torch.equal(y, y_ref)
+    assert y.stride() == y_ref.stride()
+
+
+def test_batchnorm_narrow_channels_last_has_a_second_derivative():
+    """Gradient matching differentiates through the batch norm twice (eval mode, float64 gradcheck)."""
+    ours, _ = _bn_pair(8, False)
+    ours.double()
+    x = torch.randn(2, 8, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    x = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
+    assert torch.autograd.gradgradcheck(lambda t: ours(t).square().sum(), (x,))
+    ours.train()
+    assert torch.autograd.gradgradcheck(lambda t: (ours(t) * torch.arange(8.0, dtype=t.dtype).view(1, 8, 1, 1)).sum(),
+                                        (x,))
+
+
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_every_batch_norm_of_the_models_and_their_stacks_is_ubwlibs(name):
+    models = [build_model(name, 10, 1, width=TINY_WIDTH[name], seed=s) for s in (0, 1)]
+    for model in [*models, stack_models(models)]:
+        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        assert bns and all(type(m) is BatchNorm2d for m in bns)

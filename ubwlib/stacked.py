@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .models import BatchNorm2d
+
 __all__ = ["StackedLinear", "stack_models", "unstack_models", "stack_inputs", "split_outputs"]
 
 _SHARED = (nn.ReLU, nn.Identity, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Sequential)
@@ -74,7 +76,7 @@ def _stack_bn(layers: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     m, g = layers[0], len(layers)
     if len({int(x.num_batches_tracked) for x in layers if x.num_batches_tracked is not None}) > 1:
         raise ValueError("stack_models: the models' BatchNorm layers have seen different numbers of batches")
-    out = nn.BatchNorm2d(m.num_features * g, m.eps, m.momentum, m.affine, m.track_running_stats,
+    out = BatchNorm2d(m.num_features * g, m.eps, m.momentum, m.affine, m.track_running_stats,
                          device=(m.weight if m.affine else m.running_mean).device)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
