@@ -17,7 +17,9 @@ from ubwlib.train import (
     TrainConfig,
     accuracy,
     augment_batch,
+    cpu_prefers_bf16,
     cpu_supports_bf16,
+    prefers_bf16,
     predict,
     predict_proba,
     resolve_precision,
@@ -465,10 +467,23 @@ def test_resolve_precision_explicit(monkeypatch):
 
 
 def test_resolve_precision_auto_on_cpu():
-    expected = "bf16" if cpu_supports_bf16() else "fp32"
+    expected = "bf16" if cpu_prefers_bf16() else "fp32"
     assert resolve_precision("auto", "cpu") == expected
     assert resolve_precision(device="cpu") == expected
     assert isinstance(cpu_supports_bf16(), bool)
+    assert not cpu_prefers_bf16() or cpu_supports_bf16()
+
+
+@pytest.mark.parametrize("supported, flags, vendor, expected", [
+    (True, {"avx512f", "avx512_bf16"}, "AuthenticAMD", True),  # Zen 4: bf16 measured 1.4x faster
+    (True, {"avx512f", "avx512_bf16"}, "GenuineIntel", False),  # Xeon without AMX: bf16 measured slower
+    (True, {"avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}, "GenuineIntel", True),
+    (False, {"avx2", "fma"}, "AuthenticAMD", False),  # no native bf16
+    (False, {"avx512_bf16"}, "AuthenticAMD", False),  # oneDNN says no: never bf16
+    (True, set(), "", True),  # no /proc/cpuinfo: oneDNN's check decides
+])
+def test_the_cpu_precision_rule(supported, flags, vendor, expected):
+    assert prefers_bf16(supported, flags, vendor) is expected
 
 
 def test_resolve_precision_env(monkeypatch):
@@ -477,7 +492,7 @@ def test_resolve_precision_env(monkeypatch):
     monkeypatch.setenv("UBW_PRECISION", "BF16")
     assert resolve_precision("auto", "cpu") == "bf16"
     monkeypatch.setenv("UBW_PRECISION", "auto")
-    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_supports_bf16() else "fp32")
+    assert resolve_precision("auto", "cpu") == ("bf16" if cpu_prefers_bf16() else "fp32")
     monkeypatch.setenv("UBW_PRECISION", "fp16")
     with pytest.raises(ValueError, match="UBW_PRECISION"):
         resolve_precision("auto", "cpu")

@@ -3,8 +3,8 @@
 Design, after airbench: the whole uint8 dataset stays a tensor on the training device; a batch is drawn
 by indexing it with a seeded permutation; augmentation (random crop with zero padding, horizontal flip)
 runs on the whole batch on the device; there is no per-sample Python work and no DataLoader. On CUDA and on
-CPUs with native bfloat16 support the forward/backward pass runs under ``torch.autocast`` in bfloat16 with
-channels-last tensors; elsewhere in float32. ``TrainConfig.precision="fp32"`` (or ``UBW_PRECISION=fp32``)
+CPUs where native bfloat16 is the faster precision (:func:`prefers_bf16`) the forward/backward pass runs under
+``torch.autocast`` in bfloat16 with channels-last tensors; elsewhere in float32. ``TrainConfig.precision="fp32"`` (or ``UBW_PRECISION=fp32``)
 forces float32 everywhere.
 
 Every hyper-parameter is a field of :class:`TrainConfig`; its defaults are the paper's CIFAR-10 schedule
@@ -47,6 +47,8 @@ __all__ = [
     "resolve_device",
     "resolve_precision",
     "cpu_supports_bf16",
+    "cpu_prefers_bf16",
+    "prefers_bf16",
     "autocast_context",
     "to_model_input",
     "channels_last",
@@ -78,7 +80,8 @@ class TrainConfig:
     """Random crop with this much zero padding on each side (0 = off, the paper's setting)."""
     label_smoothing: float = 0.0
     precision: str = "auto"
-    """``auto``: bfloat16 autocast + channels-last where supported (CUDA, CPUs with bf16), else float32."""
+    """``auto``: bfloat16 autocast + channels-last on CUDA with bf16 and on CPUs where bf16 is the faster
+    (:func:`prefers_bf16`), else float32."""
     seed: int = 666
     drop_last: bool = False
 
@@ -119,8 +122,8 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 
 @lru_cache(maxsize=None)
 def cpu_supports_bf16() -> bool:
-    """True when this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX), where oneDNN runs bf16
-    convolutions fast. Without it, CPU bf16 is emulated and slower than float32."""
+    """True when this CPU has native bfloat16 arithmetic (AVX-512 BF16 or AMX). Without it, CPU bf16 is emulated
+    and slower than float32. Whether ``auto`` uses it: :func:`cpu_prefers_bf16`."""
     try:
         if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported():
             flags = _cpu_flags()
@@ -130,15 +133,46 @@ def cpu_supports_bf16() -> bool:
     return bool(_cpu_flags() & {"avx512_bf16", "amx_bf16"})
 
 
-def _cpu_flags() -> set[str]:
+@lru_cache(maxsize=None)
+def cpu_prefers_bf16() -> bool:
+    """Whether ``precision="auto"`` trains in bfloat16 on this CPU (:func:`prefers_bf16` of its flags and vendor)."""
+    return prefers_bf16(cpu_supports_bf16(), _cpu_flags(), _cpu_vendor())
+
+
+def prefers_bf16(supported: bool, flags: set[str], vendor: str) -> bool:
+    """The CPU precision rule of ``auto``: bfloat16 where the CPU has native bf16 (``supported``) and it is the
+    faster of the two, which ``make bench`` found to depend on the CPU, not on the flag alone (the default model,
+    2 cores): on an AMD EPYC with AVX-512 BF16 (Zen 4) bf16 trained 1.4x faster than float32 (817 against 571
+    images/s); on an Intel Xeon with AVX-512 BF16 but no AMX, bf16 was the slower one in every hot loop (training
+    0.86x, four models side by side 0.93x, crafting 0.84x), its bf16 dot products no faster than float32's full-width
+    FMAs. So: AMX (the tile unit that makes oneDNN's bf16 convolutions fast on Intel; not measured here), or
+    AVX-512 BF16 on a CPU that is not Intel's. Without ``/proc/cpuinfo`` (``flags`` empty), oneDNN's own check
+    (``supported``) decides."""
+    if not supported:
+        return False
+    if not flags:
+        return True
+    return "amx_bf16" in flags or ("avx512_bf16" in flags and vendor != "GenuineIntel")
+
+
+def _cpuinfo_field(name: str) -> str:
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                if line.startswith(name):
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return set()
+    return ""
+
+
+def _cpu_flags() -> set[str]:
+    return set(_cpuinfo_field("flags").split())
+
+
+def _cpu_vendor() -> str:
+    """``GenuineIntel``, ``AuthenticAMD``, ... ("" where ``/proc/cpuinfo`` is missing)."""
+    return _cpuinfo_field("vendor_id")
 
 
 def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu") -> str:
@@ -155,7 +189,7 @@ def resolve_precision(precision: str = "auto", device: torch.device | str = "cpu
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if cpu_supports_bf16() else "fp32"
+        return "bf16" if cpu_prefers_bf16() else "fp32"
     return "fp32"
 
 

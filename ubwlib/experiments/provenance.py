@@ -29,7 +29,8 @@ def git(*args: str) -> str:
 
 
 def machine() -> str:
-    """The device that computes: the GPU's name, else the CPU's model, its threads and whether it has bf16."""
+    """The device that computes: the GPU's name, else the CPU's model, its threads and the precision ``auto`` trains
+    in there (``UBW_PRECISION`` included)."""
     model = platform.processor() or platform.machine()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -38,10 +39,10 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    from ..train import cpu_supports_bf16
+    from ..train import resolve_device, resolve_precision
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {model}"
-    return f"{dev}, {torch.get_num_threads()} threads, bf16 {'yes' if cpu_supports_bf16() else 'no (float32)'}"
+    return f"{dev}, {torch.get_num_threads()} threads, {resolve_precision('auto', resolve_device())}"
 
 
 def provenance(command: str, seconds: float | None = None) -> dict:
