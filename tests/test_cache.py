@@ -840,3 +840,25 @@ def test_atomic_path_default_mode_and_fsync(tmp_path: Path, monkeypatch: pytest.
     assert synced == [] and stat.S_IMODE((tmp_path / "a").stat().st_mode) == 0o644
     write_bytes_atomic(tmp_path / "b", b"b", fsync=True)
     assert len(synced) == 1 and (tmp_path / "b").read_bytes() == b"b"
+
+
+def test_a_context_is_part_of_every_key(root: Path) -> None:
+    """Results computed in one context (device, precision) are never served in another; no context keeps the keys of
+    the settings alone."""
+    plain = Cache(root)
+    fp32 = Cache(root, context={"device": "cpu", "precision": "fp32"})
+    bf16 = Cache(root, context={"device": "cpu", "precision": "bf16"})
+    paths = {c.path_for(NS, {"a": 1}, V) for c in (plain, fp32, bf16)}
+    assert len(paths) == 3
+    assert plain.path_for(NS, {"a": 1}, V).name == settings_hash(NS, {"a": 1}, V)[:20]
+    assert fp32.path_for(NS, {"a": 1}, V).name == settings_hash(NS, {"settings": {"a": 1}, "context": {
+        "precision": "fp32", "device": "cpu"}}, V)[:20]
+    assert Cache(root, context={"precision": "fp32", "device": "cpu"}).path_for(NS, {"a": 1}, V) == \
+        fp32.path_for(NS, {"a": 1}, V)  # the context's order does not matter
+    first, second = Counter(1.0), Counter(2.0)
+    assert fp32.get_or_compute(NS, {"a": 1}, V, first).data["acc"] == 1.0
+    assert bf16.get_or_compute(NS, {"a": 1}, V, second).data["acc"] == 2.0  # not fp32's entry
+    assert fp32.get_or_compute(NS, {"a": 1}, V, second).data["acc"] == 1.0 and first.calls == second.calls == 1
+    assert plain.get(NS, {"a": 1}, V) is None
+    assert len(Cache(root).entries(include_data=False)) == 2
+    assert repr(fp32).endswith("context={'device': 'cpu', 'precision': 'fp32'})") and repr(plain).endswith("enabled=True)")

@@ -349,6 +349,21 @@ def test_default_cache_follows_ubw_cache(tiny, tmp_path, monkeypatch):
     assert b.cached is True and len(calls) == 1 and b.key == a.key
 
 
+def test_the_default_cache_keys_the_device_and_the_precision_auto_resolves_to(tmp_path, monkeypatch):
+    """A model trained in bfloat16 is not served to a float32 run of the same settings (UBW_PRECISION, or another
+    CPU sharing the folder), nor a GPU's result to a CPU run."""
+    monkeypatch.setenv("UBW_CACHE", str(tmp_path))
+    monkeypatch.setenv("UBW_DEVICE", "cpu")
+    monkeypatch.setenv("UBW_PRECISION", "fp32")
+    fp32 = core.default_cache()
+    monkeypatch.setenv("UBW_PRECISION", "bf16")
+    bf16 = core.default_cache()
+    assert fp32.context == {"device": "cpu", "precision": "fp32"} == core.computed_with() | {"precision": "fp32"}
+    assert bf16.context == {"device": "cpu", "precision": "bf16"}
+    assert fp32.root == bf16.root == tmp_path
+    assert fp32.path_for("model", {"a": 1}, "1") != bf16.path_for("model", {"a": 1}, "1")
+
+
 def test_trained_models_stack_the_uncached_and_cache_each_under_trained_models_key(tiny, tmp_path, monkeypatch):
     groups: list[int] = []
     calls = _counting_train(monkeypatch, groups)

@@ -179,18 +179,25 @@ class Cache:
     and its ``CACHEDIR.TAG`` marker. ``enabled=False`` makes the cache a pass-through that
     never reads or writes entries; ``UBW_NO_CACHE=1`` in the environment (checked at each
     call) disables reads only. Listing and :meth:`clear` work in either case.
+
+    ``context``: what every result stored through this cache also depends on besides its settings (e.g. the device
+    and the precision the computations ran in, which the settings name only as ``"auto"``); it is part of every key,
+    so results computed in one context are never served in another. ``None`` or empty: keys of the settings alone.
     """
 
-    def __init__(self, root: Path | str | None = None, *, enabled: bool = True) -> None:
+    def __init__(self, root: Path | str | None = None, *, enabled: bool = True,
+                 context: Mapping[str, Any] | None = None) -> None:
         if root is None:
             from ubwlib._paths import cache_root
 
             root = cache_root()
         self.root: Path = Path(root).expanduser().absolute()
         self.enabled: bool = bool(enabled)
+        self.context: dict[str, Any] = dict(context or {})
 
     def __repr__(self) -> str:
-        return f"Cache(root={str(self.root)!r}, enabled={self.enabled})"
+        ctx = f", context={self.context!r}" if self.context else ""
+        return f"Cache(root={str(self.root)!r}, enabled={self.enabled}{ctx})"
 
     # ---- keys and paths --------------------------------------------------------------
 
@@ -213,6 +220,8 @@ class Cache:
         self._check_namespace(namespace)
         if not isinstance(version, str):
             raise TypeError(f"version must be str, got {type_name(version)}")
+        if self.context:
+            settings = {"settings": settings, "context": self.context}
         return cache_key(namespace, settings, version)
 
     def _entry_dir(self, key: CacheKey) -> Path:

@@ -4,8 +4,8 @@ The book calls only this layer; it calls the methods (``watermarks``, ``verify``
 call ``train``, which calls ``models`` and ``data``.
 """
 
-from .core import (VERSIONS, TrainedModel, benign_model, benign_models, default_cache, fingerprint, load_data,
-                   trained_model, trained_models)
+from .core import (VERSIONS, TrainedModel, benign_model, benign_models, computed_with, default_cache, fingerprint,
+                   load_data, trained_model, trained_models)
 from .profiles import PROFILES, Profile, get_profile, profile_names
 from .runs import Run, release, run, run_many
 
@@ -19,6 +19,7 @@ __all__ = [
     "benign_model",
     "benign_models",
     "default_cache",
+    "computed_with",
     "fingerprint",
     "load_data",
     "trained_model",

@@ -19,12 +19,12 @@ from torch import nn
 from ..cache import Cache, load_state_dict_tensors, state_dict_tensors, table_from_data, table_to_data
 from ..data import DatasetSplits, ImageDataset, load_dataset
 from ..models import build_model
-from ..train import TrainConfig, resolve_device, train_many
+from ..train import TrainConfig, resolve_device, resolve_precision, train_many
 from ..watermarks.base import dataset_fingerprint
 from .profiles import Profile
 
 __all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model",
-           "benign_models", "default_cache",
+           "benign_models", "default_cache", "computed_with",
            "cached_table", "cached_evaluation", "key_digest"]
 
 #: Bump the version of a recipe when its method changes: every cached result of the old version is ignored.
@@ -35,7 +35,17 @@ VERSIONS = {
 
 
 def default_cache() -> Cache:
-    return Cache()
+    """The cache of the recipes (``$UBW_CACHE`` or ``~/.cache/ubwlib``), in the context of :func:`computed_with`."""
+    return Cache(context=computed_with())
+
+
+def computed_with() -> dict[str, str]:
+    """What every recipe's result depends on besides its settings, which say ``precision="auto"``: the device type
+    and the precision ``auto`` resolves to there (``UBW_DEVICE``, ``UBW_PRECISION`` and the CPU decide it). Part of
+    every key of :func:`default_cache`, so that a model trained in bfloat16 is not served to a float32 run (after
+    ``UBW_PRECISION=fp32``, or on another CPU sharing the folder)."""
+    dev = resolve_device(None)
+    return {"device": dev.type, "precision": resolve_precision("auto", dev)}
 
 
 def fingerprint(dataset: ImageDataset) -> str:
