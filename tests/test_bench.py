@@ -31,6 +31,8 @@ def test_main_prints_the_trainer_and_the_loop_rows(capsys):
     assert main(["--profile", "smoke", "--steps", "2", "--plain-steps", "2", "--cifar-steps", "0",
                  "--craft-steps", "1", "--norm-images", "64"]) == 0
     out = capsys.readouterr().out
+    assert re.search(r"^ubwlib bench: .+, \d+ threads, (fp32|bf16) \(.+\), torch .+, device cpu, ubwlib precision "
+                     r"(fp32|bf16)$", out, re.M)
     assert re.search(r"smoke: smallcnn x0\.5, \(1, 28, 28\), batch \d+ +[\d,]+ +[\d,]+ +[\d,]+ +[\d.]+x", out)
     assert re.search(r"gradient-matching crafting step, smallcnn x0\.5, batch 128 +[\d,]+ poisons/s", out)
     assert re.search(r"per-sample gradient norms, smallcnn x0\.5 +[\d,]+ images/s", out)

@@ -486,6 +486,20 @@ def test_the_cpu_precision_rule(supported, flags, vendor, expected):
     assert prefers_bf16(supported, flags, vendor) is expected
 
 
+@pytest.mark.parametrize("flags, vendor, expected", [
+    ({"avx2", "avx512f", "avx512_bf16"}, "GenuineIntel", "GenuineIntel, AVX-512, AVX-512 BF16, no AMX"),
+    ({"avx2", "avx512f", "avx512_bf16", "amx_bf16"}, "GenuineIntel", "GenuineIntel, AVX-512, AVX-512 BF16, AMX"),
+    ({"avx2", "fma"}, "AuthenticAMD", "AuthenticAMD, AVX2, no native bf16, no AMX"),
+    (set(), "", "unknown CPU features"),
+])
+def test_cpu_features_name_what_the_precision_rule_reads(monkeypatch, flags, vendor, expected):
+    import ubwlib.train as train_mod
+
+    monkeypatch.setattr(train_mod, "_cpu_flags", lambda: flags)
+    monkeypatch.setattr(train_mod, "_cpu_vendor", lambda: vendor)
+    assert train_mod.cpu_features() == expected
+
+
 def test_resolve_precision_env(monkeypatch):
     monkeypatch.setenv("UBW_PRECISION", "fp32")
     assert resolve_precision("auto", "cpu") == "fp32"

@@ -20,7 +20,6 @@ several models side by side (``Profile.stack``), a row times :func:`ubwlib.train
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 
@@ -30,8 +29,9 @@ from torch.utils.data import DataLoader, Dataset
 
 from .data import DataNotFoundError, ImageDataset, load_dataset
 from .experiments.profiles import get_profile
+from .experiments.provenance import machine
 from .models import build_model
-from .train import TrainConfig, resolve_device, resolve_precision, train, train_many
+from .train import TrainConfig, cpu_features, resolve_device, resolve_precision, train, train_many
 from .watermarks.gradient_matching import (
     GradientMatchingSettings,
     crafting_augment,
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     prof = get_profile(args.profile)
     cfg = prof.train
     prec = resolve_precision(cfg.precision, dev)
-    print(f"ubwlib bench: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads, device {dev}, ubwlib precision {prec}")
+    cpu = f" ({cpu_features()})" if dev.type == "cpu" else ""
+    print(f"ubwlib bench: {machine()}{cpu}, torch {torch.__version__}, device {dev}, ubwlib precision {prec}")
     need = (max(args.steps, args.plain_steps) + 3) * cfg.batch_size
     data, origin = _data_for(prof, need)
     k, c = data.num_classes, data.image_shape[0]

@@ -49,6 +49,7 @@ __all__ = [
     "cpu_supports_bf16",
     "cpu_prefers_bf16",
     "prefers_bf16",
+    "cpu_features",
     "autocast_context",
     "to_model_input",
     "channels_last",
@@ -153,6 +154,18 @@ def prefers_bf16(supported: bool, flags: set[str], vendor: str) -> bool:
     if not flags:
         return True
     return "amx_bf16" in flags or ("avx512_bf16" in flags and vendor != "GenuineIntel")
+
+
+def cpu_features() -> str:
+    """What the CPU precision rule looks at, in words: vendor, the widest vector ISA, native bf16 and AMX, e.g.
+    ``"GenuineIntel, AVX-512, AVX-512 BF16, no AMX"`` (``"unknown CPU features"`` without ``/proc/cpuinfo``)."""
+    flags, vendor = _cpu_flags(), _cpu_vendor()
+    if not flags:
+        return "unknown CPU features"
+    isa = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else "no AVX2"
+    bf16 = "AVX-512 BF16" if "avx512_bf16" in flags else "no native bf16"
+    amx = "AMX" if "amx_bf16" in flags else "no AMX"
+    return ", ".join(x for x in (vendor, isa, bf16, amx) if x)
 
 
 def _cpuinfo_field(name: str) -> str:
