@@ -18,7 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["BatchNorm2d", "BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters", "load_weights"]
+__all__ = ["BatchNorm2d", "BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters",
+           "load_weights"]
 
 
 class BatchNorm2d(nn.BatchNorm2d):

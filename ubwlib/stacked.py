@@ -77,7 +77,7 @@ def _stack_bn(layers: list[nn.BatchNorm2d]) -> nn.BatchNorm2d:
     if len({int(x.num_batches_tracked) for x in layers if x.num_batches_tracked is not None}) > 1:
         raise ValueError("stack_models: the models' BatchNorm layers have seen different numbers of batches")
     out = BatchNorm2d(m.num_features * g, m.eps, m.momentum, m.affine, m.track_running_stats,
-                         device=(m.weight if m.affine else m.running_mean).device)
+                      device=(m.weight if m.affine else m.running_mean).device)
     with torch.no_grad():
         for name in ("weight", "bias", "running_mean", "running_var"):
             if getattr(m, name) is not None:

@@ -4,8 +4,8 @@ Design, after airbench: the whole uint8 dataset stays a tensor on the training d
 by indexing it with a seeded permutation; augmentation (random crop with zero padding, horizontal flip)
 runs on the whole batch on the device; there is no per-sample Python work and no DataLoader. On CUDA and on
 CPUs where native bfloat16 is the faster precision (:func:`prefers_bf16`) the forward/backward pass runs under
-``torch.autocast`` in bfloat16 with channels-last tensors; elsewhere in float32. ``TrainConfig.precision="fp32"`` (or ``UBW_PRECISION=fp32``)
-forces float32 everywhere.
+``torch.autocast`` in bfloat16 with channels-last tensors; elsewhere in float32. ``TrainConfig.precision="fp32"``
+(or ``UBW_PRECISION=fp32``) forces float32 everywhere.
 
 Every hyper-parameter is a field of :class:`TrainConfig`; its defaults are the paper's CIFAR-10 schedule
 (SGD lr 0.1, momentum 0.9, weight decay 5e-4, batch 128, 200 epochs, lr x0.1 at epochs 150 and 180,
@@ -19,6 +19,7 @@ import dataclasses
 import inspect
 import math
 import os
+import platform
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -50,6 +51,7 @@ __all__ = [
     "cpu_prefers_bf16",
     "prefers_bf16",
     "cpu_features",
+    "cpu_model",
     "autocast_context",
     "to_model_input",
     "channels_last",
@@ -181,6 +183,11 @@ def _cpuinfo_field(name: str) -> str:
 
 def _cpu_flags() -> set[str]:
     return set(_cpuinfo_field("flags").split())
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (else what :mod:`platform` knows, e.g. ``x86_64``)."""
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 def _cpu_vendor() -> str:

@@ -7,7 +7,6 @@ Shared by the stored chapter tables (:mod:`ubwlib.experiments.stored`) and the s
 from __future__ import annotations
 
 import datetime
-import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -31,17 +30,9 @@ def git(*args: str) -> str:
 def machine() -> str:
     """The device that computes: the GPU's name, else the CPU's model, its threads and the precision ``auto`` trains
     in there (``UBW_PRECISION`` included)."""
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    from ..train import resolve_device, resolve_precision
+    from ..train import cpu_model, resolve_device, resolve_precision
 
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {model}"
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU {cpu_model()}"
     return f"{dev}, {torch.get_num_threads()} threads, {resolve_precision('auto', resolve_device())}"
 
 
