@@ -1,10 +1,11 @@
-# ubw-book: `make book` builds the book on the default profile, `make test` runs every test.
+# ubw-book: `make book` builds the book on the profile chosen for this machine (`ubw profile`), `make test` runs every test.
 # Both create .venv when missing, install the pinned dependencies and ubwlib (editable) and make sure
 # Fashion-MNIST is there; a second run skips what is done.
 
 PYTHON ?= python3
 VENV ?= .venv
-PROFILE ?= default
+# auto: the profile chosen for this machine by its measured speed (ubw profile; UBW_PROFILE=default make book forces one)
+PROFILE ?= $(if $(UBW_PROFILE),$(UBW_PROFILE),auto)
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.ubw-installed
 FMNIST_DIR := /usr/share/datasets/fashion-mnist
@@ -12,9 +13,9 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 .PHONY: book test runs results bench study install data clean-book clean-cache help
 
 help:
-	@echo "make book      build the book (HTML in book/_build/html) on the default profile"
+	@echo "make book      build the book (HTML in book/_build/html) on the profile chosen for this machine (ubw profile)"
 	@echo "make test      run every test, including the chapters with smoke parameters (nbval)"
-	@echo "make runs PROFILE=smoke|default|paper   execute every chapter with papermill into book/_build/runs/<profile>/"
+	@echo "make runs PROFILE=smoke|default|lite|paper  execute every chapter with papermill into book/_build/runs/<profile>/"
 	@echo "make results PROFILE=full [CHAPTERS=\"ubw_p ubw_c\"] [VIA=recipes]   store every table of the chapters in results/<profile>/"
 	@echo "make bench     print the trainer's images/s against a plain PyTorch loop"
 	@echo "make study     recompute the UBW-C recipe study (cached, resumable) and store it in results/study/"

@@ -33,7 +33,7 @@ SMOKE = get_profile("smoke")
 
 
 def test_grids_per_profile_contain_the_table1_points():
-    for name in ("smoke", "default", "study", "full", "paper"):
+    for name in ("smoke", "default", "lite", "study", "full", "paper"):
         g = ablation_grid(get_profile(name))
         assert set(g) == {"gammas", "lambdas"} and set(g["gammas"]) == {"ubw-p", "ubw-c"}
         for gs in g["gammas"].values():

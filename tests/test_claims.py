@@ -27,8 +27,8 @@ def test_registry_is_well_formed():
     for c in CLAIMS:
         assert c.chapter in book and c.text and c.paper and c.inputs, c.id
         assert set(c.inputs) <= set(TABLES), c.id
-        assert set(c.gaps) <= {"smoke", "default", "study", "full", "paper"}, c.id
-    assert GATED_PROFILES == ("default",)
+        assert set(c.gaps) <= {"smoke", "default", "lite", "study", "full", "paper"}, c.id
+    assert GATED_PROFILES == ("default", "lite")
     assert set(claim_inputs()) == {i for c in CLAIMS for i in c.inputs}
     # the claims that used to be coded twice with different bars are coded once, with the paper's bar
     assert "10x" in BY_ID["ubw-p/dp-10x"].text and ">= 0.7" in BY_ID["ubw-p/pruning"].text
@@ -56,8 +56,10 @@ def test_known_gaps_and_the_gate(capsys):
     chosen = [BY_ID["ubw-p/asr-a"], BY_ID["ubw-p/dp-10x"]]
     weak = {"ubw_p/table1": _t1(ubwp_asr=0.5)}
     out = evaluate(weak, chosen, get_profile("default"))
-    assert out.loc["ubw-p/asr-a", "verdict"] == "does not hold" and "4-epoch schedule" in out.loc["ubw-p/asr-a",
-                                                                                                   "known gap"]
+    assert out.loc["ubw-p/asr-a", "verdict"] == "does not hold" and "short schedule" in out.loc["ubw-p/asr-a",
+                                                                                                 "known gap"]
+    # the CPU profiles share the gaps they both miss for the same cause (each measured by a cold build)
+    assert evaluate(weak, chosen, "lite").loc["ubw-p/asr-a", "known gap"] == out.loc["ubw-p/asr-a", "known gap"]
     assert gate(out, "default") == ["ubw-p/asr-a"]  # a known gap: printed, not fatal
     assert "MISSED: UBW-P's ASR-A is high (>= 80%): ours 50.0%" in capsys.readouterr().out
     # an unexplained miss fails the gated profile only

@@ -130,8 +130,8 @@ def _assert_same_weights(a: torch.nn.Module, b: torch.nn.Module) -> None:
 
 
 def test_profiles_with_documented_datasets_and_models():
-    assert profile_names() == ("smoke", "default", "study", "full", "paper")
-    assert set(PROFILES) == {"smoke", "default", "study", "full", "paper"}
+    assert profile_names() == ("smoke", "default", "lite", "study", "full", "paper")
+    assert set(PROFILES) == {"smoke", "default", "lite", "study", "full", "paper"}
     for name, prof in PROFILES.items():
         assert prof.name == name and isinstance(prof.train, TrainConfig) and prof.description
     smoke, default, paper = PROFILES["smoke"], PROFILES["default"], PROFILES["paper"]

@@ -39,6 +39,28 @@ def _cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from .experiments.choice import CANDIDATES, REFERENCES, choose, record_path
+
+    try:
+        c = choose(args.budget, measure=args.measure)
+    except ValueError as exc:
+        print(f"ubw profile: {exc}", file=sys.stderr)
+        return 1
+    if args.name:
+        print(c.profile)
+        return 0
+    print(f"profile: {c.profile}")
+    print(c.reason())
+    for name in CANDIDATES:
+        if name in c.rates:
+            ref = REFERENCES[name]
+            print(f"  {name}: {c.rates[name]:,.0f} images/s here -> about {c.predicted_minutes[name]:.0f} min "
+                  f"(reference: {ref.seconds / 60:.0f} min at {ref.rate:,.0f} images/s on {ref.machine})")
+    print(f"recorded in {record_path()} (--measure measures again)")
+    return 0
+
+
 def _cmd_cache(args: argparse.Namespace) -> int:
     from .cache import Cache
 
@@ -351,6 +373,14 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("action", nargs="?", choices=["info", "clear"], default="info")
     c.add_argument("--namespace", default=None, help="only this namespace (with clear)")
     c.set_defaults(func=_cmd_cache)
+
+    p = sub.add_parser("profile", help="the profile `make book` (UBW_PROFILE=auto) builds on this machine, chosen by "
+                                       "its measured speed")
+    p.add_argument("--budget", type=float, default=None,
+                   help="minutes a cold build of the book may take (default: $UBW_BUILD_MINUTES, else 20)")
+    p.add_argument("--measure", action="store_true", help="measure again instead of reading the recorded choice")
+    p.add_argument("--name", action="store_true", help="print only the profile's name")
+    p.set_defaults(func=_cmd_profile)
 
     from .experiments.profiles import profile_names
     from .models import MODEL_NAMES

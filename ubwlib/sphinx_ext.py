@@ -79,8 +79,14 @@ def _copy_mathjax(app, exc) -> None:
 
 
 def book_profile() -> str:
-    """The profile the book is built with (``UBW_PROFILE``, else ``default``, as the chapters choose it)."""
-    return os.environ.get("UBW_PROFILE") or "default"
+    """The profile the book is built with (``UBW_PROFILE``, else ``default``, as the chapters choose it); ``auto``:
+    the profile chosen for this machine (:mod:`ubwlib.experiments.choice`, recorded, so the chapters read the same)."""
+    name = os.environ.get("UBW_PROFILE") or "default"
+    if name == "auto":
+        from .experiments.choice import choose
+
+        name = choose().profile
+    return name
 
 
 #: The environment variables ubwlib reads that change what a page computes (the profile has its own config value;
