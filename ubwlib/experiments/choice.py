@@ -61,12 +61,12 @@ class Reference:
 
 _XEON = "Intel(R) Xeon(R) Processor (AVX-512, AVX-512 BF16, no AMX), 2 threads, fp32"
 _COLD = "UBW_PROFILE={} jupyter-book build -W --keep-going book/, fresh UBW_CACHE"
-#: The measured cold builds (default: 2026-12-01, commit 51679ac; lite: 2026-12-01, this module's first commit) and
-#: the mean of three :func:`probe_rate` calls per profile on the same machine (default 1,591 / 1,613 / 1,664; lite
-#: 5,058 / 4,887 / 4,555 images/s).
+#: The measured cold builds (default: 2026-12-01, commit 51679ac, 66 minutes; lite: 2026-12-01, commit cdd2fd7, as
+#: ``make book`` with ``auto`` choosing it, 29.8 minutes) and the mean of four :func:`probe_rate` calls per profile
+#: on the same machine that day (default 1,591 / 1,613 / 1,664 / 1,718; lite 5,058 / 4,887 / 4,555 / 5,515 images/s).
 REFERENCES: dict[str, Reference] = {
-    "default": Reference(seconds=3945.0, rate=1623.0, machine=_XEON, command=_COLD.format("default")),
-    "lite": Reference(seconds=1910.0, rate=4833.0, machine=_XEON, command=_COLD.format("lite")),
+    "default": Reference(seconds=3945.0, rate=1647.0, machine=_XEON, command=_COLD.format("default")),
+    "lite": Reference(seconds=1788.0, rate=5004.0, machine=_XEON, command=_COLD.format("lite")),
 }
 
 
