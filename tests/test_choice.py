@@ -126,10 +126,12 @@ def test_the_sphinx_extension_keys_the_pages_by_the_chosen_profile(monkeypatch):
 
 
 def test_probe_rate_measures_the_profiles_model():
-    rate = probe_rate(PROFILES["smoke"], steps=2, warmup=1, device="cpu")
+    rate = probe_rate(PROFILES["smoke"], steps=2, warmup=1, min_seconds=0.0, device="cpu")
     assert rate > 0
     with pytest.raises(ValueError, match="steps must be >= 1"):
         probe_rate(PROFILES["smoke"], steps=0)
+    with pytest.raises(ValueError, match="min_seconds"):
+        probe_rate(PROFILES["smoke"], min_seconds=-1.0)
 
 
 def test_the_cli_prints_the_recorded_choice(capsys):
