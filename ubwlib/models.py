@@ -151,6 +151,12 @@ class SmallCNN(nn.Module):
         self.layer4 = nn.Sequential(*layers)  # the last (and only) conv stack, named like the ResNets'
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.fc = nn.Linear(c[-1], num_classes)
+        # Channels-last weights make every convolution, and so every max pooling, run channels-last whatever the
+        # input's layout: PyTorch's default-layout CPU max pooling took 12x as long (6.5 against 0.55 ms forward at
+        # 128x16x28x28, 2-core Xeon), and the model trained 1.4-1.6x faster (ubwlib.bench). The strides survive
+        # .to(device), deepcopy and load_state_dict, so training, evaluation and a model reloaded from the cache
+        # all take the same kernels.
+        self.to(memory_format=torch.channels_last)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc(torch.flatten(self.avgpool(self.layer4(x)), 1))
