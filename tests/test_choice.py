@@ -47,7 +47,7 @@ def test_the_candidates_are_the_default_profile_then_a_cheaper_one():
     assert BUILD_MINUTES == 20
     lite, default = PROFILES["lite"], PROFILES["default"]
     # the same experiments (data, seeds, grid, crafting budget, verification counts): only the model and its epochs
-    same = ("dataset", "train_size", "test_size", "seeds", "crafting", "grid", "verification", "stack")
+    same = ("dataset", "train_size", "test_size", "seeds", "crafting", "grid", "verification")
     assert all(getattr(lite, f) == getattr(default, f) for f in same)
     assert (lite.model, lite.width) != (default.model, default.width)
     assert REFERENCES["lite"].seconds < REFERENCES["default"].seconds
