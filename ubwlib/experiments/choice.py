@@ -61,13 +61,13 @@ class Reference:
 
 _XEON = "Intel(R) Xeon(R) Processor (AVX-512, AVX-512 BF16, no AMX), 2 threads, fp32"
 _COLD = "UBW_PROFILE={} jupyter-book build -W --keep-going book/, fresh UBW_CACHE"
-#: The measured cold builds (default: 2026-12-01, commit 51679ac, 66 minutes; lite: 2026-12-01, commit cdd2fd7, as
-#: ``make book`` with ``auto`` choosing it, 29.8 minutes) and the mean of four :func:`probe_rate` calls per profile
-#: on the same machine that day (one round of 24 steps each: default 1,591 / 1,613 / 1,664 / 1,718; lite 5,058 /
-#: 4,887 / 4,555 / 5,515 images/s; with rounds for 2 s, later that day: default 1,435-1,555, lite 4,328-4,866).
+#: The measured cold builds on that machine, each with :func:`probe_rate` of its model there that day. default:
+#: 2026-12-01, commit 51679ac, 66 minutes; rate the mean of four one-round probes (1,591 / 1,613 / 1,664 / 1,718).
+#: lite: 2026-12-01, commit 4979e9d, as ``make book`` with ``auto`` choosing it, 22.5 minutes; rate the probe that
+#: chose it (default measured 1,623 in the same call).
 REFERENCES: dict[str, Reference] = {
     "default": Reference(seconds=3945.0, rate=1647.0, machine=_XEON, command=_COLD.format("default")),
-    "lite": Reference(seconds=1788.0, rate=5004.0, machine=_XEON, command=_COLD.format("lite")),
+    "lite": Reference(seconds=1347.0, rate=5447.0, machine=_XEON, command=_COLD.format("lite")),
 }
 
 
