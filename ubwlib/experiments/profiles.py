@@ -172,8 +172,8 @@ _LITE = _DEFAULT.replace(
     # one at a time: in its cold build 4 small CNNs side by side took 37 s per model, one alone 21.5-24 s
     stack=1,
     description="The default profile with the small CNN at half width instead of ResNet-18 at 1/8 width, 6 epochs "
-                "instead of 4 (a cold build about 3x faster on a CPU): what `make book` builds where the default would not fit "
-                "its time budget (ubwlib.experiments.choice).",
+                "instead of 4 (a cold build about 3x faster on a CPU): what `make book` builds where the default "
+                "would not fit its time budget (ubwlib.experiments.choice).",
 )
 
 PROFILES: dict[str, Profile] = {
