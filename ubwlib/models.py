@@ -41,7 +41,8 @@ class BatchNorm2d(nn.BatchNorm2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dim() == 4 and x.device.type == "cpu" and self.num_features < self.NARROW and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)):
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):  # vmap cannot change the layout
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 
