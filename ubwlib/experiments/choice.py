@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .._paths import cache_root
+from ..cache.files import write_text_atomic
 from ..data import ImageDataset
 from ..models import build_model
 from ..train import cpu_model, resolve_device, resolve_precision, train
@@ -208,9 +209,7 @@ def choose(budget_minutes: float | None = None, *, candidates: tuple[str, ...] =
     out = Choice(profile=chosen, budget_minutes=budget, rates=rates, predicted_minutes=predicted, machine=machine,
                  measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"key": key, **dataclasses.asdict(out)}, indent=1))
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps({"key": key, **dataclasses.asdict(out)}, indent=1))
     return out
 
 
