@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -213,11 +214,11 @@ def _bn_pair(channels: int, train: bool) -> tuple[BatchNorm2d, nn.BatchNorm2d]:
     return ours.train(train), ref.train(train)
 
 
-@pytest.mark.parametrize("train", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("train, dtype", [(True, torch.float32), (True, torch.bfloat16), (False, torch.bfloat16)])
 def test_batchnorm_narrow_channels_last_equals_the_contiguous_kernel_exactly(train, dtype):
     """8 channels, channels-last on a CPU: the result, the gradients and the running statistics are bit-equal to
-    nn.BatchNorm2d on the contiguous copy, and the output stays channels-last (the next convolution's layout)."""
+    nn.BatchNorm2d on the contiguous copy, and the output stays channels-last (the next convolution's layout).
+    (Eval mode in float32 takes the affine map instead: the next tests.)"""
     ours, ref = _bn_pair(8, train)
     x = (torch.randn(6, 8, 5, 7, generator=torch.Generator().manual_seed(0)) * 3 + 1).to(dtype)
     x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_(True)
@@ -246,6 +247,35 @@ def test_batchnorm_other_inputs_take_the_parents_path(channels, memory_format):
     assert y.stride() == y_ref.stride()
 
 
+@pytest.mark.parametrize("channels", [8, 16, 64])
+def test_batchnorm_eval_channels_last_under_autograd_is_the_affine_map(channels):
+    """Eval mode, float32, channels-last, gradients wanted: autograd differentiates x * scale + shift (a
+    multiplication and an addition, not the native backward). The output, the first and the second derivatives
+    equal nn.BatchNorm2d's up to float32 rounding, and the output stays channels-last."""
+    ours, ref = _bn_pair(channels, False)
+    x = (torch.randn(5, channels, 6, 7, generator=torch.Generator().manual_seed(4)) * 2 - 1).contiguous(
+        memory_format=torch.channels_last)
+    xs = [x.clone().requires_grad_(True), x.clone().requires_grad_(True)]
+    y, y_ref = ours(xs[0]), ref(xs[1])
+    torch.testing.assert_close(y, y_ref, rtol=1e-6, atol=1e-6)
+    assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
+    assert type(y.grad_fn).__name__ == "AddBackward0" and "BatchNorm" in type(y_ref.grad_fn).__name__
+    w = torch.randn(y.shape, generator=torch.Generator().manual_seed(5))
+    firsts = []
+    for out, xi, bn in ((y, xs[0], ours), (y_ref, xs[1], ref)):
+        grads = torch.autograd.grad((out * w).sum(), [xi, bn.weight, bn.bias], create_graph=True)
+        # a second derivative, as gradient matching takes: of a function of the parameter gradients, w.r.t. x
+        second = torch.autograd.grad(sum((g * g).sum() for g in grads[1:]), xi)[0]
+        firsts.append([g.detach() for g in grads] + [second])
+    for a, b in zip(*firsts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # no gradients, training mode or the default layout: the native kernel
+    with torch.no_grad():
+        assert torch.equal(ours(x), y_ref)
+    assert "BatchNorm" in type(ours(xs[0].contiguous()).grad_fn).__name__
+    assert type(ours.train()(xs[0]).grad_fn).__name__ != "AddBackward0"  # the native (or narrow-channel) path
+
+
 def test_batchnorm_narrow_channels_last_has_a_second_derivative():
     """Gradient matching differentiates through the batch norm twice (eval mode, float64 gradcheck)."""
     ours, _ = _bn_pair(8, False)
@@ -264,3 +294,35 @@ def test_every_batch_norm_of_the_models_and_their_stacks_is_ubwlibs(name):
     for model in [*models, stack_models(models)]:
         bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         assert bns and all(type(m) is BatchNorm2d for m in bns)
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_smallcnn_pools_before_relu_exactly(mode):
+    """SmallCNN applies its ReLU after the max pooling: outputs, input and weight gradients equal the
+    conv -> BN -> ReLU -> max-pool order bit for bit (ReLU is monotone), with the same state_dict keys."""
+    model = build_model("smallcnn", 10, 1, width=0.5, seed=3)
+    layers = list(model.layer4)
+    kinds = [type(m).__name__ for m in layers]
+    assert kinds == ["Conv2d", "BatchNorm2d", "MaxPool2d", "ReLU"] * 3
+    reference = copy.deepcopy(model)
+    reordered = []
+    for i in range(0, len(layers), 4):
+        conv, bn, pool, relu = reference.layer4[i : i + 4]
+        reordered += [conv, bn, relu, pool]
+    reference.layer4 = nn.Sequential(*reordered)
+    assert reference.state_dict().keys() == model.state_dict().keys()
+    getattr(model, mode)(), getattr(reference, mode)()
+    # inputs with ties and all-negative pooling windows (zeros and a constant patch), where the order could matter
+    x = torch.randn(6, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    x[0] = 0.0
+    x[1, :, :8, :8] = -1.0
+    outs, grads = [], []
+    for m in (model, reference):
+        xi = x.clone().requires_grad_(True)
+        out = m(xi)
+        out.square().sum().backward()
+        outs.append(out)
+        grads.append([xi.grad] + [p.grad for p in m.parameters()])
+    assert torch.equal(outs[0], outs[1])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)

@@ -7,7 +7,9 @@ transforms (the same crop/flip as the profile), a ``torch.utils.data.DataLoader`
 tensors. ubwlib's trainer keeps the uint8 data as one tensor on the device, augments whole batches there,
 and uses bfloat16 autocast + channels-last where the hardware supports it. Both train the same model
 (same architecture, same initial weights) on the same images for the same number of steps; the first
-steps of each are a warm-up and are not timed. The table prints images/s and the ratio.
+steps of each are a warm-up and are not timed. The table prints images/s and the ratio. Both loops run in one
+process and so both get ubwlib's allocator settings (:func:`ubwlib.train.keep_freed_memory`, applied on import);
+``UBW_MALLOC=system python -m ubwlib.bench`` runs both with glibc's defaults.
 
 A second table times the two other hot loops of the book on the same model: the crafting step of gradient
 matching (poisons/s: augment, per-batch parameter gradient with ``create_graph``, passenger loss against a target

@@ -55,10 +55,48 @@ __all__ = [
     "autocast_context",
     "to_model_input",
     "channels_last",
+    "keep_freed_memory",
 ]
 
 SCHEDULES = ("multistep", "onecycle", "constant")
 PRECISIONS = ("auto", "bf16", "fp32")
+
+MALLOC_ENV = "UBW_MALLOC"
+"""``UBW_MALLOC=system`` leaves the C library's allocator settings alone (see :func:`keep_freed_memory`)."""
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
+MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 512 * 2**20, "M_TOP_PAD": 64 * 2**20}
+"""What :func:`keep_freed_memory` sets: blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap,
+and the heap keeps up to 512 MiB of freed memory instead of returning it to the system, growing 64 MiB at once."""
+
+
+@lru_cache(maxsize=None)
+def keep_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for the next allocation (once per process; called when this
+    module is imported). Returns whether the settings were applied.
+
+    A training step frees and allocates the same activations every step. With glibc's defaults, blocks of a few
+    MiB are mapped from the system and unmapped when freed (or trimmed off the heap), so every step touches fresh
+    pages: one float32 training of the ``lite`` model on 2 cores took about 4,900 page faults per step, and the
+    step ran 10-20% slower than with these settings (measured with ``getrusage``; jemalloc and tcmalloc are
+    the usual cure, ``mallopt`` needs no extra library). The cost is memory kept by the process: up to
+    :data:`MALLOC_SETTINGS` ``M_TRIM_THRESHOLD`` beyond what it uses. Only glibc is tuned; ``UBW_MALLOC=system``
+    (:data:`MALLOC_ENV`) opts out. Results do not depend on it: the same kernels run on the same numbers."""
+    if os.environ.get(MALLOC_ENV, "").strip().lower() in ("system", "default", "0", "off"):
+        return False
+    try:
+        if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):
+            return False
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (AttributeError, OSError, ValueError):  # not glibc, or no confstr / mallopt on this system
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    params = {"M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD}
+    return all([mallopt(params[name], value) == 1 for name, value in MALLOC_SETTINGS.items()])
+
+
+keep_freed_memory()
 
 
 @dataclass(frozen=True)
