@@ -646,3 +646,11 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_steps():
     assert tuned[0] == "True" and system[0] == "False"
     assert system[1] >= 20 * 500  # glibc's defaults: hundreds of pages every step
     assert tuned[1] * 5 < system[1]
+
+
+def test_keep_freed_memory_names_the_fix_for_a_bad_setting():
+    env = {**os.environ, "UBW_MALLOC": "jemalloc"}
+    out = subprocess.run([sys.executable, "-c", "import ubwlib.train as t; print(t.keep_freed_memory())"], env=env,
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+    assert "UBW_MALLOC='jemalloc' is not understood" in out.stderr and "'system'" in out.stderr

@@ -21,6 +21,7 @@ import math
 import os
 import platform
 import time
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Callable, Iterator, NamedTuple
@@ -81,7 +82,12 @@ def keep_freed_memory() -> bool:
     the usual cure, ``mallopt`` needs no extra library). The cost is memory kept by the process: up to
     :data:`MALLOC_SETTINGS` ``M_TRIM_THRESHOLD`` beyond what it uses. Only glibc is tuned; ``UBW_MALLOC=system``
     (:data:`MALLOC_ENV`) opts out. Results do not depend on it: the same kernels run on the same numbers."""
-    if os.environ.get(MALLOC_ENV, "").strip().lower() in ("system", "default", "0", "off"):
+    choice = os.environ.get(MALLOC_ENV, "").strip().lower()
+    if choice in ("system", "default", "0", "off"):
+        return False
+    if choice not in ("", "ubwlib", "1", "on"):
+        warnings.warn(f"{MALLOC_ENV}={os.environ[MALLOC_ENV]!r} is not understood; set it to 'system' (glibc's "
+                      "defaults) or leave it unset (ubwlib's settings); glibc's defaults are kept", stacklevel=2)
         return False
     try:
         if not os.confstr("CS_GNU_LIBC_VERSION").startswith("glibc"):

@@ -65,8 +65,9 @@ _COLD = "UBW_PROFILE={} jupyter-book build -W --keep-going book/, fresh UBW_CACH
 #: The measured cold builds on that machine, each with :func:`probe_rate` of its model there that day. default:
 #: 2026-12-01, commit 51679ac, 66 minutes; rate the mean of four one-round probes (1,591 / 1,613 / 1,664 / 1,718).
 #: lite: 2026-12-01, commit 364dfbf, as ``make book`` with ``auto`` choosing it, 15.8 minutes; rate the probe that
-#: chose it (default measured 2,090 in the same call: the allocator settings of ``ubwlib.train`` came after the
-#: default's reference build; see its note in the README).
+#: chose it (default measured 2,090 in the same call). The default's reference predates ``ubwlib.train``'s allocator
+#: settings, which speed its probe more than its build: its ablations chapter took 1,456 s at 364dfbf against 1,379
+#: s before, so its prediction is now somewhat optimistic (about 52 against 66 minutes on that machine).
 REFERENCES: dict[str, Reference] = {
     "default": Reference(seconds=3945.0, rate=1647.0, machine=_XEON, command=_COLD.format("default")),
     "lite": Reference(seconds=946.0, rate=10672.0, machine=_XEON, command=_COLD.format("lite")),
