@@ -50,21 +50,18 @@ class BatchNorm2d(nn.BatchNorm2d):
     NARROW = 16
     """Channels below which a channels-last CPU input goes through the default layout."""
 
-    def _affine_eval(self, x: torch.Tensor) -> bool:
-        return (not self.training and self.affine and self.running_mean is not None and self.running_var is not None
-                and torch.is_grad_enabled() and x.dim() == 4 and x.device.type == "cpu"
-                and x.dtype == torch.float32 and self.weight.dtype == torch.float32
-                and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-                and not torch._C._functorch.is_functorch_wrapped_tensor(x))
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._affine_eval(x):
+        # both special cases are channels-last CPU inputs outside vmap (which cannot change a layout)
+        if not (x.dim() == 4 and x.device.type == "cpu" and not x.is_contiguous()
+                and x.is_contiguous(memory_format=torch.channels_last)
+                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
+            return super().forward(x)
+        if (not self.training and self.affine and self.running_mean is not None and self.running_var is not None
+                and torch.is_grad_enabled() and x.dtype == self.weight.dtype == torch.float32):
             scale = self.weight * torch.rsqrt(self.running_var + self.eps)
             shift = self.bias - self.running_mean * scale
             return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
-        if (x.dim() == 4 and x.device.type == "cpu" and self.num_features < self.NARROW and not x.is_contiguous()
-                and x.is_contiguous(memory_format=torch.channels_last)
-                and not torch._C._functorch.is_functorch_wrapped_tensor(x)):  # vmap cannot change the layout
+        if self.num_features < self.NARROW:
             return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
         return super().forward(x)
 

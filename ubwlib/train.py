@@ -64,7 +64,7 @@ PRECISIONS = ("auto", "bf16", "fp32")
 
 MALLOC_ENV = "UBW_MALLOC"
 """``UBW_MALLOC=system`` leaves the C library's allocator settings alone (see :func:`keep_freed_memory`)."""
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters (malloc.h)
+_MALLOPT_PARAMS = {"M_TRIM_THRESHOLD": -1, "M_TOP_PAD": -2, "M_MMAP_THRESHOLD": -3}  # glibc's malloc.h
 MALLOC_SETTINGS = {"M_MMAP_THRESHOLD": 32 * 2**20, "M_TRIM_THRESHOLD": 512 * 2**20, "M_TOP_PAD": 64 * 2**20}
 """What :func:`keep_freed_memory` sets: blocks up to 32 MiB (glibc's largest mmap threshold) come from the heap,
 and the heap keeps up to 512 MiB of freed memory instead of returning it to the system, growing 64 MiB at once."""
@@ -98,8 +98,7 @@ def keep_freed_memory() -> bool:
     except (AttributeError, OSError, ValueError):  # not glibc, or no confstr / mallopt on this system
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    params = {"M_MMAP_THRESHOLD": _M_MMAP_THRESHOLD, "M_TRIM_THRESHOLD": _M_TRIM_THRESHOLD, "M_TOP_PAD": _M_TOP_PAD}
-    return all([mallopt(params[name], value) == 1 for name, value in MALLOC_SETTINGS.items()])
+    return all([mallopt(_MALLOPT_PARAMS[name], value) == 1 for name, value in MALLOC_SETTINGS.items()])
 
 
 keep_freed_memory()

@@ -2,7 +2,7 @@
 
 - ``smoke``: tests and CI; seconds per chapter (small Fashion-MNIST subsets, a small CNN, 4 epochs).
 - ``default``: the book on 2 CPU cores; Fashion-MNIST with a narrow ResNet-18 and a short one-cycle schedule.
-- ``lite``: the default profile with a small CNN trained 6 epochs instead of the narrow ResNet-18's 4 (about 3x
+- ``lite``: the default profile with a small CNN trained 6 epochs instead of the narrow ResNet-18's 4 (about 5x
   the images/s on a CPU): what ``make book`` builds where the default would not fit 20 minutes (``auto``:
   :mod:`ubwlib.experiments.choice`).
 - ``study``: the UBW-C recipe study (``make study``): a fast model trained long enough for the poisons to act.
@@ -162,7 +162,7 @@ _DEFAULT = Profile(
     # lambda up to 4: the lever must be long enough to show an effect above the noise of 4-epoch runs
     grid=_CPU_GRID,
 )
-#: The default profile's experiments with a model that trains about 3x the images/s on a CPU, and the epochs it
+#: The default profile's experiments with a model that trains about 5x the images/s on a CPU, and the epochs it
 #: needs to learn every targeted baseline's trigger (Blended's: 20% at 4 epochs, 99.0% at 6; the README).
 _LITE = _DEFAULT.replace(
     name="lite",
@@ -172,7 +172,7 @@ _LITE = _DEFAULT.replace(
     # one at a time: in its cold build 4 small CNNs side by side took 37 s per model, one alone 21.5-24 s
     stack=1,
     description="The default profile with the small CNN at half width instead of ResNet-18 at 1/8 width, 6 epochs "
-                "instead of 4 (a cold build about 3x faster on a CPU): what `make book` builds where the default "
+                "instead of 4 (a cold build about 4x faster on a CPU): what `make book` builds where the default "
                 "would not fit its time budget (ubwlib.experiments.choice).",
 )
 
