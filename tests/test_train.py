@@ -613,6 +613,39 @@ def test_predict_proba_does_not_change_the_weights(infer_setup):
 
 
 # --------------------------------------------------------------------------- allocator
+_GLIBC = hasattr(os, "confstr") and bool(os.confstr("CS_GNU_LIBC_VERSION"))
+_GLIBC_VERSION = tuple(int(v) for v in os.confstr("CS_GNU_LIBC_VERSION").split()[1].split(".")[:2]) if _GLIBC else ()
+
+_MALLINFO = """
+import ctypes, ubwlib.train as t
+libc = ctypes.CDLL(None)
+class Info(ctypes.Structure):
+    _fields_ = [(n, ctypes.c_size_t) for n in "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+libc.mallinfo2.restype = Info
+libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+size = t.MALLOC_SETTINGS["M_MMAP_THRESHOLD"] // 2
+before = libc.mallinfo2(); p = libc.malloc(size); ctypes.memset(p, 1, size); held = libc.mallinfo2()
+libc.free(p); after = libc.mallinfo2()
+print(t.keep_freed_memory(), size, held.hblkhd - before.hblkhd, held.arena - before.arena, after.arena - held.arena,
+      after.fordblks - held.fordblks)
+"""
+
+
+@pytest.mark.skipif(_GLIBC_VERSION < (2, 33), reason="mallinfo2 needs glibc 2.33")
+def test_keep_freed_memory_serves_big_blocks_from_the_heap_and_keeps_them():
+    """After importing ubwlib.train, a block of half the mmap threshold (16 MiB, an activation's size) comes from
+    the heap, not from a fresh mmap, and freeing it leaves it in the heap for the next step: no bytes unmapped,
+    none trimmed. Exact counts from glibc's own bookkeeping (mallinfo2), so the same on every CPU."""
+    out = subprocess.run([sys.executable, "-c", _MALLINFO], capture_output=True, text=True, check=True)
+    applied, size, mapped, heap_growth, trimmed, freed = (int(v) if v.isdigit() or v.startswith("-") else v
+                                                           for v in out.stdout.split())
+    assert applied == "True"
+    assert mapped == 0  # glibc's default threshold (128 KiB, rising only after frees) would mmap it
+    assert heap_growth >= size  # the heap grew to hold it, with M_TOP_PAD to spare
+    assert trimmed == 0  # M_TRIM_THRESHOLD: the freed top of the heap stays in the process
+    assert freed >= size  # and is free for the next allocation
+
+
 _FAULTS = """
 import resource, torch, torch.nn.functional as F
 import ubwlib.train as t
@@ -631,11 +664,13 @@ print(t.keep_freed_memory(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt 
 """
 
 
-@pytest.mark.skipif(not hasattr(os, "confstr") or not os.confstr("CS_GNU_LIBC_VERSION"), reason="glibc only")
+@pytest.mark.skipif(not _GLIBC, reason="glibc only")
 def test_keep_freed_memory_stops_the_page_faults_of_repeated_steps():
-    """Importing ubwlib.train makes glibc keep freed memory: 20 training steps of the lite model (batch 128)
-    fault few new pages, where glibc's defaults (UBW_MALLOC=system) give the memory back and fault it again
-    every step (measured: 1,000-2,700 against 35,000-43,000 page faults)."""
+    """The effect the settings are for: 20 training steps of the lite model (batch 128) fault few new pages,
+    where glibc's defaults (UBW_MALLOC=system) give the memory back and fault it again every step (measured on the
+    Xeon: 800-3,100 against 19,000-51,000 page faults). Whether the defaults fault at all depends on the machine
+    (the kernels' allocation sizes move glibc's dynamic threshold; CI's machine counted 0), so without faults to
+    remove the test skips; the heap bookkeeping test above holds everywhere."""
     def run(env_value):
         env = {**os.environ, "UBW_MALLOC": env_value}
         out = subprocess.run([sys.executable, "-c", _FAULTS], env=env, capture_output=True, text=True, check=True)
@@ -644,8 +679,9 @@ def test_keep_freed_memory_stops_the_page_faults_of_repeated_steps():
 
     tuned, system = run(""), run("system")
     assert tuned[0] == "True" and system[0] == "False"
-    assert system[1] >= 20 * 500  # glibc's defaults: hundreds of pages every step
-    assert tuned[1] * 5 < system[1]
+    if system[1] < 20 * 500:
+        pytest.skip(f"glibc's defaults faulted only {system[1]} pages in 20 steps here: nothing to remove")
+    assert tuned[1] * 3 < system[1]  # measured ratios 6-40
 
 
 def test_keep_freed_memory_names_the_fix_for_a_bad_setting():
