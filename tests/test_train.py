@@ -690,3 +690,34 @@ def test_keep_freed_memory_names_the_fix_for_a_bad_setting():
                          capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
     assert "UBW_MALLOC='jemalloc' is not understood" in out.stderr and "'system'" in out.stderr
+
+
+_CYCLE_AT_EXIT = """
+import os, ubwlib.train as t
+class Cycle:
+    def __del__(self):
+        os.write(1, b"collected")
+cycle = Cycle(); cycle.me = cycle
+print(t.quick_exit(), flush=True)
+"""
+
+
+@pytest.mark.parametrize("setting, expected", [("", "True\n"), ("0", "False\ncollected"), ("off", "False\ncollected")])
+def test_quick_exit_skips_only_the_collection_of_cycles_at_exit(setting, expected):
+    """Importing ubwlib.train freezes the collector's objects at exit: an object kept alive by a reference cycle
+    until the end is not collected by the shutdown's pass (its __del__ does not run), which UBW_QUICK_EXIT=0
+    restores; the process still exits cleanly with its output flushed."""
+    env = {**os.environ, "UBW_QUICK_EXIT": setting}
+    out = subprocess.run([sys.executable, "-c", _CYCLE_AT_EXIT], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout == expected and out.stderr == ""
+
+
+def test_quick_exit_keeps_later_atexit_handlers_and_open_files(tmp_path):
+    """What the exit still does: atexit handlers registered after the import run, and a file left open at module
+    level is flushed when its module is torn down."""
+    target = tmp_path / "left-open.txt"
+    code = (f"import atexit, ubwlib.train\natexit.register(print, 'handler ran')\n"
+            f"f = open({str(target)!r}, 'w')\nf.write('x' * 10000)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout == "handler ran\n"
+    assert target.read_text() == "x" * 10000

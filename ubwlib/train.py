@@ -14,8 +14,10 @@ random horizontal flip only, seed 666).
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import gc
 import inspect
 import math
 import os
@@ -57,6 +59,7 @@ __all__ = [
     "to_model_input",
     "channels_last",
     "keep_freed_memory",
+    "quick_exit",
 ]
 
 SCHEDULES = ("multistep", "onecycle", "constant")
@@ -102,6 +105,31 @@ def keep_freed_memory() -> bool:
 
 
 keep_freed_memory()
+
+QUICK_EXIT_ENV = "UBW_QUICK_EXIT"
+"""``UBW_QUICK_EXIT=0`` keeps the garbage collector's full pass at interpreter exit (see :func:`quick_exit`)."""
+
+
+@lru_cache(maxsize=None)
+def quick_exit() -> bool:
+    """Spare the process the garbage collector's pass over every object at exit (once per process; called when
+    this module is imported). Returns whether it was arranged.
+
+    With torch, pandas, scipy and matplotlib imported, a Python process holds about a million objects, and the
+    interpreter's shutdown scans them all for reference cycles: 0.6-0.9 s per process measured on 2 cores, paid
+    by every notebook kernel of the book (nine per build), every ``ubw`` command and every test subprocess. An
+    ``atexit`` handler calls :func:`gc.freeze` instead, so the shutdown's collection skips them. Everything else
+    about the exit is unchanged: the other ``atexit`` handlers run (those registered before this module's import
+    run after it), modules are torn down and files flushed and closed as their references drop. What is skipped
+    is only the ``__del__`` of objects still caught in reference cycles at exit, which Python does not promise
+    to call anyway. ``UBW_QUICK_EXIT=0`` (:data:`QUICK_EXIT_ENV`) opts out."""
+    if os.environ.get(QUICK_EXIT_ENV, "").strip().lower() in ("0", "off", "no", "false"):
+        return False
+    atexit.register(gc.freeze)
+    return True
+
+
+quick_exit()
 
 
 @dataclass(frozen=True)
