@@ -94,8 +94,10 @@ def isolated(tmp_path, monkeypatch):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setattr(data_mod, "FASHION_MNIST_SYSTEM_DIR", tmp_path / "no-system-package")
     core._load_splits.cache_clear()
+    core._subsets.cache_clear()
     yield tmp_path
     core._load_splits.cache_clear()
+    core._subsets.cache_clear()
 
 
 @pytest.fixture
@@ -259,6 +261,15 @@ def test_load_data_stratified_subsets(tiny, train_size, test_size):
     assert torch.equal(again.train.images, splits.train.images) and torch.equal(again.test.labels, splits.test.labels)
     other = load_data(p.replace(subset_seed=7))
     assert not torch.equal(other.train.images, splits.train.images)
+
+
+def test_load_data_is_made_once_per_process_and_shared(tiny):
+    """Equal data settings give the very same split objects (no copy, no second hash); other sizes or seeds give
+    others. The profile's other settings (here the epochs) do not matter."""
+    p = tiny.replace(train_size=50, test_size=30)
+    splits = load_data(p)
+    assert load_data(p.replace(train=p.train.replace(epochs=p.train.epochs + 1))) is splits
+    assert load_data(p.replace(subset_seed=7)) is not splits and load_data(p.replace(train_size=40)) is not splits
 
 
 def test_load_data_sizes_at_least_the_split_keep_everything(tiny):
@@ -1016,3 +1027,44 @@ def test_select_source_like_ranks_by_source_probability(tiny):
     assert torch.isin(sub, pool).all() and (tr.labels[sub] != 2).all()
     with pytest.raises(ValueError, match="cannot select"):
         select_source_like(model, tr, len(tr), source=2)
+
+
+# --------------------------------------------------------------------------------------------------
+# plots: image grids
+# --------------------------------------------------------------------------------------------------
+
+
+def test_grid_row_lays_images_side_by_side_with_white_gaps():
+    from ubwlib.experiments.plots import GRID_GAP, grid_row
+
+    imgs = torch.arange(2 * 1 * 2 * 3, dtype=torch.uint8).reshape(2, 1, 2, 3)
+    row = grid_row(imgs, ncol=3)
+    assert row.shape == (2, 3 * 3 + 2 * GRID_GAP) and row.dtype == np.uint8
+    assert (row[:, :3] == imgs[0, 0].numpy()).all() and (row[:, 3 + GRID_GAP:6 + GRID_GAP] == imgs[1, 0].numpy()).all()
+    assert (row[:, 3:3 + GRID_GAP] == 255).all() and (row[:, 6 + GRID_GAP:] == 255).all()  # gaps, missing column
+    rgb = torch.full((1, 3, 2, 2), 7, dtype=torch.uint8)
+    rgb[0, 1] = 9
+    out = grid_row(rgb, ncol=1)
+    assert out.shape == (2, 2, 3) and out[0, 0].tolist() == [7, 9, 7]
+    diff = torch.tensor([[[[0, 1], [2, 200]]]], dtype=torch.uint8)
+    assert grid_row(diff, ncol=1, magnify=4.0).tolist() == [[0, 4], [8, 255]]  # |x| * 4, clipped
+    with pytest.raises(ValueError, match="at most ncol=1"):
+        grid_row(imgs, ncol=1)
+
+
+def test_image_grid_draws_one_axes_per_row():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ubwlib.experiments.plots import image_grid
+
+    rows = {"a": torch.zeros(4, 1, 5, 5, dtype=torch.uint8), "b": torch.full((3, 1, 5, 5), 9, dtype=torch.uint8)}
+    fig = image_grid(rows, titles=["w", "x", "y", "z"], magnify={"b": 2.0})
+    axes = fig.get_axes()
+    assert len(axes) == 2 and [ax.get_ylabel() for ax in axes] == ["a", "b"]
+    assert [t.get_text() for t in axes[0].get_xticklabels()] == ["w", "x", "y", "z"] and not axes[1].get_xticks().size
+    shown = axes[1].get_images()[0].get_array()
+    assert shown.shape == (5, 4 * 5 + 3 * 2) and shown[0, 0] == 18 and shown[0, -1] == 255
+    plt.close(fig)

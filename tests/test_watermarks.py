@@ -383,6 +383,30 @@ def test_load_rejects_files_that_are_not_keys(ds28, tmp_path):
             WatermarkedDataset.load(path)
 
 
+def test_dataset_fingerprint_is_remembered_per_object_and_sees_in_place_changes(monkeypatch):
+    """The digest is computed once per dataset object; an in-place change through torch (pixel or label) is seen
+    and hashed again, and the entry goes with the dataset."""
+    import gc
+
+    from ubwlib.watermarks import base
+
+    ds = make_dataset(50, seed=3)
+    calls = []
+    real = hashlib.sha256
+    monkeypatch.setattr(hashlib, "sha256", lambda *a: calls.append(1) or real(*a))
+    first = dataset_fingerprint(ds)
+    assert dataset_fingerprint(ds) == first and len(calls) == 1
+    ds.images[3, 0, 0, 0] += 1  # in place, through torch
+    moved = dataset_fingerprint(ds)
+    assert moved != first and len(calls) == 2
+    assert moved == dataset_fingerprint(ds.replace(images=ds.images.clone()))  # what a fresh hash gives
+    ds.labels[0] = (ds.labels[0] + 1) % K
+    assert dataset_fingerprint(ds) not in (first, moved) and len(calls) == 4
+    n = len(base._FINGERPRINTS)
+    del ds
+    gc.collect()
+    assert len(base._FINGERPRINTS) == n - 1
+
 # --------------------------------------------------------------------------------------------
 # Keys: the test split they protect; hand-made key files
 # --------------------------------------------------------------------------------------------

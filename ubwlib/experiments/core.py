@@ -60,13 +60,20 @@ def _load_splits(spec: str, root: str | None) -> DatasetSplits:
 
 
 def load_data(profile: Profile) -> DatasetSplits:
-    """The profile's train/test splits (stratified subsets of ``train_size``/``test_size``, seeded)."""
-    full = _load_splits(profile.dataset, profile.data_root)
+    """The profile's train/test splits (stratified subsets of ``train_size``/``test_size``, seeded). Like the
+    full splits, they are made once per process and shared (datasets are immutable): a chapter asks for them
+    dozens of times, and each call would otherwise copy the subsets and hash them again as cache keys."""
+    return _subsets(profile.dataset, profile.data_root, profile.train_size, profile.test_size, profile.subset_seed)
+
+
+@lru_cache(maxsize=8)
+def _subsets(spec: str, root: str | None, train_size: int | None, test_size: int | None, seed: int) -> DatasetSplits:
+    full = _load_splits(spec, root)
     tr, te = full.train, full.test
-    if profile.train_size is not None and profile.train_size < len(tr):
-        tr = tr.stratified_subset(profile.train_size, seed=profile.subset_seed)
-    if profile.test_size is not None and profile.test_size < len(te):
-        te = te.stratified_subset(profile.test_size, seed=profile.subset_seed + 1)
+    if train_size is not None and train_size < len(tr):
+        tr = tr.stratified_subset(train_size, seed=seed)
+    if test_size is not None and test_size < len(te):
+        te = te.stratified_subset(test_size, seed=seed + 1)
     return DatasetSplits(tr, te)
 
 
