@@ -839,6 +839,22 @@ def test_release_cache_key_ignores_contrast_and_matching_at_their_default():
     assert changed["crafting"]["contrast"] == 1.0 and changed["crafting"]["matching"] == "l2"
 
 
+def test_trigger_shares_by_hand_and_cached(tiny, monkeypatch):
+    from ubwlib.experiments.runs import method_settings
+    from ubwlib.experiments.study import TRIGGER_SHARE_METHODS, trigger_shares
+    from ubwlib.watermarks import get_watermark
+    from ubwlib.watermarks.gradient_matching import GradientMatchingWatermark
+
+    got = trigger_shares(tiny, progress=False)
+    assert list(got.index) == list(TRIGGER_SHARE_METHODS)
+    model, train_set = benign_model(tiny).model, load_data(tiny).train
+    for m in TRIGGER_SHARE_METHODS:
+        want = get_watermark(m, **method_settings(tiny, m)).trigger_share(model, train_set, seed=tiny.seed)
+        assert got.loc[m].to_dict() == pytest.approx(want)
+    monkeypatch.setattr(GradientMatchingWatermark, "trigger_share", lambda *a, **k: pytest.fail("recomputed"))
+    pd.testing.assert_frame_equal(trigger_shares(tiny, progress=False), got)  # read from the cache
+
+
 def test_surrogate_fine_tune_by_hand(tiny):
     import copy
 

@@ -42,7 +42,7 @@ __all__ = ["LEVERS", "COMBINATIONS", "CHECKS", "CHECK_LEVERS", "study_rows", "st
            "trigger_learnability", "learnability_table", "LEARNABILITY_AMPLITUDES",
            "LEARNABILITY_KINDS", "LEARNABILITY_LONGER", "LEARNABILITY_PAPER", "LEARNABILITY_PAPER_EPOCHS",
            "TEST_AMPLITUDES", "AMPLITUDE_ROWS", "BACKGROUND_SHARE", "background_share", "amplitude_response",
-           "amplitude_table"]
+           "amplitude_table", "TRIGGER_SHARE_METHODS", "trigger_shares"]
 
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "results" / "study"
 STUDY_FILE = "ubwc-study"
@@ -283,6 +283,29 @@ FINE_TUNE_ON = ("release", "poisons", "unperturbed")
 #: The poisons-alone check (:func:`poisons_alone_table`): its releases and its fine-tuning (lr, epochs).
 POISONS_ALONE_ROWS = (REFERENCE, "contrast 1: what the trigger adds (not in the paper)")
 POISONS_ALONE_TRAINING = {"lr": 0.01, "epochs": 8}
+
+
+#: The gradient-matching watermarks whose target gradient :func:`trigger_shares` takes apart.
+TRIGGER_SHARE_METHODS = ("ubw-c", "sleeper-agent")
+
+
+def trigger_shares(profile: Profile, *, cache: Cache | None = None, progress: bool = True) -> pd.DataFrame:
+    """Each of :data:`TRIGGER_SHARE_METHODS`' ``trigger_share`` at the profile's benign model on its training set
+    (one row per method: the cosine between the target gradient with and without the patch, their norms, and the
+    share of the target gradient due to the patch); cached, keyed by the model, the data and the settings."""
+    from ..watermarks import get_watermark
+
+    surrogate = benign_model(profile, cache=cache, progress=progress)
+    train_set = load_data(profile).train
+    watermarks = {m: get_watermark(m, **method_settings(profile, m)) for m in TRIGGER_SHARE_METHODS}
+
+    def compute() -> pd.DataFrame:
+        return pd.DataFrame([{"method": m, **wm.trigger_share(surrogate.model, train_set, seed=profile.seed)}
+                             for m, wm in watermarks.items()])
+
+    settings = {"recipe": "trigger share", "surrogate": surrogate.key, "data": fingerprint(train_set),
+                "settings": {m: wm.settings for m, wm in watermarks.items()}, "seed": profile.seed}
+    return cached_table("trigger share", settings, compute, cache).set_index("method")
 
 
 def surrogate_fine_tune(profile: Profile, lever: dict | str | None, *, lr: float, epochs: int = 2,
