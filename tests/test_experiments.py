@@ -597,6 +597,28 @@ def test_triggered_confusion_rows_are_distributions(tiny):
     assert list(cm.index) == list(test.classes)
 
 
+def test_calibration_table_by_hand_and_cached(tiny, monkeypatch):
+    from ubwlib import metrics
+    from ubwlib.experiments.runs import run
+    from ubwlib.experiments.watermarking import calibration_table
+    from ubwlib.train import predict_proba
+    from ubwlib.watermarks import trigger
+
+    r, test = run(tiny, "ubw-p", progress=False), load_data(tiny).test
+    got = calibration_table(r, test)
+    assert list(got.columns) == ["clean test images", "triggered test images"]
+    for col, images in (("clean test images", test.images), ("triggered test images", trigger(test.images, r.released.key))):
+        probs = predict_proba(r.trained.model, images).double().numpy()
+        true = test.labels.numpy()
+        want = [probs[np.arange(len(true)), true].mean(), probs.max(1).mean(), metrics.sample_dispersibility(probs)]
+        np.testing.assert_allclose(got[col].to_numpy(), want, rtol=1e-6)
+    assert got.loc["D_s (mean entropy, nats)"].between(0, np.log(K)).all()
+    import ubwlib.train
+
+    monkeypatch.setattr(ubwlib.train, "predict_proba", lambda *a, **k: pytest.fail("recomputed"))
+    pd.testing.assert_frame_equal(calibration_table(r, test), got)  # read from the cache
+
+
 def test_release_is_deterministic_and_exact(tiny):
     from ubwlib.experiments.runs import release
     from ubwlib.experiments.watermarking import settings_table

@@ -23,6 +23,7 @@ from .profiles import Profile
 from .runs import Run, crafting_budget, release, run_many, source_class
 
 __all__ = [
+    "calibration_table",
     "POISONED_LABEL_METHODS",
     "ALL_METHODS",
     "source_table",
@@ -110,6 +111,31 @@ def triggered_confusion(run: Run, test_set: ImageDataset, seed: int | None = Non
                        "trigger": key_digest(key)}, compute, cache).to_numpy(np.float64)
     return pd.DataFrame(cm, index=pd.Index(test_set.classes, name="true class"),
                         columns=pd.Index(test_set.classes, name="predicted on triggered image"))
+
+
+def calibration_table(run: Run, test_set: ImageDataset, seed: int | None = None,
+                      cache: Cache | None = None) -> pd.DataFrame:
+    """How sure the watermarked model is on the clean and on the triggered test images: the mean probability of
+    the true class, the mean top probability and the sample dispersibility D_s (mean entropy, nats) of its softmax
+    outputs (cached under the model, the trigger and the test set)."""
+    from ..train import predict_proba
+
+    key = run.released.key
+    rows = ["mean probability of the true class", "mean top probability", "D_s (mean entropy, nats)"]
+
+    def compute() -> pd.DataFrame:
+        true = test_set.labels
+        out = {}
+        for name, images in (("clean test images", test_set.images),
+                             ("triggered test images", trigger(test_set.images, key, seed=seed))):
+            probs = predict_proba(run.trained.model, images)
+            out[name] = [probs[np.arange(len(true)), true].mean().item(), probs.max(1).values.mean().item(),
+                         metrics.sample_dispersibility(probs.double().numpy())]
+        return pd.DataFrame(out)
+
+    table = cached_table("calibration", {"model": run.trained.key, "test": fingerprint(test_set), "seed": seed,
+                                         "trigger": key_digest(key)}, compute, cache)
+    return table.set_axis(rows)
 
 
 def settings_table(methods=POISONED_LABEL_METHODS, **overrides) -> pd.DataFrame:
