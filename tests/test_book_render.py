@@ -143,8 +143,9 @@ def test_a_changed_profile_rebuilds_every_page(tmp_path, monkeypatch):
 
 
 def test_changed_code_results_or_precision_rebuild_every_page(tmp_path, monkeypatch):
-    """What a page computes depends on ubwlib's code, the stored results and UBW_PRECISION/UBW_DATA/UBW_DEVICE,
-    none of them a page's source: a change to any of them re-reads every page; no change reads none."""
+    """What a page computes depends on ubwlib's code (the modules the chapters import, and theirs), the stored
+    results and UBW_PRECISION/UBW_DATA/UBW_DEVICE, none of them a page's source: a change to any of them re-reads
+    every page; no change reads none."""
     from sphinx.application import Sphinx
     from ubwlib import sphinx_ext
 
@@ -153,7 +154,12 @@ def test_changed_code_results_or_precision_rebuild_every_page(tmp_path, monkeypa
         d.mkdir(parents=True)
     (src / "conf.py").write_text("extensions = ['ubwlib.sphinx_ext']\n")
     (src / "index.rst").write_text("Title\n=====\n\nSome text.\n")
+    # a chapter's code imports ubwlib.train (Sphinx reads only the .rst here; book_modules reads the .md)
+    (src / "chapter.md").write_text("# Chapter\n\n```{code-cell} ipython3\n:tags: [hide-input]\n%matplotlib inline\n"
+                                    "from ubwlib.train import LR\n```\n")
+    (code / "__init__.py").write_text("")
     (code / "train.py").write_text("LR = 0.1\n")
+    (code / "cli.py").write_text("from .train import LR\n")  # imports the library; no chapter imports it
     (results / "study" / "table.csv").write_text("row,ASR-A\na,0.5\n")
     monkeypatch.setattr(sphinx_ext, "input_folders", lambda: (code, results))
     monkeypatch.setenv("UBW_PROFILE", "smoke")
@@ -166,7 +172,7 @@ def test_changed_code_results_or_precision_rebuild_every_page(tmp_path, monkeypa
         read = []
         app.connect("source-read", lambda _app, docname, _source: read.append(docname))
         app.build()
-        assert app.config.ubw_inputs == sphinx_ext.book_inputs((code, results))
+        assert app.config.ubw_inputs == sphinx_ext.book_inputs((code, results), sphinx_ext.book_modules(src))
         return read
 
     assert pages_read() == ["index"]
@@ -176,12 +182,55 @@ def test_changed_code_results_or_precision_rebuild_every_page(tmp_path, monkeypa
     (code / "train.py").write_text("LR = 0.2\n")
     assert pages_read() == ["index"]  # the library changed
     assert pages_read() == []
+    (code / "cli.py").write_text("from .train import LR\nPORT = 8000\n")
+    assert pages_read() == []  # a module no chapter can run (the command line, here) is not an input
     (results / "study" / "table.csv").write_text("row,ASR-A\na,0.25\n")
     assert pages_read() == ["index"]  # a stored table changed
     monkeypatch.setenv("UBW_PRECISION", "fp32")
     assert pages_read() == ["index"]  # another precision computes other numbers
     (results / "study" / "table.csv").rename(results / "study" / "renamed.csv")
     assert pages_read() == ["index"]  # a file's name is part of the input
+
+
+def test_book_modules_of_the_book_leave_out_only_the_front_ends():
+    """The chapters can run every module of ubwlib but the front ends (command line, papermill runner, server,
+    remote client, ONNX export, bench) and this extension."""
+    from ubwlib import sphinx_ext
+
+    package = sphinx_ext.input_folders()[0]
+    every = {p for p in package.rglob("*.py") if "__pycache__" not in p.parts}
+    used = sphinx_ext.book_modules(ROOT / "book")
+    assert set(used) <= every
+    assert sorted(p.relative_to(package).as_posix() for p in every - set(used)) == [
+        "bench.py", "book.py", "cli.py", "onnx_model.py", "remote.py", "serve.py", "sphinx_ext.py"]
+
+
+def test_book_modules_follow_every_import_statement(tmp_path):
+    from ubwlib import sphinx_ext
+
+    pkg, book = tmp_path / "ubwlib", tmp_path / "book"
+    (pkg / "sub").mkdir(parents=True)
+    book.mkdir()
+    files = {
+        "__init__.py": "",
+        "a.py": "from . import b\nfrom .sub.c import f\n",
+        "b.py": "def g():\n    from .sub import lazy  # inside a function: counted\n",
+        "sub/__init__.py": "from ..d import X\n",
+        "sub/c.py": "def f(): pass\n",
+        "sub/lazy.py": "",
+        "d.py": "X = 1\n",
+        "unused.py": "import ubwlib.a\n",
+    }
+    for name, text in files.items():
+        (pkg / name).write_text(text)
+    (book / "ch.md").write_text("Prose `from ubwlib import unused` is not code.\n\n```{code-cell} ipython3\n"
+                                ":tags: [parameters]\n!ls\nimport ubwlib.a\n```\n")
+    got = sphinx_ext.book_modules(book, pkg)
+    assert sorted(p.relative_to(pkg).as_posix() for p in got) == [
+        "__init__.py", "a.py", "b.py", "d.py", "sub/__init__.py", "sub/c.py", "sub/lazy.py"]
+    (book / "broken.md").write_text("```{code-cell} ipython3\nimport (\n```\n")
+    assert sphinx_ext.book_modules(book, pkg) is None  # cannot tell: every file counts
+    assert sphinx_ext.book_inputs((pkg,), None) == sphinx_ext.book_inputs((pkg,))
 
 
 # ------------------------------------------------------------------------------------------ the built book

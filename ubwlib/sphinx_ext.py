@@ -4,8 +4,9 @@ network, opened from ``file://`` or served; and a rebuild of every page when the
 The profile (``UBW_PROFILE``) is a config value of the build (``ubw_profile``, rebuild ``env``): Sphinx reuses
 the pages of the previous build when no source changed, so without it ``make book`` after ``make book
 PROFILE=smoke`` kept the smoke pages; a changed value makes Sphinx read (and execute) every page again. So is a
-hash of everything else the pages' outputs depend on (``ubw_inputs``, :func:`book_inputs`): ubwlib's code, the
-stored results and the environment variables ubwlib reads. An unchanged book rebuilds in seconds without running a
+hash of everything else the pages' outputs depend on (``ubw_inputs``, :func:`book_inputs`): the code of the
+ubwlib modules the chapters can run (:func:`book_modules`: what their cells import, and what those import; not
+the command line, the server or the bench), the stored results and the environment variables ubwlib reads. An unchanged book rebuilds in seconds without running a
 cell; a changed library or stored table runs every page again (against the warm cache) instead of keeping pages
 computed with the old one.
 
@@ -21,12 +22,15 @@ package (a dependency of the ``book`` extra; MathJax 3.2.2 under the Apache Lice
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
+import re
 import shutil
 from pathlib import Path
 
-__all__ = ["INPUT_VARIABLES", "MATHJAX_COMPONENT", "MATHJAX_DIR", "book_inputs", "book_profile", "input_folders",
+__all__ = ["INPUT_VARIABLES", "MATHJAX_COMPONENT", "MATHJAX_DIR", "book_inputs", "book_modules", "book_profile",
+           "input_folders",
            "mathjax_source", "setup"]
 
 #: The MathJax component the pages load: the one Sphinx loads from its CDN by default.
@@ -101,15 +105,87 @@ def input_folders() -> tuple[Path, ...]:
     return package, package.parent / "results"
 
 
-def book_inputs(folders: tuple[Path, ...] | None = None) -> str:
-    """A hash of every file under ``folders`` (default :func:`input_folders`; compiled caches skipped), by path
-    relative to its folder and content, and of :data:`INPUT_VARIABLES`."""
+_CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```[ \t]*$", re.M | re.S)
+
+
+def _module_file(package: Path, module: str) -> Path | None:
+    """The source file of ``module`` (dotted, starting with the package's name) under ``package``, if any."""
+    parts = module.split(".")[1:]
+    for candidate in (package.joinpath(*parts, "__init__.py"), package.joinpath(*parts).with_suffix(".py")
+                      if parts else None):
+        if candidate is not None and candidate.is_file():
+            return candidate
+    return None
+
+
+def _imported(tree: ast.AST, package_name: str, current: str | None, is_package: bool) -> set[str]:
+    """Every module of ``package_name`` an import statement of ``tree`` may load (anywhere in it, functions
+    included): ``from a import b`` counts ``a`` and ``a.b`` (``b`` may be a submodule)."""
+    found = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                if current is None:
+                    continue
+                base = current.split(".") if is_package else current.split(".")[:-1]
+                base = base[:len(base) - node.level + 1]
+                module = ".".join(base + ([node.module] if node.module else []))
+            else:
+                module = node.module or ""
+            found.add(module)
+            found.update(f"{module}.{alias.name}" for alias in node.names)
+    return {m for m in found if m == package_name or m.startswith(package_name + ".")}
+
+
+def book_modules(book: Path, package: Path | None = None) -> list[Path] | None:
+    """The source files of the ``package`` modules (default: ubwlib) the chapters of ``book`` can run: those
+    their code cells import and, transitively, every module those import (every import statement, inside
+    functions too), read from the sources with :mod:`ast`, not run. The ``python -m ubwlib.book``/``ubw``
+    front ends, the server and the bench are not among them, so editing those re-runs no page. ``None`` (take
+    every file) when a code cell cannot be parsed."""
+    package = Path(input_folders()[0] if package is None else package)
+    name = package.name
+    todo = set()
+    for chapter in sorted(Path(book).glob("*.md")):
+        for cell in _CODE_CELL.findall(chapter.read_text(encoding="utf-8")):
+            code = "\n".join("" if line.lstrip().startswith(("%", "!", ":")) else line for line in cell.splitlines())
+            try:
+                todo |= _imported(ast.parse(code), name, None, False)
+            except SyntaxError:
+                return None
+    seen: dict[str, Path] = {}
+    while todo:
+        module = todo.pop()
+        parts = module.split(".")
+        for i in range(1, len(parts) + 1):  # a module's packages run their __init__ first
+            parent = ".".join(parts[:i])
+            path = _module_file(package, parent)
+            if path is None or parent in seen:
+                continue
+            seen[parent] = path
+            try:
+                tree = ast.parse(path.read_text(encoding="utf-8"))
+            except SyntaxError:
+                return None
+            todo |= _imported(tree, name, parent, path.name == "__init__.py") - set(seen)
+    return sorted(seen.values())
+
+
+def book_inputs(folders: tuple[Path, ...] | None = None, modules: list[Path] | None = None) -> str:
+    """A hash of the files under ``folders`` (default :func:`input_folders`; compiled caches skipped), by path
+    relative to its folder and content, and of :data:`INPUT_VARIABLES`. ``modules``: of the ``.py`` files, only
+    these count (:func:`book_modules`); None: all of them."""
     digest = hashlib.sha256()
+    keep = None if modules is None else {Path(m).resolve() for m in modules}
     for folder in (input_folders() if folders is None else folders):
         folder = Path(folder)
         files = sorted(f for f in folder.rglob("*") if f.is_file() and "__pycache__" not in f.parts) \
             if folder.is_dir() else []
         for f in files:
+            if keep is not None and f.suffix == ".py" and f.resolve() not in keep:
+                continue
             digest.update(f"{folder.name}/{f.relative_to(folder).as_posix()}\0".encode())
             digest.update(hashlib.sha256(f.read_bytes()).digest())
     for name in INPUT_VARIABLES:
@@ -120,7 +196,7 @@ def book_inputs(folders: tuple[Path, ...] | None = None) -> str:
 def setup(app):
     app.setup_extension("sphinx.ext.mathjax")
     app.add_config_value("ubw_profile", book_profile(), "env")
-    app.add_config_value("ubw_inputs", book_inputs(), "env")
+    app.add_config_value("ubw_inputs", book_inputs(modules=book_modules(Path(app.srcdir))), "env")
     # After the configuration is read (jupyter-book's `sphinx: config:` included), before the pages are written.
     app.connect("config-inited", _use_local_mathjax, priority=900)
     app.connect("build-finished", _copy_mathjax)
