@@ -115,8 +115,8 @@ def quick_exit() -> bool:
     """Spare the process the garbage collector's pass over every object at exit (once per process; called when
     this module is imported). Returns whether it was arranged.
 
-    With torch, pandas, scipy and matplotlib imported, a Python process holds about a million objects, and the
-    interpreter's shutdown scans them all for reference cycles: 0.6-0.9 s per process measured on 2 cores, paid
+    With torch, pandas, scipy and matplotlib imported, the garbage collector tracks about 300,000 objects, and
+    the interpreter's shutdown scans them all for reference cycles: 0.6-0.9 s per process measured on 2 cores, paid
     by every notebook kernel of the book (nine per build), every ``ubw`` command and every test subprocess. An
     ``atexit`` handler calls :func:`gc.freeze` instead, so the shutdown's collection skips them. Everything else
     about the exit is unchanged: the other ``atexit`` handlers run (those registered before this module's import
