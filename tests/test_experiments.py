@@ -613,9 +613,9 @@ def test_calibration_table_by_hand_and_cached(tiny, monkeypatch):
         want = [probs[np.arange(len(true)), true].mean(), probs.max(1).mean(), metrics.sample_dispersibility(probs)]
         np.testing.assert_allclose(got[col].to_numpy(), want, rtol=1e-6)
     assert got.loc["D_s (mean entropy, nats)"].between(0, np.log(K)).all()
-    import ubwlib.train
+    from ubwlib.experiments import watermarking
 
-    monkeypatch.setattr(ubwlib.train, "predict_proba", lambda *a, **k: pytest.fail("recomputed"))
+    monkeypatch.setattr(watermarking, "predict_proba", lambda *a, **k: pytest.fail("recomputed"))
     pd.testing.assert_frame_equal(calibration_table(r, test), got)  # read from the cache
 
 

@@ -407,6 +407,14 @@ def test_dataset_fingerprint_is_remembered_per_object_and_sees_in_place_changes(
     gc.collect()
     assert len(base._FINGERPRINTS) == n - 1
 
+def test_dataset_fingerprint_of_inference_tensors_is_hashed_each_time(ds28):
+    """Tensors made under torch.inference_mode count no versions: their dataset is hashed on every call, and
+    gives the same digest as the same content made normally."""
+    with torch.inference_mode():
+        frozen = ImageDataset(ds28.images.clone(), ds28.labels.clone(), ds28.classes, "inference")
+    assert dataset_fingerprint(frozen) == dataset_fingerprint(frozen) == dataset_fingerprint(ds28)
+
+
 # --------------------------------------------------------------------------------------------
 # Keys: the test split they protect; hand-made key files
 # --------------------------------------------------------------------------------------------

@@ -6,8 +6,8 @@ the pages of the previous build when no source changed, so without it ``make boo
 PROFILE=smoke`` kept the smoke pages; a changed value makes Sphinx read (and execute) every page again. So is a
 hash of everything else the pages' outputs depend on (``ubw_inputs``, :func:`book_inputs`): the code of the
 ubwlib modules the chapters can run (:func:`book_modules`: what their cells import, and what those import; not
-the command line, the server or the bench), the stored results and the environment variables ubwlib reads. An unchanged book rebuilds in seconds without running a
-cell; a changed library or stored table runs every page again (against the warm cache) instead of keeping pages
+the command line, the server or the bench), the stored results and the environment variables ubwlib reads. An
+unchanged book rebuilds in seconds without running a cell; a changed library or stored table runs every page again (against the warm cache) instead of keeping pages
 computed with the old one.
 
 Sphinx's math extension loads MathJax 3 from a CDN by default (jupyter-book 1 keeps that default). This extension
@@ -30,8 +30,7 @@ import shutil
 from pathlib import Path
 
 __all__ = ["INPUT_VARIABLES", "MATHJAX_COMPONENT", "MATHJAX_DIR", "book_inputs", "book_modules", "book_profile",
-           "input_folders",
-           "mathjax_source", "setup"]
+           "input_folders", "mathjax_source", "setup"]
 
 #: The MathJax component the pages load: the one Sphinx loads from its CDN by default.
 MATHJAX_COMPONENT = "tex-mml-chtml.js"
@@ -111,11 +110,11 @@ _CODE_CELL = re.compile(r"^```\{code-cell\}[^\n]*\n(.*?)^```[ \t]*$", re.M | re.
 def _module_file(package: Path, module: str) -> Path | None:
     """The source file of ``module`` (dotted, starting with the package's name) under ``package``, if any."""
     parts = module.split(".")[1:]
-    for candidate in (package.joinpath(*parts, "__init__.py"), package.joinpath(*parts).with_suffix(".py")
-                      if parts else None):
-        if candidate is not None and candidate.is_file():
-            return candidate
-    return None
+    init = package.joinpath(*parts, "__init__.py")
+    if init.is_file():
+        return init
+    source = package.joinpath(*parts).with_suffix(".py") if parts else None
+    return source if source is not None and source.is_file() else None
 
 
 def _imported(tree: ast.AST, package_name: str, current: str | None, is_package: bool) -> set[str]:

@@ -14,7 +14,7 @@ import pandas as pd
 from .. import metrics
 from ..cache import Cache
 from ..data import ImageDataset
-from ..train import predict
+from ..train import predict, predict_proba
 from ..watermarks import get_watermark, trigger
 from .clean_label import CLEAN_LABEL_METHODS, noise_control_run
 from .core import benign_model, cached_evaluation, cached_table, fingerprint, key_digest, load_data
@@ -118,8 +118,6 @@ def calibration_table(run: Run, test_set: ImageDataset, seed: int | None = None,
     """How sure the watermarked model is on the clean and on the triggered test images: the mean probability of
     the true class, the mean top probability and the sample dispersibility D_s (mean entropy, nats) of its softmax
     outputs (cached under the model, the trigger and the test set)."""
-    from ..train import predict_proba
-
     key = run.released.key
     rows = ["mean probability of the true class", "mean top probability", "D_s (mean entropy, nats)"]
 
