@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 
+import pytest
 import torch
 
 from ubwlib.bench import bench_crafting, bench_grad_norms, main
@@ -37,3 +38,32 @@ def test_main_prints_the_trainer_and_the_loop_rows(capsys):
     assert re.search(r"gradient-matching crafting step, smallcnn x0\.5, batch 128 +[\d,]+ poisons/s", out)
     assert re.search(r"per-sample gradient norms, smallcnn x0\.5 +[\d,]+ images/s", out)
     assert "GPU" not in out  # the GPU rows only where a GPU is
+
+
+@pytest.mark.filterwarnings("ignore:This DataLoader will create 8 worker processes")
+def test_the_gpu_rows_run_end_to_end_on_the_cpu_with_a_tiny_model(monkeypatch):
+    """The GPU table's code path (eager and compiled trainer rows with their compilation time, plain loops with 0
+    and 8 workers, crafting, gradient norms), here on the CPU with a tiny model in place of ResNet-18 and
+    torch.compile as the identity (no GPU, and no C++ compilation in a test)."""
+    import argparse
+
+    from ubwlib.bench import _gpu_rows
+
+    monkeypatch.setattr(torch, "compile", lambda fn, **kwargs: fn)
+    rows = _gpu_rows(argparse.Namespace(cifar_steps=1), torch.device("cpu"),
+                     lambda name, width, k, c: build_model("smallcnn", k, c, 0.125, seed=0))
+    assert [(name, unit) for name, unit, _ in rows] == [
+        ("GPU ubwlib, resnet18-cifar, batch 128", "images/s"),
+        ("GPU ubwlib, resnet18-cifar, batch 512", "images/s"),
+        ("GPU ubwlib compiled (CUDA graphs), resnet18-cifar, batch 128", "images/s"),
+        ("  its compilation", "s"),
+        ("GPU ubwlib compiled (CUDA graphs), resnet18-cifar, batch 512", "images/s"),
+        ("  its compilation", "s"),
+        ("GPU ubwlib, resnet18-cifar, batch 128, fp32", "images/s"),
+        ("GPU plain loop, resnet18-cifar, batch 128, 0 workers", "images/s"),
+        ("GPU plain loop, resnet18-cifar, batch 128, 8 workers", "images/s"),
+        ("GPU crafting step, resnet18-cifar, batch 128", "poisons/s"),
+        ("GPU per-sample gradient norms, resnet18-cifar", "images/s"),
+    ]
+    assert all(rate > 0 for _, unit, rate in rows if unit != "s")
+    assert all(seconds >= 0 for _, unit, seconds in rows if unit == "s")

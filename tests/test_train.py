@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -38,6 +39,7 @@ BASE_COLS = ["epoch", "lr", "loss", "train_acc", "seconds"]
 def no_env_overrides(monkeypatch):
     monkeypatch.delenv("UBW_PRECISION", raising=False)
     monkeypatch.delenv("UBW_DEVICE", raising=False)
+    monkeypatch.delenv("UBW_COMPILE", raising=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -539,6 +541,113 @@ def test_to_model_input():
     f = torch.rand(2, 3, 4, 4)
     assert torch.equal(to_model_input(f, "fp32"), f)  # float input is taken as already scaled
     assert torch.equal(to_model_input(f.double(), "fp32"), f.double().float())
+
+
+# --------------------------------------------------------------------------- torch.compile
+def test_resolve_compile_auto_compiles_long_gpu_trainings_only():
+    assert train_mod.resolve_compile(None, "cpu", 10**6) is False
+    assert train_mod.resolve_compile("auto", "cpu") is False
+    assert train_mod.resolve_compile("auto", "cuda", train_mod.COMPILE_MIN_STEPS) is True
+    assert train_mod.resolve_compile("auto", "cuda", train_mod.COMPILE_MIN_STEPS - 1) is False
+    assert train_mod.resolve_compile("auto", torch.device("cuda", 0)) is True  # steps unknown
+    assert train_mod.resolve_compile("on", "cpu", 1) is True
+    assert train_mod.resolve_compile("off", "cuda", 10**6) is False
+
+
+def test_resolve_compile_env_overrides_auto_only(monkeypatch):
+    monkeypatch.setenv("UBW_COMPILE", "on")
+    assert train_mod.resolve_compile(None, "cpu", 1) is True
+    assert train_mod.resolve_compile("auto", "cpu", 1) is True
+    assert train_mod.resolve_compile("off", "cpu", 1) is False
+    monkeypatch.setenv("UBW_COMPILE", " OFF ")
+    assert train_mod.resolve_compile(None, "cuda", 10**6) is False
+    monkeypatch.setenv("UBW_COMPILE", "")
+    assert train_mod.resolve_compile(None, "cuda", 10**6) is True
+
+
+def test_resolve_compile_rejects_unknown_values(monkeypatch):
+    with pytest.raises(ValueError, match="compile must be one of auto, on, off, got 'yes'"):
+        train_mod.resolve_compile("yes", "cpu")
+    monkeypatch.setenv("UBW_COMPILE", "fast")
+    with pytest.raises(ValueError, match="UBW_COMPILE must be one of auto, on, off, got 'fast'; unset it"):
+        train_mod.resolve_compile(None, "cpu")
+
+
+def test_a_short_training_is_not_compiled_by_default(monkeypatch):
+    """auto on a CPU never calls torch.compile; neither does a GPU-length rule below its step count."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.compile was called")
+
+    monkeypatch.setattr(train_mod.torch, "compile", refuse)
+    run(tiny_cnn(), random_dataset(n=32), epochs=1)
+
+
+def _compile_fails_after_the_forward(monkeypatch, calls: list) -> None:
+    """torch.compile replaced by a wrapper that runs the real (eager) forward, so the batch-norm statistics and
+    the gradients are touched, then fails as a compiler would."""
+    def fake_compile(fn, **kwargs):
+        calls.append(kwargs)
+
+        def compiled(*args):
+            loss, _, _ = fn(*args)
+            loss.backward()
+            raise RuntimeError("backend failed\nsecond line")
+        return compiled
+
+    monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
+
+
+def test_a_failed_compilation_falls_back_to_exactly_the_eager_training(monkeypatch):
+    ds = random_dataset(n=40)
+    eager = tiny_cnn()
+    run(eager, ds, epochs=2, crop_padding=1)
+    calls: list = []
+    _compile_fails_after_the_forward(monkeypatch, calls)
+    fallen = tiny_cnn()
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: backend failed\); training goes on "
+                                         r"without it \(UBW_COMPILE=off"):
+        train(fallen, ds, TrainConfig(epochs=2, batch_size=16, lr=0.05, milestones=(), flip=False, crop_padding=1),
+              device="cpu", progress=False, compile="on")
+    assert calls == [{"mode": None, "dynamic": False}]  # compiled once, not in CUDA-graph mode on a CPU
+    assert_same_state(fallen, eager)
+
+
+needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                               reason="torch.compile's CPU backend needs a C++ compiler")
+
+
+@needs_cxx
+def test_compiled_training_matches_eager_and_compiles_once_per_architecture(one_cpu_thread):
+    """The compiled step on a CPU (inductor, generated C++) trains to the eager weights within float rounding: one
+    full compiled batch and an eager remainder per epoch. A second model of the same architecture reuses the
+    compiled graph (its own weights are the graph's inputs) and still trains to its own eager result."""
+    ds = random_dataset(n=40, shape=(1, 8, 8))
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=0.05, milestones=(), flip=True, crop_padding=1, seed=3)
+    for seed in (0, 1):
+        eager, compiled = tiny_cnn(seed=seed), tiny_cnn(seed=seed)
+        h_eager = train(eager, ds, cfg, device="cpu", progress=False, compile="off").history
+        h_comp = train(compiled, ds, cfg, device="cpu", progress=False, compile="on").history
+        assert h_comp["train_acc"].tolist() == h_eager["train_acc"].tolist()
+        assert h_comp["loss"].tolist() == pytest.approx(h_eager["loss"].tolist(), rel=1e-5)
+        for (name, a), b in zip(eager.state_dict().items(), compiled.state_dict().values()):
+            if a.is_floating_point():
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5, msg=name)
+            else:
+                assert torch.equal(a, b), name
+
+
+@needs_cxx
+def test_compiled_side_by_side_training_matches_eager(one_cpu_thread):
+    from ubwlib.train import train_many
+
+    ds = random_dataset(n=32, shape=(1, 8, 8))
+    cfgs = [TrainConfig(epochs=1, batch_size=32, lr=0.05, milestones=(), seed=s) for s in (0, 1)]
+    eager, compiled = [tiny_cnn(seed=s) for s in (0, 1)], [tiny_cnn(seed=s) for s in (0, 1)]
+    train_many(eager, [ds, ds], cfgs, device="cpu", progress=False, compile="off")
+    train_many(compiled, [ds, ds], cfgs, device="cpu", progress=False, compile="on")
+    for a, b in zip(eager, compiled):
+        for x, y in zip(a.parameters(), b.parameters()):
+            torch.testing.assert_close(y, x, rtol=1e-4, atol=1e-5)
 
 
 # --------------------------------------------------------------------------- inference

@@ -41,7 +41,7 @@ from .watermarks.gradient_matching import (
     per_sample_grad_norms,
 )
 
-__all__ = ["bench_ubwlib", "bench_ubwlib_many", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
+__all__ = ["bench_ubwlib", "bench_compiled", "bench_ubwlib_many", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
 
 
 def _sync(device: torch.device) -> None:
@@ -108,20 +108,34 @@ def bench_plain(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, st
 
 
 def bench_ubwlib(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, steps: int, warmup: int,
-                 device: torch.device) -> float:
-    """images/s of ubwlib.train (a warm-up run of ``warmup`` steps, then a timed run of ``steps`` steps)."""
+                 device: torch.device, compile: str = "off") -> float:
+    """images/s of ubwlib.train (a warm-up run of ``warmup`` steps, then a timed run of ``steps`` steps);
+    ``compile`` as :func:`ubwlib.train.train` takes it (the warm-up pays the compilation)."""
+    return bench_compiled(model, data, cfg, steps, warmup, device, compile)[0]
+
+
+def bench_compiled(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, steps: int, warmup: int,
+                   device: torch.device, compile: str = "on") -> tuple[float, float]:
+    """``(images/s, compilation seconds)`` of ubwlib.train with ``compile``: the rate of a timed run of ``steps``
+    steps after a warm-up run of ``warmup`` steps, and the warm-up's time beyond what its steps take at that rate
+    (the compilation and first-call costs: 0 when nothing is compiled, but for noise)."""
     def subset(n_batches: int) -> ImageDataset:
         n = min(len(data), n_batches * cfg.batch_size)
         return data.subset(torch.arange(n))
 
     one = cfg.replace(epochs=1, drop_last=True, schedule="constant")
-    train(model, subset(warmup), one, device=device, progress=False)
-    timed = subset(steps)
+    first = subset(warmup)
     _sync(device)
     t0 = time.perf_counter()
-    train(model, timed, one, device=device, progress=False)
+    train(model, first, one, device=device, progress=False, compile=compile)
     _sync(device)
-    return (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
+    warm_seconds = time.perf_counter() - t0
+    timed = subset(steps)
+    t0 = time.perf_counter()
+    train(model, timed, one, device=device, progress=False, compile=compile)
+    _sync(device)
+    rate = (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
+    return rate, max(0.0, warm_seconds - len(first) // cfg.batch_size * cfg.batch_size / rate)
 
 
 def bench_ubwlib_many(build, data: ImageDataset, cfg: TrainConfig, count: int, steps: int, warmup: int,
@@ -215,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cifar-steps", type=int, default=6, help="timed steps for CIFAR-shape ResNet-18 (0: skip)")
     ap.add_argument("--craft-steps", type=int, default=4, help="timed crafting steps (0: skip)")
     ap.add_argument("--norm-images", type=int, default=2048, help="images for the gradient-norm pass (0: skip)")
+    ap.add_argument("--compile", action="store_true",
+                    help="on a CPU, also time the trainer through torch.compile (tens of seconds of compilation; "
+                         "always timed on a GPU)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
 
@@ -263,6 +280,10 @@ def main(argv: list[str] | None = None) -> int:
     print("ratio = ubwlib (auto precision) / plain loop; 'ubwlib fp32' is ubwlib's trainer forced to float32")
 
     loops = []
+    if args.compile and dev.type == "cpu":
+        rate, seconds = bench_compiled(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3, dev)
+        loops += [(f"ubwlib fp32 compiled (torch.compile), {prof.model} x{prof.width}, batch {cfg.batch_size}",
+                   "images/s", rate), ("  its compilation", "s", seconds)]
     if args.craft_steps > 0:
         gm = GradientMatchingSettings()
         crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
@@ -285,8 +306,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _gpu_rows(args: argparse.Namespace, dev: torch.device, model) -> list[tuple[str, str, float]]:
-    """The GPU figures of issue 11 (CIFAR-shape ResNet-18): ubwlib at batch 128 and 512 (auto precision and
-    float32), the plain loop with 0 and 8 workers, crafting poisons/s and gradient-norm images/s."""
+    """The GPU figures of issue 11 (CIFAR-shape ResNet-18): ubwlib at batch 128 and 512 (auto precision; eager, then
+    compiled with its compilation time) and float32, the plain loop with 0 and 8 workers, crafting poisons/s and gradient-norm images/s."""
     ccfg = get_profile("paper").train
     steps = max(args.cifar_steps, 20)
     out = []
@@ -295,6 +316,12 @@ def _gpu_rows(args: argparse.Namespace, dev: torch.device, model) -> list[tuple[
         out.append((f"GPU ubwlib, resnet18-cifar, batch {batch}", "images/s",
                     bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(batch_size=batch), steps, 3,
                                  dev)))
+    for batch in (128, 512):
+        cdata = _cifar_shape((steps + 3) * batch)
+        rate, seconds = bench_compiled(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(batch_size=batch),
+                                       steps, 3, dev)
+        out += [(f"GPU ubwlib compiled (CUDA graphs), resnet18-cifar, batch {batch}", "images/s", rate),
+                ("  its compilation", "s", seconds)]
     cdata = _cifar_shape((steps + 3) * 128)
     out.append(("GPU ubwlib, resnet18-cifar, batch 128, fp32", "images/s",
                 bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(precision="fp32"), steps, 3,

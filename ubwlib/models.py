@@ -34,7 +34,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     took about a quarter of a training step and a fifth of a crafting step. Such an input is copied to the
     default layout, normalised by the same kernel as a contiguous input (so the result equals
     ``nn.BatchNorm2d`` on ``x.contiguous()`` exactly, gradients included) and copied back to channels-last;
-    every other input (wider, contiguous, on a GPU) takes ``nn.BatchNorm2d``'s own path.
+    every other input (wider, contiguous, on a GPU, or traced by ``torch.compile``) takes ``nn.BatchNorm2d``'s
+    own path.
 
     In eval mode, a float32 channels-last CPU input that autograd will differentiate (crafting, adversarial
     perturbations, per-sample gradient norms, key forgery) is normalised as the affine map it is,
@@ -51,8 +52,9 @@ class BatchNorm2d(nn.BatchNorm2d):
     """Channels below which a channels-last CPU input goes through the default layout."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # both special cases are channels-last CPU inputs outside vmap (which cannot change a layout)
-        if not (x.dim() == 4 and x.device.type == "cpu" and not x.is_contiguous()
+        # both special cases are channels-last CPU inputs outside vmap (which cannot change a layout) and outside
+        # torch.compile (whose generated kernels choose their own layouts)
+        if torch.compiler.is_compiling() or not (x.dim() == 4 and x.device.type == "cpu" and not x.is_contiguous()
                 and x.is_contiguous(memory_format=torch.channels_last)
                 and not torch._C._functorch.is_functorch_wrapped_tensor(x)):
             return super().forward(x)
