@@ -689,8 +689,8 @@ def predict_proba(
     """Softmax probabilities (float32, CPU, N x K) of ``model`` on uint8 images (or float images in [0, 1]).
 
     The model is put in eval mode and run on ``device`` (default: where its parameters are). On a GPU the batches
-    are queued without a wait between them: CPU images are pinned once and copied asynchronously, and the
-    probabilities stay on the device until the end."""
+    are queued without a wait between them: the images are copied there once, and the probabilities stay there
+    until the end."""
     if isinstance(images, ImageDataset):
         images = images.images
     if images.dim() != 4:
@@ -703,11 +703,11 @@ def predict_proba(
     prec = resolve_precision(precision, dev)
     model.eval()
     model.to(dev)
-    if dev.type == "cuda" and images.device.type == "cpu":
-        images = images.pin_memory()  # then each batch is copied without making the stream wait
+    if dev.type == "cuda":
+        images = images.to(dev)  # one copy for the whole call: a copy per batch would wait for the device each time
     out = []
     for start in range(0, len(images), batch_size):
-        xb = to_model_input(images[start : start + batch_size].to(dev, non_blocking=True), prec)
+        xb = to_model_input(images[start : start + batch_size].to(dev), prec)
         with autocast_context(prec, dev):
             logits = model(xb)
         out.append(torch.softmax(logits.float(), dim=1))

@@ -271,6 +271,8 @@ def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, labels: torch.
 
     handles = [m.register_forward_hook(fwd_hook) for m in model.modules() if isinstance(m, supported)]
     norms = []
+    if dev.type == "cuda":  # one copy each way for the whole call: no wait for the device between batches
+        images, labels = images.to(dev), labels.to(dev)
     try:
         for start in range(0, len(images), batch_size):
             store.clear()
@@ -286,11 +288,11 @@ def per_sample_grad_norms(model: nn.Module, images: torch.Tensor, labels: torch.
             with torch.no_grad():
                 for mod, (a, g, out) in store.items():
                     sq += _layer_sq_norms(mod, a, g, out)
-            norms.append(sq.sqrt().cpu())
+            norms.append(sq.sqrt())
     finally:
         for h in handles:
             h.remove()
-    return torch.cat(norms) if norms else torch.empty(0)
+    return torch.cat(norms).cpu() if norms else torch.empty(0)
 
 
 def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
@@ -695,21 +697,24 @@ def craft(
             for group in opt.param_groups:
                 group["lr"] = lr
             grad_sign = torch.zeros_like(delta)
-            loss_sum = 0.0
-            order = torch.randperm(n, generator=gen_order)
+            # nothing in the batch loop waits for the device: the order is copied once per step, and the loss is
+            # summed on the device in float64 (each batch's float32 loss times its size, in order: the same
+            # number as a Python float sum)
+            loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+            order = torch.randperm(n, generator=gen_order).to(dev)
             for b in range(0, n, s.batch_size):
-                idx = order[b : b + s.batch_size].to(dev)
+                idx = order[b : b + s.batch_size]
                 d = delta[idx].detach().requires_grad_(True)
                 x = crafting_augment(base[idx] + d, s, gen_aug)
                 p_loss = ensemble_passenger_loss(models, targets, x, labels[idx], prec, matching=s.matching)
                 (g_d,) = torch.autograd.grad(p_loss, d)
                 grad_sign[idx] = g_d.sign()
-                loss_sum += float(p_loss.detach()) * len(idx)
+                loss_sum += p_loss.detach().double() * len(idx)
             delta.grad = grad_sign
             opt.step()
             with torch.no_grad():
                 _project(delta, base, s.eps)
-            row = {"restart": restart, "step": step + 1, "lr": lr, "passenger loss": loss_sum / n,
+            row = {"restart": restart, "step": step + 1, "lr": lr, "passenger loss": float(loss_sum) / n,
                    "held-out passenger loss": float("nan"), "seconds": time.perf_counter() - t0}
             if held_out and ((step + 1) % s.diagnostic_every == 0 or step + 1 == s.steps):
                 row["held-out passenger loss"] = diagnostic(delta)
