@@ -63,6 +63,7 @@ def test_the_gpu_rows_run_end_to_end_on_the_cpu_with_a_tiny_model(monkeypatch):
         ("GPU plain loop, resnet18-cifar, batch 128, 0 workers", "images/s"),
         ("GPU plain loop, resnet18-cifar, batch 128, 8 workers", "images/s"),
         ("GPU crafting step, resnet18-cifar, batch 128", "poisons/s"),
+        ("GPU crafting step compiled, resnet18-cifar, batch 128", "poisons/s"),
         ("GPU per-sample gradient norms, resnet18-cifar", "images/s"),
     ]
     assert all(rate > 0 for _, unit, rate in rows if unit != "s")

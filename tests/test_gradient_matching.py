@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 
 import pandas as pd
 
@@ -189,7 +190,8 @@ def test_per_sample_grad_norms_bias_layers_and_1_channel():
     ((2, 3), (1, 2), (0, 1), (2, 1), 7),    # non-square everything, im2col path
 ])
 def test_conv_weight_sq_norms_both_paths_match_autograd(kernel, stride, padding, dilation, size):
-    """Each sample's conv weight-gradient norm, on both code paths, against autograd one sample at a time."""
+    """Each sample's conv weight-gradient norm, on both code paths, against autograd one sample at a time (the
+    comments name the path a CPU chooses)."""
     from ubwlib.watermarks.gradient_matching import _conv_weight_sq_norms
 
     torch.manual_seed(0)
@@ -200,7 +202,9 @@ def test_conv_weight_sq_norms_both_paths_match_autograd(kernel, stride, padding,
     for i in range(len(a)):
         (gw,) = torch.autograd.grad(conv(a[i : i + 1]), conv.weight, g[i : i + 1])
         expected.append(gw.double().pow(2).sum())
-    torch.testing.assert_close(_conv_weight_sq_norms(conv, a, g), torch.stack(expected).float(), rtol=1e-4, atol=1e-5)
+    for path in (None, True, False):  # the CPU's choice, then each path forced (a GPU takes im2col everywhere)
+        torch.testing.assert_close(_conv_weight_sq_norms(conv, a, g, grouped=path), torch.stack(expected).float(),
+                                   rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("layer", [nn.LayerNorm(8), nn.GroupNorm(2, 8)])
@@ -429,6 +433,60 @@ def test_craft_budget_history_retrains_and_determinism(ds, trained, target_fn, p
     assert torch.equal(res.delta, again.delta) and torch.equal(res.images, again.images)
     other = craft(ds, poison_idx, target_fn, s, seed=4, surrogate=copy.deepcopy(sur), device="cpu", progress=False)
     assert not torch.equal(res.delta, other.delta)
+
+
+@pytest.mark.parametrize("matching", ["cosine", "l2"])
+def test_passenger_input_grad_equals_the_double_backward(ds, trained, matching):
+    """The torch.func form (grad of the parameter gradient's passenger loss in the input) gives the passenger loss
+    and its input gradient of the autograd double backward, for an ensemble of two models."""
+    models = [trained["smallcnn"], build_model("smallcnn", K, 3, 0.25, seed=5).eval()]
+    x = ds.images[:12].float() / 255
+    y = ds.labels[:12]
+    targets = []
+    for i, m in enumerate(models):
+        loss = F.cross_entropy(m(x.flip(0)), (y + i + 1) % K)
+        t = [g.detach() for g in torch.autograd.grad(loss, list(m.parameters()))]
+        targets.append((t, torch.sqrt(sum((v * v).sum() for v in t))))
+    xr = x.clone().requires_grad_(True)
+    want = gm.ensemble_passenger_loss(models, targets, xr, y, matching=matching)
+    (want_gx,) = torch.autograd.grad(want, xr)
+    gx, loss = gm.passenger_input_grad(models, targets, x, y, matching=matching)
+    torch.testing.assert_close(loss, want.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(gx, want_gx, rtol=1e-5, atol=1e-8)
+    assert float(want_gx.abs().max()) > 0
+
+
+def test_craft_with_a_failed_compilation_is_the_eager_crafting(ds, trained, target_fn, poison_idx, monkeypatch):
+    s = settings(steps=2, augment=True)
+    eager = craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",
+                  progress=False, compile="off")
+
+    def broken(fn, **kwargs):
+        def compiled(*args):
+            raise RuntimeError("no backend")
+        return compiled
+
+    monkeypatch.setattr(gm.torch, "compile", broken)
+    with pytest.warns(UserWarning, match=r"torch.compile failed on the crafting step \(RuntimeError: no backend\)"):
+        fallen = craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]),
+                       device="cpu", progress=False, compile="on")
+    assert torch.equal(fallen.delta, eager.delta)
+    assert fallen.history["passenger loss"].tolist() == eager.history["passenger loss"].tolist()
+
+
+@pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
+                    reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_crafting_matches_the_eager_crafting(ds, trained, target_fn, poison_idx):
+    """Compiled (inductor on the CPU), full batches take passenger_input_grad's single graph and the last partial
+    batch the eager double backward; the losses agree to float rounding and the perturbations, stepped by the
+    signs of their gradients, almost everywhere."""
+    s = settings(steps=3, augment=True, batch_size=10)  # 24 poisons: two full batches and one of 4
+    runs = {mode: craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]),
+                        device="cpu", progress=False, compile=mode) for mode in ("off", "on")}
+    assert runs["on"].history["passenger loss"].tolist() == pytest.approx(
+        runs["off"].history["passenger loss"].tolist(), rel=1e-5)
+    same = (runs["on"].delta == runs["off"].delta).float().mean()
+    assert float(same) > 0.99, float(same)
 
 
 def test_craft_trains_surrogate_when_none_given(ds, target_fn):

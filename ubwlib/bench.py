@@ -14,8 +14,10 @@ process and so both get ubwlib's allocator settings (:func:`ubwlib.train.keep_fr
 A second table times the two other hot loops of the book on the same model: the crafting step of gradient
 matching (poisons/s: augment, per-batch parameter gradient with ``create_graph``, passenger loss against a target
 gradient, gradient with respect to the perturbation: a double backward) and the per-sample gradient norms that
-select the poisons (images/s). With a GPU, the CIFAR-shape ResNet-18 rows add ubwlib at batch 128 and 512, in
-float32, and the plain loop with 0 and 8 DataLoader workers (the figures of issue 11). Where the profile trains
+select the poisons (images/s). With a GPU, the CIFAR-shape ResNet-18 rows add ubwlib at batch 128 and 512 (eager,
+and compiled as CUDA graphs with the compilation's seconds), in float32, the plain loop with 0 and 8 DataLoader
+workers, and the crafting step eager and compiled (the figures of issue 11); ``--compile`` times the compiled
+trainer and crafting step on a CPU too. Where the profile trains
 several models side by side (``Profile.stack``), a row times :func:`ubwlib.train.train_many` with that many.
 """
 
@@ -36,6 +38,7 @@ from .models import build_model
 from .train import TrainConfig, cpu_features, resolve_device, resolve_precision, train, train_many
 from .watermarks.gradient_matching import (
     GradientMatchingSettings,
+    _CompiledPassengerGrad,
     crafting_augment,
     ensemble_passenger_loss,
     per_sample_grad_norms,
@@ -159,10 +162,12 @@ def bench_ubwlib_many(build, data: ImageDataset, cfg: TrainConfig, count: int, s
 
 
 def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, steps: int, warmup: int,
-                   device: torch.device, precision: str = "fp32") -> float:
+                   device: torch.device, precision: str = "fp32", compile: bool = False) -> float:
     """poisons/s of gradient matching's crafting step (the inner loop of
     :func:`ubwlib.watermarks.gradient_matching.craft`: crafting augmentation, passenger loss with a double
-    backward, gradient with respect to the perturbation), one surrogate, batches of ``batch_size`` poisons."""
+    backward, gradient with respect to the perturbation), one surrogate, batches of ``batch_size`` poisons;
+    ``compile``: the compiled :func:`~ubwlib.watermarks.gradient_matching.passenger_input_grad` that ``craft``
+    takes with ``compile="on"`` (the warm-up steps pay the compilation)."""
     model = model.to(device).eval()
     settings = GradientMatchingSettings()
     gen = torch.Generator(device="cpu").manual_seed(0)
@@ -174,6 +179,7 @@ def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, 
     target = [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
     target_norm = torch.sqrt(sum((t * t).sum() for t in target))
     delta = torch.zeros_like(base)
+    compiled = _CompiledPassengerGrad(device) if compile else None
     seen, t0 = 0, None
     for step in range(warmup + steps):
         if step == warmup:
@@ -182,8 +188,13 @@ def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, 
         b = (step * batch_size) % max(1, n - batch_size + 1)
         d = delta[b : b + batch_size].detach().requires_grad_(True)
         x = crafting_augment(base[b : b + batch_size] + d, settings, gen)
-        loss = ensemble_passenger_loss([model], [(target, target_norm)], x, labels[b : b + batch_size], precision)
-        (g,) = torch.autograd.grad(loss, d)
+        fast = compiled([model], [(target, target_norm)], x.detach(), labels[b : b + batch_size], precision,
+                        "cosine") if compiled is not None else None
+        if fast is not None:
+            (g,) = torch.autograd.grad(x, d, fast[0])
+        else:
+            loss = ensemble_passenger_loss([model], [(target, target_norm)], x, labels[b : b + batch_size], precision)
+            (g,) = torch.autograd.grad(loss, d)
         delta[b : b + batch_size] -= 1e-3 * g.sign()
         if step >= warmup:
             seen += len(d)
@@ -284,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         rate, seconds = bench_compiled(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3, dev)
         loops += [(f"ubwlib fp32 compiled (torch.compile), {prof.model} x{prof.width}, batch {cfg.batch_size}",
                    "images/s", rate), ("  its compilation", "s", seconds)]
+        if args.craft_steps > 0:
+            gm = GradientMatchingSettings()
+            crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
+            loops.append((f"crafting step compiled, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
+                          bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
+                                         args.craft_steps, 2, dev, prec, compile=True)))
     if args.craft_steps > 0:
         gm = GradientMatchingSettings()
         crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
@@ -329,9 +346,10 @@ def _gpu_rows(args: argparse.Namespace, dev: torch.device, model) -> list[tuple[
     for workers in (0, 8):
         out.append((f"GPU plain loop, resnet18-cifar, batch 128, {workers} workers", "images/s",
                     bench_plain(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, steps, 3, dev, workers)))
-    out.append(("GPU crafting step, resnet18-cifar, batch 128", "poisons/s",
-                bench_crafting(model("resnet18-cifar", 1.0, 10, 3), cdata, 128, steps, 3, dev,
-                               resolve_precision("auto", dev))))
+    for compiled in (False, True):
+        out.append((f"GPU crafting step{' compiled' if compiled else ''}, resnet18-cifar, batch 128", "poisons/s",
+                    bench_crafting(model("resnet18-cifar", 1.0, 10, 3), cdata, 128, steps, 3, dev,
+                                   resolve_precision("auto", dev), compile=compiled)))
     out.append(("GPU per-sample gradient norms, resnet18-cifar", "images/s",
                 bench_grad_norms(model("resnet18-cifar", 1.0, 10, 3), cdata, dev)))
     return out

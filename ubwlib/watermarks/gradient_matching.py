@@ -30,6 +30,7 @@ import copy
 import dataclasses
 import hashlib
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -47,6 +48,7 @@ from ..train import (
     augment_batch,
     autocast_context,
     predict_proba,
+    resolve_compile,
     resolve_device,
     resolve_precision,
     train,
@@ -322,16 +324,22 @@ def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch
     return total
 
 
-def _conv_weight_sq_norms(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+def _conv_weight_sq_norms(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
     """Squared norm of each sample's ``Conv2d`` weight gradient ``dW_i[o, c, u, v] = sum_yx g_i[o, y, x] *
     a_i[c, y*s + u*d, x*s + v*d]`` (s: stride, d: dilation, a zero-padded).
 
-    Large outputs (early layers): one grouped convolution with the samples as groups, the input's channels as
-    the batch and each sample's output gradient as its kernel (stride and dilation swap roles), about 3x faster
-    than im2col there. Small outputs (late layers): im2col + batched matmul, the faster one there."""
+    On a CPU, large outputs (early layers): one grouped convolution with the samples as groups, the input's
+    channels as the batch and each sample's output gradient as its kernel (stride and dilation swap roles), about
+    3x faster than im2col there; small outputs (late layers): im2col + batched matmul, the faster one there. On a
+    GPU always im2col + batched matmul: a convolution with one group per sample and a kernel the size of the
+    feature map (32 x 32 for ResNet-18's first stage) has no fast GPU algorithm, while the batched matmul is what
+    a GPU does best (the unfolded input of ResNet-18's widest layer is 0.6 GB at 256 images). ``grouped`` forces
+    a path (``None``: this rule)."""
     n = a.shape[0]
     kh, kw = mod.kernel_size
-    if g.shape[2] * g.shape[3] > 64:
+    if grouped is None:
+        grouped = g.shape[2] * g.shape[3] > 64 and a.device.type == "cpu"
+    if grouped:
         x = a.transpose(0, 1)  # C x n x H x W
         w = g.reshape(n * g.shape[1], 1, g.shape[2], g.shape[3])
         gw = F.conv2d(x, w, padding=mod.padding, dilation=mod.stride, stride=mod.dilation, groups=n)
@@ -446,6 +454,60 @@ def ensemble_passenger_loss(models: list[nn.Module], targets: list[tuple[list[to
     return torch.stack(losses).mean()
 
 
+def passenger_input_grad(models: list[nn.Module], targets: list[tuple[list[torch.Tensor], torch.Tensor]],
+                         x: torch.Tensor, y: torch.Tensor, prec: str = "fp32",
+                         matching: str = "cosine") -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d passenger loss / d x, passenger loss)`` of :func:`ensemble_passenger_loss` for a batch ``x`` (no graph
+    needed on ``x``), written with ``torch.func``: the parameter gradient is ``grad`` of the cross-entropy in the
+    (trainable) parameters, and the passenger loss of it is differentiated in ``x`` by ``grad_and_value``, so the
+    double backward is one functional program that ``torch.compile`` traces as a single graph (its autograd
+    cannot compile a ``create_graph`` backward). The chain rule through the augmentation is then one ordinary
+    backward: ``torch.autograd.grad(x, delta, gx)``."""
+    from torch.func import functional_call, grad, grad_and_value
+
+    def loss_of_x(xx: torch.Tensor) -> torch.Tensor:
+        losses = []
+        for m, (t, tn) in zip(models, targets):
+            params = {k: v for k, v in m.named_parameters() if v.requires_grad}
+
+            def ce(p: dict[str, torch.Tensor]) -> torch.Tensor:
+                with autocast_context(prec, xx.device):
+                    out = functional_call(m, p, (xx,))
+                return F.cross_entropy(out.float(), y)
+
+            g = grad(ce)(params)
+            losses.append(passenger_loss([g[k] for k in params], t, tn, matching))
+        return torch.stack(losses).mean()
+
+    return grad_and_value(loss_of_x)(x)
+
+
+class _CompiledPassengerGrad:
+    """:func:`passenger_input_grad` through ``torch.compile`` (CUDA graphs on a GPU, one shape): ``__call__``
+    returns ``(gx, loss)``, or ``None`` once a compilation has failed (with one warning), and the caller then takes
+    the eager double backward."""
+
+    def __init__(self, dev: torch.device) -> None:
+        self.cuda = dev.type == "cuda"
+        self.fn = torch.compile(passenger_input_grad, mode="reduce-overhead" if self.cuda else None, dynamic=False)
+        self.failed = False
+
+    def __call__(self, *args) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self.failed:
+            return None
+        if self.cuda:
+            torch.compiler.cudagraph_mark_step_begin()
+        try:
+            gx, loss = self.fn(*args)
+        except Exception as err:  # noqa: BLE001 (any failure of the compiler: the eager path takes over)
+            self.failed = True
+            first = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(f"torch.compile failed on the crafting step ({type(err).__name__}: {first}); crafting goes "
+                          "on without it (UBW_COMPILE=off skips the attempt)", stacklevel=2)
+            return None
+        return gx.clone(), loss.clone()  # a CUDA graph's outputs are overwritten by its next replay
+
+
 def transfer_loss(models: list[nn.Module], targets: list[tuple[list[torch.Tensor], torch.Tensor]],
                   poisons: torch.Tensor, labels: torch.Tensor, batch_size: int) -> float:
     """The passenger loss of the poisons (float, in [0, 1]; no augmentation, batches in index order) against
@@ -487,6 +549,7 @@ def craft(
     device: str | torch.device | None = None,
     progress: bool = True,
     desc: str = "crafting",
+    compile: str | None = None,
 ) -> CraftResult:
     """Craft perturbations for ``train_set[indices]`` by gradient matching (see the module docstring).
 
@@ -500,6 +563,11 @@ def craft(
     benign ``train_set`` with ``settings.pretrain``, when the caller already has them (e.g. from a cache);
     else they are trained here. ``init_delta``: the starting perturbation when ``settings.init == "trigger"``
     (float, the poisons' shape, in [0, 1] units; projected to the eps-ball).
+
+    ``compile`` (``auto``/``on``/``off``; ``None``: ``UBW_COMPILE``, else ``auto``: a long crafting on a GPU,
+    :func:`ubwlib.train.resolve_compile` counting batches of poisons): full batches take the compiled
+    :func:`passenger_input_grad` instead of the eager double backward (equal up to float rounding, so a compiled
+    crafting is another draw); a failed compilation warns and the eager path goes on.
     """
     s = settings
     if members is not None and len(members) != s.ensemble - 1:
@@ -650,6 +718,8 @@ def craft(
             tensors.update(_state_tensors("best.model", best_model))
         checkpoint.save(global_step, tensors, {"history": history, "retrains": retrains, "best": best})
 
+    full_batches = s.restarts * s.steps * (n // s.batch_size)
+    compiled = _CompiledPassengerGrad(dev) if resolve_compile(compile, dev, full_batches) else None
     for restart in range(restart0, s.restarts):
         gens = restart_gens(restart)
         gen_order, gen_aug, init_seed = gens
@@ -706,8 +776,14 @@ def craft(
                 idx = order[b : b + s.batch_size]
                 d = delta[idx].detach().requires_grad_(True)
                 x = crafting_augment(base[idx] + d, s, gen_aug)
-                p_loss = ensemble_passenger_loss(models, targets, x, labels[idx], prec, matching=s.matching)
-                (g_d,) = torch.autograd.grad(p_loss, d)
+                fast = (compiled(models, targets, x.detach(), labels[idx], prec, s.matching)
+                        if compiled is not None and len(idx) == s.batch_size else None)
+                if fast is not None:
+                    g_x, p_loss = fast
+                    (g_d,) = torch.autograd.grad(x, d, g_x)
+                else:
+                    p_loss = ensemble_passenger_loss(models, targets, x, labels[idx], prec, matching=s.matching)
+                    (g_d,) = torch.autograd.grad(p_loss, d)
                 grad_sign[idx] = g_d.sign()
                 loss_sum += p_loss.detach().double() * len(idx)
             delta.grad = grad_sign
