@@ -369,10 +369,20 @@ def test_the_default_cache_keys_the_device_and_the_precision_auto_resolves_to(tm
     fp32 = core.default_cache()
     monkeypatch.setenv("UBW_PRECISION", "bf16")
     bf16 = core.default_cache()
-    assert fp32.context == {"device": "cpu", "precision": "fp32"} == core.computed_with() | {"precision": "fp32"}
-    assert bf16.context == {"device": "cpu", "precision": "bf16"}
+    numerics = {"numerics": core.NUMERICS}
+    assert fp32.context == {"device": "cpu", "precision": "fp32", **numerics} == core.computed_with() | {"precision": "fp32"}
+    assert bf16.context == {"device": "cpu", "precision": "bf16", **numerics}
     assert fp32.root == bf16.root == tmp_path
     assert fp32.path_for("model", {"a": 1}, "1") != bf16.path_for("model", {"a": 1}, "1")
+
+
+def test_the_default_cache_keys_the_numerics(tmp_path, monkeypatch):
+    """A result of older numerics (another NUMERICS) is not served to this code: same settings, another key."""
+    monkeypatch.setenv("UBW_CACHE", str(tmp_path))
+    now = core.default_cache()
+    monkeypatch.setattr(core, "NUMERICS", core.NUMERICS + "-older")
+    older = core.default_cache()
+    assert now.path_for("model", {"a": 1}, "1") != older.path_for("model", {"a": 1}, "1")
 
 
 def test_trained_models_stack_the_uncached_and_cache_each_under_trained_models_key(tiny, tmp_path, monkeypatch):

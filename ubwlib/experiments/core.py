@@ -23,7 +23,7 @@ from ..train import TrainConfig, resolve_device, resolve_precision, train_many
 from ..watermarks.base import dataset_fingerprint
 from .profiles import Profile
 
-__all__ = ["VERSIONS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model",
+__all__ = ["VERSIONS", "NUMERICS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model",
            "benign_models", "default_cache", "computed_with",
            "cached_table", "cached_evaluation", "key_digest"]
 
@@ -32,6 +32,14 @@ VERSIONS = {
     "model": "1",
     "table": "1",
 }
+
+#: The generation of ubwlib's numerics, part of every recipe's cache key (:func:`computed_with`). Bump it when a
+#: change makes the same settings compute other numbers (a new draw: another layout, kernel or summation order), so
+#: that no cache serves results of the old numerics beside new ones. "2": the small CNN's channels-last weights and
+#: the eval-mode batch norm as an affine map under autograd changed the numbers of the same settings, and a cache
+#: filled before them went on serving its models: a build on such a cache took a stale benign model, and its
+#: gradient norms, 7 of 9 releases and 16 of 35 tables differed from a cold build's of the same code.
+NUMERICS = "2"
 
 
 def default_cache() -> Cache:
@@ -43,9 +51,10 @@ def computed_with() -> dict[str, str]:
     """What every recipe's result depends on besides its settings, which say ``precision="auto"``: the device type
     and the precision ``auto`` resolves to there (``UBW_DEVICE``, ``UBW_PRECISION`` and the CPU decide it). Part of
     every key of :func:`default_cache`, so that a model trained in bfloat16 is not served to a float32 run (after
-    ``UBW_PRECISION=fp32``, or on another CPU sharing the folder)."""
+    ``UBW_PRECISION=fp32``, or on another CPU sharing the folder), and :data:`NUMERICS`, so that results of older
+    numerics are not served to this code."""
     dev = resolve_device(None)
-    return {"device": dev.type, "precision": resolve_precision("auto", dev)}
+    return {"device": dev.type, "precision": resolve_precision("auto", dev), "numerics": NUMERICS}
 
 
 def fingerprint(dataset: ImageDataset) -> str:

@@ -213,16 +213,17 @@ def _method_settings(profile: Profile, method: str):
 
 def table_settings(spec: TableSpec, profile: Profile) -> dict:
     """Everything a stored table depends on that the code decides: the profile (its description and data folder
-    aside), the settings of each method it involves on that profile, and the versions of the cached recipes."""
+    aside), the settings of each method it involves on that profile, and the versions of the cached recipes and of
+    the numerics (:data:`ubwlib.experiments.core.NUMERICS`)."""
     from .runs import VERSION as CLEAN_LABEL_VERSION
-    from .core import VERSIONS
+    from .core import NUMERICS, VERSIONS
     from .robustness import VERSION as ROBUSTNESS_VERSION
     from .verification import VERIFY_DRAW
 
     shape = {k: v for k, v in dataclasses.asdict(profile).items() if k not in ("description", "data_root", "stack")}
     return {"table": spec.id, "profile": shape, "methods": {m: _method_settings(profile, m) for m in spec.methods},
             "versions": {**VERSIONS, "clean-label": CLEAN_LABEL_VERSION, "robustness": ROBUSTNESS_VERSION,
-                         "verification draw": VERIFY_DRAW}}
+                         "verification draw": VERIFY_DRAW, "numerics": NUMERICS}}
 
 
 def table_hash(spec: TableSpec, profile: Profile) -> str:
