@@ -304,9 +304,10 @@ def resolve_compile(compile: str | None = None, device: torch.device | str = "cp
     ``on`` and ``off`` say so. ``auto``: on a CUDA device for a training of at least :data:`COMPILE_MIN_STEPS`
     full batches, where the step is captured as CUDA graphs (``mode="reduce-overhead"``) and a step is one graph
     launch instead of hundreds of kernel launches, which bound ResNet-18 at batch 128 to 3% of an H200's bf16
-    rate; off on a CPU, where kernel launches cost little and the fused step was measured 1.05-1.3x as fast as the
-    eager one for the default model (fp32, 2 cores, run to run noise of the same size) for 18-30 s of compilation
-    per training, which a book trainer of 20-60 s does not win back. Compilation changes float rounding (fused
+    rate; off on a CPU, where kernel launches cost little: there the compiled step of the default model ran 0.9-1.34x
+    the eager one in ``python -m ubwlib.bench --compile`` and 1.2-1.3x timed alone (fp32, 2 cores, whose run-to-run
+    noise is of that size), the ``lite`` small CNN's no faster, for 4-30 s of compilation (once per process and
+    architecture; the lower figure with a warm inductor cache). Compilation changes float rounding (fused
     kernels), so a compiled training is another draw of the same recipe, as a model trained side by side is; CPU
     trainings stay what they were."""
     if compile is None or compile == "auto":
