@@ -456,6 +456,24 @@ def test_passenger_input_grad_equals_the_double_backward(ds, trained, matching):
     assert float(want_gx.abs().max()) > 0
 
 
+def test_the_compiled_passenger_gradient_on_cuda_uses_cuda_graphs_and_owns_its_outputs(ds, trained, monkeypatch):
+    """On a CUDA device: compiled with mode="reduce-overhead", each call marked as a new step, and the outputs
+    cloned (a CUDA graph's next replay overwrites its own). Run with CPU tensors and torch.compile as the
+    identity."""
+    kwargs, marks = [], []
+    monkeypatch.setattr(gm.torch, "compile", lambda fn, **kw: kwargs.append(kw) or fn)
+    monkeypatch.setattr(gm.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    fast = gm._CompiledPassengerGrad(torch.device("cuda"))
+    m = trained["smallcnn"]
+    x, y = ds.images[:8].float() / 255, ds.labels[:8]
+    t = [torch.ones_like(p) for p in m.parameters()]
+    targets = [(t, torch.sqrt(sum((v * v).sum() for v in t)))]
+    gx, loss = fast([m], targets, x, y, "fp32", "cosine")
+    want_gx, want_loss = gm.passenger_input_grad([m], targets, x, y)
+    assert kwargs == [{"mode": "reduce-overhead", "dynamic": False}] and marks == [1]
+    assert torch.equal(gx, want_gx) and torch.equal(loss, want_loss)
+
+
 def test_craft_with_a_failed_compilation_is_the_eager_crafting(ds, trained, target_fn, poison_idx, monkeypatch):
     s = settings(steps=2, augment=True)
     eager = craft(ds, poison_idx, target_fn, s, seed=0, surrogate=copy.deepcopy(trained["smallcnn"]), device="cpu",

@@ -12,6 +12,7 @@ import sys
 import pandas as pd
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 import ubwlib.train as train_mod
@@ -610,6 +611,31 @@ def test_a_failed_compilation_falls_back_to_exactly_the_eager_training(monkeypat
               device="cpu", progress=False, compile="on")
     assert calls == [{"mode": None, "dynamic": False}]  # compiled once, not in CUDA-graph mode on a CPU
     assert_same_state(fallen, eager)
+
+
+def test_the_cuda_branch_compiles_in_cuda_graph_mode_and_marks_each_step(monkeypatch):
+    """On a CUDA device the step is compiled with mode="reduce-overhead" (CUDA graphs) and every compiled step is
+    marked as a new one for them; a partial batch runs eagerly and is not marked. Run here with CPU tensors and
+    torch.compile as the identity (no GPU in the tests)."""
+    compiled_with, marks = [], []
+    monkeypatch.setattr(train_mod.torch, "compile", lambda fn, **kw: compiled_with.append(kw) or fn)
+    monkeypatch.setattr(train_mod.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    net = tiny_cnn()
+    calls = []
+
+    def forward(xb, ys):
+        calls.append(len(xb))
+        loss = F.cross_entropy(net(xb), ys[0])
+        return loss, loss.detach().view(1), torch.ones(1, dtype=torch.long)
+
+    step = train_mod._TrainStep(net, forward, torch.device("cuda"), True, batch_size=4)
+    assert compiled_with == [{"mode": "reduce-overhead", "dynamic": False}]
+    x, y = torch.rand(4, 1, 8, 8), torch.tensor([0, 1, 2, 3])
+    for _ in range(2):
+        losses, hits = step(x, [y])
+    step(x[:3], [y[:3]])
+    assert marks == [1, 1] and calls == [4, 4, 3]
+    assert step.compile_seconds > 0 and all(p.grad is not None for p in net.parameters())
 
 
 needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
