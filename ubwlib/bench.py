@@ -44,7 +44,8 @@ from .watermarks.gradient_matching import (
     per_sample_grad_norms,
 )
 
-__all__ = ["bench_ubwlib", "bench_compiled", "bench_ubwlib_many", "bench_plain", "bench_crafting", "bench_grad_norms", "main"]
+__all__ = ["bench_ubwlib", "bench_compiled", "bench_ubwlib_many", "bench_plain", "bench_crafting", "bench_grad_norms",
+           "main"]
 
 
 def _sync(device: torch.device) -> None:
@@ -324,7 +325,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _gpu_rows(args: argparse.Namespace, dev: torch.device, model) -> list[tuple[str, str, float]]:
     """The GPU figures of issue 11 (CIFAR-shape ResNet-18): ubwlib at batch 128 and 512 (auto precision; eager, then
-    compiled with its compilation time) and float32, the plain loop with 0 and 8 workers, crafting poisons/s and gradient-norm images/s."""
+    compiled with its compilation time) and float32, the plain loop with 0 and 8 workers, crafting poisons/s (eager
+    and compiled) and gradient-norm images/s."""
     ccfg = get_profile("paper").train
     steps = max(args.cifar_steps, 20)
     out = []

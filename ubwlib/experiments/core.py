@@ -23,7 +23,8 @@ from ..train import TrainConfig, resolve_device, resolve_precision, train_many
 from ..watermarks.base import dataset_fingerprint
 from .profiles import Profile
 
-__all__ = ["VERSIONS", "NUMERICS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models", "benign_model",
+__all__ = ["VERSIONS", "NUMERICS", "TrainedModel", "fingerprint", "load_data", "trained_model", "trained_models",
+           "benign_model",
            "benign_models", "default_cache", "computed_with",
            "cached_table", "cached_evaluation", "key_digest"]
 

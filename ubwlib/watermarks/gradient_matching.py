@@ -324,7 +324,8 @@ def _layer_sq_norms(mod: nn.Module, a: torch.Tensor, g: torch.Tensor, out: torch
     return total
 
 
-def _conv_weight_sq_norms(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor, grouped: bool | None = None) -> torch.Tensor:
+def _conv_weight_sq_norms(mod: nn.Conv2d, a: torch.Tensor, g: torch.Tensor,
+                          grouped: bool | None = None) -> torch.Tensor:
     """Squared norm of each sample's ``Conv2d`` weight gradient ``dW_i[o, c, u, v] = sum_yx g_i[o, y, x] *
     a_i[c, y*s + u*d, x*s + v*d]`` (s: stride, d: dilation, a zero-padded).
 
