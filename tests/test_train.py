@@ -638,6 +638,34 @@ def test_the_cuda_branch_compiles_in_cuda_graph_mode_and_marks_each_step(monkeyp
     assert step.compile_seconds > 0 and all(p.grad is not None for p in net.parameters())
 
 
+def test_a_compiled_step_failing_later_keeps_the_steps_before_it(monkeypatch):
+    """CUDA graphs are recorded on the second or third call: a failure there falls back too. Here the third
+    compiled call fails: the two compiled steps before it stand (the wrapper ran the eager forward, so the weights
+    are the eager training's), the failed step is redone eagerly, and the training ends as the eager one."""
+    ds = random_dataset(n=64)
+    cfg = TrainConfig(epochs=1, batch_size=16, lr=0.05, milestones=(), flip=False)
+    eager = tiny_cnn()
+    train(eager, ds, cfg, device="cpu", progress=False, compile="off")
+    calls = []
+
+    def fake_compile(fn, **kwargs):
+        def compiled(*args):
+            calls.append(1)
+            out = fn(*args)
+            if len(calls) == 3:
+                out[0].backward()
+                raise RuntimeError("capture failed")
+            return out
+        return compiled
+
+    monkeypatch.setattr(train_mod.torch, "compile", fake_compile)
+    fallen = tiny_cnn()
+    with pytest.warns(UserWarning, match=r"torch.compile failed \(RuntimeError: capture failed\)"):
+        train(fallen, ds, cfg, device="cpu", progress=False, compile="on")
+    assert len(calls) == 3  # not called again after the failure
+    assert_same_state(fallen, eager)
+
+
 needs_cxx = pytest.mark.skipif(not (shutil.which("c++") or shutil.which("g++")),
                                reason="torch.compile's CPU backend needs a C++ compiler")
 

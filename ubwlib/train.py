@@ -556,18 +556,22 @@ class _TrainStep:
     Compiled (``compiled=True``), full batches of ``batch_size`` images run ``torch.compile(forward)`` (on CUDA in
     ``reduce-overhead`` mode: the forward and backward graphs are replayed as CUDA graphs, one launch each, and
     each step is marked as a new one for them; ``dynamic=False``: one graph for the one shape). A smaller last
-    batch runs eagerly rather than compiling a second graph for one step per epoch. If the first compiled step
-    fails (an unsupported operator, no C++ compiler for the CPU backend, a graph that cannot be captured), the
-    training warns once and goes on eagerly from the same state: the step's gradients are discarded and the
-    buffers it updated (batch-norm statistics) restored, so the result is the eager training's.
+    batch runs eagerly rather than compiling a second graph for one step per epoch. If one of the first
+    :attr:`GUARDED` compiled steps fails (an unsupported operator, no C++ compiler for the CPU backend, a graph
+    that cannot be captured: CUDA graphs are recorded on the second or third call, not the first), the training
+    warns once and goes on eagerly from the same state: that step's gradients are discarded and the buffers it
+    updated (batch-norm statistics) restored, so the steps before it stand and the rest is the eager training's.
     ``compile_seconds`` is the first compiled step's wall time (the compilation, mostly)."""
+
+    GUARDED = 3
+    """The compiled steps that may fail and fall back (compilation, warm-up and recording of the graphs)."""
 
     def __init__(self, net: nn.Module, forward: Callable, dev: torch.device, compiled: bool, batch_size: int) -> None:
         self.net, self.forward, self.batch_size = net, forward, batch_size
         self.cuda = dev.type == "cuda"
         self.compiled = torch.compile(forward, mode="reduce-overhead" if self.cuda else None,
                                       dynamic=False) if compiled else None
-        self.first = True
+        self.calls = 0
         self.compile_seconds = 0.0
 
     def __call__(self, xb: torch.Tensor, ys: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,11 +581,11 @@ class _TrainStep:
             return losses, hits
         if self.cuda:
             torch.compiler.cudagraph_mark_step_begin()
-        if not self.first:
+        self.calls += 1
+        if self.calls > self.GUARDED:
             loss, losses, hits = self.compiled(xb, ys)
             loss.backward()
             return losses.clone(), hits.clone()  # the graphs' outputs are overwritten by the next replay
-        self.first = False
         buffers = [(b, b.detach().clone()) for b in self.net.buffers()]
         t0 = time.perf_counter()
         try:
@@ -593,11 +597,13 @@ class _TrainStep:
             with torch.no_grad():
                 for b, saved in buffers:
                     b.copy_(saved)
-            warnings.warn(f"torch.compile failed ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-                          f"); training goes on without it (UBW_COMPILE=off skips the attempt)", stacklevel=3)
+            first = str(err).splitlines()[0] if str(err) else ""
+            warnings.warn(f"torch.compile failed ({type(err).__name__}: {first}); training goes on without it "
+                          "(UBW_COMPILE=off skips the attempt)", stacklevel=3)
             self.compiled = None
             return self(xb, ys)
-        self.compile_seconds = time.perf_counter() - t0
+        if self.calls == 1:
+            self.compile_seconds = time.perf_counter() - t0
         return losses.clone(), hits.clone()
 
 
