@@ -516,12 +516,12 @@ def transfer_loss(models: list[nn.Module], targets: list[tuple[list[torch.Tensor
     is the transfer diagnostic: how far the perturbations fit models they were not crafted on."""
     if not models or not len(poisons):
         return float("nan")
-    total = 0.0
+    total = torch.zeros((), dtype=torch.float64, device=poisons.device)  # summed as a Python float would be
     with torch.enable_grad():
         for b in range(0, len(poisons), batch_size):
             x, y = poisons[b : b + batch_size], labels[b : b + batch_size]
-            total += float(ensemble_passenger_loss(models, targets, x, y, create_graph=False)) * len(x)
-    return total / len(poisons)
+            total += ensemble_passenger_loss(models, targets, x, y, create_graph=False).detach().double() * len(x)
+    return float(total) / len(poisons)
 
 
 def _state_tensors(prefix: str, model: nn.Module) -> dict[str, torch.Tensor]:
