@@ -463,7 +463,7 @@ def test_the_compiled_passenger_gradient_on_cuda_uses_cuda_graphs_and_owns_its_o
     kwargs, marks = [], []
     monkeypatch.setattr(gm.torch, "compile", lambda fn, **kw: kwargs.append(kw) or fn)
     monkeypatch.setattr(gm.torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
-    fast = gm._CompiledPassengerGrad(torch.device("cuda"))
+    fast = gm.CompiledPassengerGrad(torch.device("cuda"))
     m = trained["smallcnn"]
     x, y = ds.images[:8].float() / 255, ds.labels[:8]
     t = [torch.ones_like(p) for p in m.parameters()]

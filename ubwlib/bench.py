@@ -38,10 +38,10 @@ from .models import build_model
 from .train import TrainConfig, cpu_features, resolve_device, resolve_precision, train, train_many
 from .watermarks.gradient_matching import (
     GradientMatchingSettings,
-    _CompiledPassengerGrad,
+    CompiledPassengerGrad,
     crafting_augment,
-    ensemble_passenger_loss,
     per_sample_grad_norms,
+    perturbation_grad,
 )
 
 __all__ = ["bench_ubwlib", "bench_compiled", "bench_ubwlib_many", "bench_plain", "bench_crafting", "bench_grad_norms",
@@ -180,7 +180,7 @@ def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, 
     target = [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
     target_norm = torch.sqrt(sum((t * t).sum() for t in target))
     delta = torch.zeros_like(base)
-    compiled = _CompiledPassengerGrad(device) if compile else None
+    compiled = CompiledPassengerGrad(device) if compile else None
     seen, t0 = 0, None
     for step in range(warmup + steps):
         if step == warmup:
@@ -189,13 +189,8 @@ def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, 
         b = (step * batch_size) % max(1, n - batch_size + 1)
         d = delta[b : b + batch_size].detach().requires_grad_(True)
         x = crafting_augment(base[b : b + batch_size] + d, settings, gen)
-        fast = compiled([model], [(target, target_norm)], x.detach(), labels[b : b + batch_size], precision,
-                        "cosine") if compiled is not None else None
-        if fast is not None:
-            (g,) = torch.autograd.grad(x, d, fast[0])
-        else:
-            loss = ensemble_passenger_loss([model], [(target, target_norm)], x, labels[b : b + batch_size], precision)
-            (g,) = torch.autograd.grad(loss, d)
+        g, _ = perturbation_grad([model], [(target, target_norm)], x, d, labels[b : b + batch_size], precision,
+                                 compiled=compiled)
         delta[b : b + batch_size] -= 1e-3 * g.sign()
         if step >= warmup:
             seen += len(d)
@@ -292,19 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     print("ratio = ubwlib (auto precision) / plain loop; 'ubwlib fp32' is ubwlib's trainer forced to float32")
 
     loops = []
+    gm = GradientMatchingSettings()
+    crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
     if args.compile and dev.type == "cpu":
         rate, seconds = bench_compiled(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3, dev)
         loops += [(f"ubwlib fp32 compiled (torch.compile), {prof.model} x{prof.width}, batch {cfg.batch_size}",
                    "images/s", rate), ("  its compilation", "s", seconds)]
         if args.craft_steps > 0:
-            gm = GradientMatchingSettings()
-            crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
             loops.append((f"crafting step compiled, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
                           bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
                                          args.craft_steps, 2, dev, prec, compile=True)))
     if args.craft_steps > 0:
-        gm = GradientMatchingSettings()
-        crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
         loops.append((f"gradient-matching crafting step, {prof.model} x{prof.width}, batch {gm.batch_size}",
                       "poisons/s", bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
                                                   args.craft_steps, 1, dev, prec)))

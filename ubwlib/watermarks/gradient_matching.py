@@ -70,6 +70,9 @@ __all__ = [
     "crafting_augment",
     "derived_seed",
     "ensemble_passenger_loss",
+    "passenger_input_grad",
+    "perturbation_grad",
+    "CompiledPassengerGrad",
     "transfer_loss",
 ]
 
@@ -483,10 +486,10 @@ def passenger_input_grad(models: list[nn.Module], targets: list[tuple[list[torch
     return grad_and_value(loss_of_x)(x)
 
 
-class _CompiledPassengerGrad:
+class CompiledPassengerGrad:
     """:func:`passenger_input_grad` through ``torch.compile`` (CUDA graphs on a GPU, one shape): ``__call__``
     returns ``(gx, loss)``, or ``None`` once a compilation has failed (with one warning), and the caller then takes
-    the eager double backward."""
+    the eager double backward (:func:`perturbation_grad` does both)."""
 
     def __init__(self, dev: torch.device) -> None:
         self.cuda = dev.type == "cuda"
@@ -507,6 +510,22 @@ class _CompiledPassengerGrad:
                           "on without it (UBW_COMPILE=off skips the attempt)", stacklevel=2)
             return None
         return gx.clone(), loss.clone()  # a CUDA graph's outputs are overwritten by its next replay
+
+
+def perturbation_grad(models: list[nn.Module], targets: list[tuple[list[torch.Tensor], torch.Tensor]],
+                      x: torch.Tensor, d: torch.Tensor, y: torch.Tensor, prec: str = "fp32", matching: str = "cosine",
+                      compiled: CompiledPassengerGrad | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(d passenger loss / d d, passenger loss)`` of the poisons ``x = aug(base + d)`` (``x`` built from ``d``
+    with autograd): the crafting step's gradient. With ``compiled``, through its single graph in ``x`` and one
+    backward through the augmentation; without it (or once its compilation failed), the eager double backward."""
+    fast = compiled(models, targets, x.detach(), y, prec, matching) if compiled is not None else None
+    if fast is not None:
+        g_x, loss = fast
+        (g_d,) = torch.autograd.grad(x, d, g_x)
+        return g_d, loss
+    loss = ensemble_passenger_loss(models, targets, x, y, prec, matching=matching)
+    (g_d,) = torch.autograd.grad(loss, d)
+    return g_d, loss
 
 
 def transfer_loss(models: list[nn.Module], targets: list[tuple[list[torch.Tensor], torch.Tensor]],
@@ -720,7 +739,7 @@ def craft(
         checkpoint.save(global_step, tensors, {"history": history, "retrains": retrains, "best": best})
 
     full_batches = s.restarts * s.steps * (n // s.batch_size)
-    compiled = _CompiledPassengerGrad(dev) if resolve_compile(compile, dev, full_batches) else None
+    compiled = CompiledPassengerGrad(dev) if resolve_compile(compile, dev, full_batches) else None
     for restart in range(restart0, s.restarts):
         gens = restart_gens(restart)
         gen_order, gen_aug, init_seed = gens
@@ -777,14 +796,8 @@ def craft(
                 idx = order[b : b + s.batch_size]
                 d = delta[idx].detach().requires_grad_(True)
                 x = crafting_augment(base[idx] + d, s, gen_aug)
-                fast = (compiled(models, targets, x.detach(), labels[idx], prec, s.matching)
-                        if compiled is not None and len(idx) == s.batch_size else None)
-                if fast is not None:
-                    g_x, p_loss = fast
-                    (g_d,) = torch.autograd.grad(x, d, g_x)
-                else:
-                    p_loss = ensemble_passenger_loss(models, targets, x, labels[idx], prec, matching=s.matching)
-                    (g_d,) = torch.autograd.grad(p_loss, d)
+                g_d, p_loss = perturbation_grad(models, targets, x, d, labels[idx], prec, s.matching,
+                                                compiled if len(idx) == s.batch_size else None)
                 grad_sign[idx] = g_d.sign()
                 loss_sum += p_loss.detach().double() * len(idx)
             delta.grad = grad_sign
