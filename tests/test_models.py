@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from ubwlib.models import MODEL_NAMES, BatchNorm2d, ResNet18, SmallCNN, build_model, count_parameters
+from ubwlib.models import (MODEL_NAMES, BatchNorm2d, ResNet18, SmallCNN, SubsampledConv2d, build_model,
+                           count_parameters)
 from ubwlib.stacked import stack_models
 
 TINY_WIDTH = {"smallcnn": 0.25, "resnet18-cifar": 0.0625, "resnet18-imagenet": 0.0625}
@@ -227,10 +228,13 @@ def test_batchnorm_narrow_channels_last_equals_the_contiguous_kernel_exactly(tra
     assert y.is_contiguous(memory_format=torch.channels_last) and not y.is_contiguous()
     assert torch.equal(y, y_ref)
     grad_out = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(dtype)
-    grads = torch.autograd.grad(y, [x_cl, ours.weight, ours.bias], grad_out)
+    grads = torch.autograd.grad(y, [x_cl, ours.weight, ours.bias],
+                                grad_out.contiguous(memory_format=torch.channels_last))
     grads_ref = torch.autograd.grad(y_ref, [x_nc, ref.weight, ref.bias], grad_out)
     for a, b in zip(grads, grads_ref):
         assert torch.equal(a, b)
+    # the input's gradient comes back in the input's layout, for the convolution before it
+    assert grads[0].is_contiguous(memory_format=torch.channels_last) and not grads[0].is_contiguous()
     for name in ("running_mean", "running_var", "num_batches_tracked"):
         assert torch.equal(getattr(ours, name), getattr(ref, name))
     assert int(ours.num_batches_tracked) == int(train)
@@ -326,3 +330,56 @@ def test_smallcnn_pools_before_relu_exactly(mode):
     assert torch.equal(outs[0], outs[1])
     for a, b in zip(*grads):
         assert torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------- layouts and the strided shortcut
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_models_are_built_channels_last_and_stay_so(name):
+    """Every model's convolution weights are channels-last from the start, and stay so through deepcopy and
+    load_state_dict (a model reloaded from the cache takes the kernels of the model trained)."""
+    model = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=0)
+    convs = [m.weight for m in model.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(w.is_contiguous(memory_format=torch.channels_last) and not w.is_contiguous()
+                         for w in convs if w.shape[1] > 1 and w.shape[2] * w.shape[3] > 1)  # else both layouts
+    fresh = build_model(name, 10, 3, width=TINY_WIDTH[name], seed=1)
+    fresh.load_state_dict(copy.deepcopy(model).state_dict())
+    for a, b in zip(model.state_dict().values(), fresh.state_dict().values()):
+        assert torch.equal(a, b) and a.stride() == b.stride()
+
+
+@pytest.mark.parametrize("stride", [1, 2, 3])
+def test_subsampled_conv_is_the_strided_1x1_convolution(stride):
+    """SubsampledConv2d computes nn.Conv2d(c_in, c_out, 1, stride): the same output size, values and gradients
+    (float64, default layout), with the same state_dict."""
+    torch.manual_seed(0)
+    ours = SubsampledConv2d(4, 6, stride).double()
+    ref = nn.Conv2d(4, 6, 1, stride, bias=False).double()
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    ref.load_state_dict(ours.state_dict())
+    for size in (7, 8):
+        x = torch.randn(3, 4, size, size, dtype=torch.float64)
+        xs = [x.clone().requires_grad_(True), x.clone().requires_grad_(True)]
+        ys = [ours(xs[0]), ref(xs[1])]
+        assert ys[0].shape == ys[1].shape == (3, 6, -(-size // stride), -(-size // stride))
+        torch.testing.assert_close(ys[0], ys[1], rtol=1e-12, atol=1e-12)
+        w = torch.randn(ys[0].shape, dtype=torch.float64)
+        ga = torch.autograd.grad((ys[0] * w).sum(), [xs[0], ours.weight])
+        gb = torch.autograd.grad((ys[1] * w).sum(), [xs[1], ref.weight])
+        for a, b in zip(ga, gb):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("batch", [3, 5, 127])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_narrow_resnet_trains_on_odd_batches(batch, dtype):
+    """The 1/8-width ResNet, channels-last on a CPU, takes a training step on an odd batch: PyTorch's weight gradient
+    of a narrow channels-last 1x1 stride-2 convolution corrupted the heap there (the process aborted), and the
+    layer2 shortcut now picks its pixels first (SubsampledConv2d)."""
+    model = build_model("resnet18-cifar", 10, 1, width=0.125, seed=0).train()
+    assert isinstance(model.layer2[0].shortcut[0], SubsampledConv2d)
+    x = torch.rand(batch, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+        out = model(x.contiguous(memory_format=torch.channels_last))
+    out.float().square().sum().backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None and torch.isfinite(g).all() for g in grads)

@@ -535,10 +535,11 @@ def test_to_model_input():
     out_bf16 = to_model_input(x, "bf16")
     assert out_bf16.dtype == torch.float32 and torch.equal(out_bf16, out)
     assert out_bf16.is_contiguous(memory_format=torch.channels_last)
-    assert out.is_contiguous() and not channels_last("fp32", torch.device("cpu"))  # one float32 model: default layout
-    assert to_model_input(x, "fp32", side_by_side=True).is_contiguous(memory_format=torch.channels_last)
-    assert channels_last("fp32", torch.device("cpu"), side_by_side=True) and channels_last("bf16", torch.device("cuda"))
-    assert not channels_last("fp32", torch.device("cuda"), side_by_side=True)
+    x3 = torch.arange(192, dtype=torch.uint8).view(2, 3, 8, 4)
+    assert to_model_input(x3, "fp32").is_contiguous(memory_format=torch.channels_last)  # on a CPU, any precision
+    assert not to_model_input(x3, "fp32").is_contiguous()
+    assert channels_last("fp32", torch.device("cpu")) and channels_last("bf16", torch.device("cuda"))
+    assert not channels_last("fp32", torch.device("cuda"))  # a float32 batch on a GPU: the default layout
     f = torch.rand(2, 3, 4, 4)
     assert torch.equal(to_model_input(f, "fp32"), f)  # float input is taken as already scaled
     assert torch.equal(to_model_input(f.double(), "fp32"), f.double().float())

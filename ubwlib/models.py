@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["BatchNorm2d", "BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters",
+__all__ = ["BatchNorm2d", "SubsampledConv2d", "BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters",
            "load_weights"]
 
 
@@ -29,12 +29,12 @@ class BatchNorm2d(nn.BatchNorm2d):
     PyTorch's CPU kernels for a channels-last batch norm are slow when there are fewer channels than
     :attr:`NARROW` (measured on 2 cores, 128 x 8 x 28 x 28 float32, forward + backward, training mode: 7.7 ms in
     channels-last, 2.9 ms through a contiguous copy and back, 1.9 ms for a contiguous input; at 16 channels
-    channels-last is the fast one, 0.5 ms against 1.4). The default model's first stage has 8 channels, and the
-    trainer lays its tensors out channels-last in bfloat16 (:func:`ubwlib.train.channels_last`), where this
-    took about a quarter of a training step and a fifth of a crafting step. Such an input is copied to the
-    default layout, normalised by the same kernel as a contiguous input (so the result equals
-    ``nn.BatchNorm2d`` on ``x.contiguous()`` exactly, gradients included) and copied back to channels-last;
-    every other input (wider, contiguous, on a GPU, or traced by ``torch.compile``) takes ``nn.BatchNorm2d``'s
+    channels-last is the fast one, 0.5 ms against 1.4). The default model's first stage has 8 channels, and
+    ubwlib's models are channels-last, where this took about a quarter of a training step and a fifth of a
+    crafting step. Such an input is copied to the default layout, normalised by the same kernel as a contiguous
+    input (so the result equals ``nn.BatchNorm2d`` on ``x.contiguous()`` exactly, gradients included) and copied
+    back to channels-last; in the backward pass the gradient takes the same two copies (:class:`_Layout`), so the
+    native backward too sees one layout. Every other input (wider, contiguous, on a GPU, or traced by ``torch.compile``) takes ``nn.BatchNorm2d``'s
     own path.
 
     In eval mode, a float32 channels-last CPU input that autograd will differentiate (crafting, adversarial
@@ -46,7 +46,7 @@ class BatchNorm2d(nn.BatchNorm2d):
     its double backward reduce a channels-last tensor over the batch dimension first, which took 3-3.6 ms per
     reduction at 128 x 16 x 28 x 28 on 2 cores; with the affine map the crafting step of the ``lite`` model ran
     1.9x as fast (1,436 against 2,800 poisons/s). Gradients then sum in another order (about 1e-7 apart), so
-    crafting on channels-last models is a new draw; contiguous models (the float32 ResNets) are untouched."""
+    crafting on channels-last models is a new draw; a model moved to the default layout is untouched."""
 
     NARROW = 16
     """Channels below which a channels-last CPU input goes through the default layout."""
@@ -64,8 +64,46 @@ class BatchNorm2d(nn.BatchNorm2d):
             shift = self.bias - self.running_mean * scale
             return x * scale.view(1, -1, 1, 1) + shift.view(1, -1, 1, 1)
         if self.num_features < self.NARROW:
-            return super().forward(x.contiguous()).contiguous(memory_format=torch.channels_last)
+            return _Layout.apply(super().forward(_Layout.apply(x, torch.contiguous_format)), torch.channels_last)
         return super().forward(x)
+
+
+class _Layout(torch.autograd.Function):
+    """``x.contiguous(memory_format=fmt)`` whose backward gives the gradient the layout of ``x``. Autograd's own
+    copy passes the gradient through in whatever layout it arrives, so the narrow batch norm's native backward got
+    a channels-last gradient for its default-layout input and ran a mixed-layout kernel, and the convolution before
+    it got a default-layout gradient to reorder (together about 3x the kernels' time at 128 x 8 x 28 x 28 on 2
+    cores). The values are copied, never changed."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
+        ctx.back = (torch.channels_last if not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+                    else torch.contiguous_format)
+        return x.contiguous(memory_format=fmt)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        return _Layout.apply(grad, ctx.back), None
+
+
+class SubsampledConv2d(nn.Conv2d):
+    """A 1x1 convolution with a stride (no padding), computed as the stride-1 convolution of every ``stride``-th
+    pixel: the same function, parameters and state_dict as ``nn.Conv2d(in_channels, out_channels, 1, stride)``.
+
+    PyTorch 2.14's CPU kernel for the weight gradient of a channels-last 1x1 convolution with stride 2 and fewer
+    than 16 input channels writes out of bounds when the batch size is odd (glibc then aborts with "corrupted size
+    vs. prev_size", or the process segfaults), in float32 and in bfloat16; the stride-1 kernel is sound. It is the
+    shortcut of ``layer2`` in the default profile's 1/8-width ResNet (8 input channels at 28x28), so a batch of 3 or
+    a last batch of 127 crashed the process. Picking the pixels first avoids that kernel on every device."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, bias: bool = False) -> None:
+        super().__init__(in_channels, out_channels, 1, stride, 0, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        sh, sw = self.stride
+        if (sh, sw) != (1, 1):
+            x = x[:, :, ::sh, ::sw]
+        return nn.functional.conv2d(x, self.weight, self.bias, 1, 0, 1, self.groups)
 
 
 def _channels(base: int, width: float) -> int:
@@ -86,7 +124,7 @@ class BasicBlock(nn.Module):
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or in_planes != planes:
             self.shortcut = nn.Sequential(
-                nn.Conv2d(in_planes, planes, 1, stride, bias=False), BatchNorm2d(planes)
+                SubsampledConv2d(in_planes, planes, stride), BatchNorm2d(planes)
             )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -138,6 +176,13 @@ class ResNet18(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Conv2d):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        # Channels-last weights, as the small CNN's: every convolution then runs channels-last whatever the input's
+        # layout. On a CPU oneDNN's channels-last kernels took half the time of its default-layout ones for the
+        # default profile's 1/8-width model (convolutions 56 against 109 ms of a training step at batch 128, 2-core
+        # Xeon, float32; 10 ms against 3.6 for one backward pass of an 8-channel 28x28 layer), and training ran
+        # about 1.3x as fast (ubwlib.bench). The strides survive .to(device), deepcopy and load_state_dict, so a
+        # model trained here, evaluated, or reloaded from the cache takes the same kernels.
+        self.to(memory_format=torch.channels_last)
 
     @staticmethod
     def _stage(in_planes: int, planes: int, stride: int) -> nn.Sequential:

@@ -329,29 +329,29 @@ def autocast_context(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def channels_last(precision: str, device: torch.device, side_by_side: bool = False) -> bool:
-    """Whether the trainer lays out models and batches channels-last: for bfloat16 (CPU and GPU), and for models
-    trained side by side on a CPU in float32 (:func:`train_many`: about 1.5x faster than float32's default layout
-    for four default-profile models on 2 cores). One float32 model keeps the default layout: channels-last gave it
-    no measurable speed there, and its single-input-channel stem took a different oneDNN path (1e-3 apart after one
-    step, with one thread)."""
-    return precision == "bf16" or (side_by_side and torch.device(device).type == "cpu")
+def channels_last(precision: str, device: torch.device) -> bool:
+    """Whether the trainer lays out batches (and models) channels-last: on a CPU, and in bfloat16 on a GPU.
+    ubwlib's models are built channels-last (:mod:`ubwlib.models`), so this decides the layout of the batches fed to
+    them, and of a model built elsewhere. On a CPU oneDNN's channels-last convolutions took half the time of its
+    default-layout ones for the default profile's narrow ResNet (float32, 2 cores), and four models side by side
+    trained about 1.5x faster; a float32 model on a GPU keeps the default layout of its batches."""
+    return precision == "bf16" or torch.device(device).type == "cpu"
 
 
-def prepare_model(model: nn.Module, device: torch.device, precision: str, side_by_side: bool = False) -> nn.Module:
+def prepare_model(model: nn.Module, device: torch.device, precision: str) -> nn.Module:
     """Move ``model`` to ``device`` and, where :func:`channels_last` says so, to channels-last memory format (in
     place; returns it): how :func:`train` places a model before its first step."""
     model = model.to(device)
-    if channels_last(precision, device, side_by_side):
+    if channels_last(precision, device):
         model = model.to(memory_format=torch.channels_last)
     return model
 
 
-def to_model_input(images: torch.Tensor, precision: str, side_by_side: bool = False) -> torch.Tensor:
+def to_model_input(images: torch.Tensor, precision: str) -> torch.Tensor:
     """uint8 images -> float32 in [0, 1] (float input is taken as already scaled), channels-last where
     :func:`channels_last` says so for the images' device."""
     x = images.float().div_(255.0) if images.dtype == torch.uint8 else images.float()
-    if x.dim() == 4 and channels_last(precision, x.device, side_by_side):
+    if x.dim() == 4 and channels_last(precision, x.device):
         x = x.contiguous(memory_format=torch.channels_last)
     return x
 
@@ -521,8 +521,8 @@ def train_many(
     precision = resolve_precision(config.precision, dev)
     if len(models) == 1:
         return [train(models[0], datasets[0], config, device=dev, progress=progress, desc=desc, compile=compile)]
-    models = [prepare_model(m, dev, precision, side_by_side=True) for m in models]
-    net = prepare_model(stack_models(models), dev, precision, side_by_side=True)
+    models = [prepare_model(m, dev, precision) for m in models]
+    net = prepare_model(stack_models(models), dev, precision)
     streams = [_Stream(d, c.seed, dev) for d, c in zip(datasets, configs)]
     hists = _fit(net, streams, config, dev, precision, progress, f"{desc} (x{len(models)})", None, compile=compile)
     unstack_models(net, models)
@@ -657,7 +657,7 @@ def _fit(net: nn.Module, streams: list[_Stream], config: TrainConfig, dev: torch
                 xs.append(augment_batch(s.images[idx], flip=config.flip, crop_padding=config.crop_padding,
                                         generator=s.aug_gen))
                 ys.append(s.labels[idx])
-            xb = to_model_input(stack_inputs(xs), precision, side_by_side=g > 1)
+            xb = to_model_input(stack_inputs(xs), precision)
             opt.zero_grad(set_to_none=True)
             losses, hits = step(xb, ys)
             opt.step()
