@@ -8,9 +8,10 @@ import re
 import pytest
 import torch
 
-from ubwlib.bench import bench_crafting, bench_grad_norms, main
+from ubwlib.bench import bench_crafting, bench_grad_norms, bench_plain, main
 from ubwlib.data import ImageDataset
 from ubwlib.models import build_model
+from ubwlib.train import TrainConfig
 
 
 def _random(n: int) -> ImageDataset:
@@ -26,6 +27,18 @@ def test_crafting_and_gradient_norm_rates_are_positive_and_leave_the_model_alone
     assert bench_crafting(model, data, batch_size=8, steps=2, warmup=1, device=torch.device("cpu")) > 0
     assert bench_grad_norms(model, data, torch.device("cpu"), warmup=8) > 0
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # timing trains nothing
+
+
+def test_the_plain_loop_trains_its_model_in_the_default_layout():
+    """The plain loop stands for a model built the usual way: ubwlib's channels-last weights are moved to PyTorch's
+    default layout for it, and it trains them."""
+    model = build_model("resnet18-cifar", 3, 1, 0.0625, seed=0)
+    assert not model.layer1[0].conv1.weight.is_contiguous()  # built channels-last
+    before = model.conv1.weight.detach().clone()
+    assert bench_plain(model, _random(24), TrainConfig(batch_size=8), steps=1, warmup=1,
+                       device=torch.device("cpu")) > 0
+    assert all(p.is_contiguous() for p in model.parameters())
+    assert not torch.equal(model.conv1.weight, before)
 
 
 def test_main_prints_the_trainer_and_the_loop_rows(capsys):

@@ -3,9 +3,11 @@
     python -m ubwlib.bench            # or: make bench
 
 The plain loop is what most tutorials write: a torchvision-style dataset of PIL images with per-sample
-transforms (the same crop/flip as the profile), a ``torch.utils.data.DataLoader``, float32, contiguous
-tensors. ubwlib's trainer keeps the uint8 data as one tensor on the device, augments whole batches there,
-and uses bfloat16 autocast + channels-last where the hardware supports it. Both train the same model
+transforms (the same crop/flip as the profile), a ``torch.utils.data.DataLoader``, float32, and the model and
+tensors in PyTorch's default memory layout, as a model built the usual way has them (ubwlib builds its models
+channels-last, :mod:`ubwlib.models`; the plain loop moves its copy to the default layout). ubwlib's trainer
+keeps the uint8 data as one tensor on the device, augments whole batches there, runs channels-last on a CPU and
+uses bfloat16 autocast where the hardware supports it. Both train the same model
 (same architecture, same initial weights) on the same images for the same number of steps; the first
 steps of each are a warm-up and are not timed. The table prints images/s and the ratio. Both loops run in one
 process and so both get ubwlib's allocator settings (:func:`ubwlib.train.keep_freed_memory`, applied on import);

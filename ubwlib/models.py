@@ -179,8 +179,9 @@ class ResNet18(nn.Module):
         # Channels-last weights, as the small CNN's: every convolution then runs channels-last whatever the input's
         # layout. On a CPU oneDNN's channels-last kernels took half the time of its default-layout ones for the
         # default profile's 1/8-width model (convolutions 56 against 109 ms of a training step at batch 128, 2-core
-        # Xeon, float32; 10 ms against 3.6 for one backward pass of an 8-channel 28x28 layer), and training ran
-        # about 1.3x as fast (ubwlib.bench). The strides survive .to(device), deepcopy and load_state_dict, so a
+        # Xeon, float32; 10 ms against 3.6 for one backward pass of an 8-channel 28x28 layer), and a training step
+        # ran 1.04-1.22x as fast (the narrow layers' memory-bound batch norms and layout copies take back part of
+        # it), the crafting step of gradient matching about 1.2x. The strides survive .to(device), deepcopy and load_state_dict, so a
         # model trained here, evaluated, or reloaded from the cache takes the same kernels.
         self.to(memory_format=torch.channels_last)
 
