@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-__all__ = ["BatchNorm2d", "SubsampledConv2d", "BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES", "count_parameters",
-           "load_weights"]
+__all__ = ["BatchNorm2d", "SubsampledConv2d", "BasicBlock", "ResNet18", "SmallCNN", "build_model", "MODEL_NAMES",
+           "count_parameters", "load_weights"]
 
 
 class BatchNorm2d(nn.BatchNorm2d):
@@ -34,8 +34,8 @@ class BatchNorm2d(nn.BatchNorm2d):
     crafting step. Such an input is copied to the default layout, normalised by the same kernel as a contiguous
     input (so the result equals ``nn.BatchNorm2d`` on ``x.contiguous()`` exactly, gradients included) and copied
     back to channels-last; in the backward pass the gradient takes the same two copies (:class:`_Layout`), so the
-    native backward too sees one layout. Every other input (wider, contiguous, on a GPU, or traced by ``torch.compile``) takes ``nn.BatchNorm2d``'s
-    own path.
+    native backward too sees one layout. Every other input (wider, contiguous, on a GPU, or traced by
+    ``torch.compile``) takes ``nn.BatchNorm2d``'s own path.
 
     In eval mode, a float32 channels-last CPU input that autograd will differentiate (crafting, adversarial
     perturbations, per-sample gradient norms, key forgery) is normalised as the affine map it is,
@@ -181,8 +181,8 @@ class ResNet18(nn.Module):
         # default profile's 1/8-width model (convolutions 56 against 109 ms of a training step at batch 128, 2-core
         # Xeon, float32; 10 ms against 3.6 for one backward pass of an 8-channel 28x28 layer), and a training step
         # ran 1.04-1.22x as fast (the narrow layers' memory-bound batch norms and layout copies take back part of
-        # it), the crafting step of gradient matching about 1.2x. The strides survive .to(device), deepcopy and load_state_dict, so a
-        # model trained here, evaluated, or reloaded from the cache takes the same kernels.
+        # it), the crafting step of gradient matching about 1.2x. The strides survive .to(device), deepcopy and
+        # load_state_dict, so a model trained here, evaluated, or reloaded from the cache takes the same kernels.
         self.to(memory_format=torch.channels_last)
 
     @staticmethod
