@@ -31,6 +31,7 @@ from ..train import (
     PRECISIONS,
     TrainConfig,
     autocast_context,
+    channels_last,
     resolve_device,
     resolve_precision,
     to_model_input,
@@ -186,7 +187,7 @@ def pgd_perturb(
             for _ in range(steps):
                 delta.requires_grad_(True)
                 xin = x + delta
-                if prec == "bf16":
+                if channels_last(prec, dev):
                     xin = xin.contiguous(memory_format=torch.channels_last)
                 with autocast_context(prec, dev):
                     logits = model(xin)
