@@ -14,6 +14,7 @@ FMNIST_DIR := /usr/share/datasets/fashion-mnist
 
 help:
 	@echo "make book      build the book (HTML in book/_build/html) on the profile chosen for this machine (ubw profile)"
+	@echo "               [JOBS=auto|N] chapters executed at a time (auto: the CPU cores)"
 	@echo "make test      run every test, including the chapters with smoke parameters (nbval)"
 	@echo "make runs PROFILE=smoke|default|lite|paper  execute every chapter with papermill into book/_build/runs/<profile>/"
 	@echo "make results PROFILE=full [CHAPTERS=\"ubw_p ubw_c\"] [VIA=recipes]   store every table of the chapters in results/<profile>/"
@@ -63,8 +64,11 @@ data: install
 		exit 1; \
 	fi
 
+# jupyter-book build -W --keep-going book/, with JOBS chapters executed at a time (auto: the CPU cores); their
+# computations still run one at a time (the cache's lock), so only kernels' start-up and imports overlap
+JOBS ?= auto
 book: data
-	UBW_PROFILE=$(PROFILE) TQDM_DISABLE=1 $(BIN)/jupyter-book build -W --keep-going book/
+	UBW_PROFILE=$(PROFILE) TQDM_DISABLE=1 $(BIN)/python -m ubwlib.book --html --jobs $(JOBS)
 	@echo "HTML: book/_build/html/index.html"
 
 test: data

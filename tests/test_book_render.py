@@ -233,6 +233,88 @@ def test_book_modules_follow_every_import_statement(tmp_path):
     assert sphinx_ext.book_inputs((pkg,), None) == sphinx_ext.book_inputs((pkg,))
 
 
+def test_jupyter_books_undeclared_extensions_are_declared_parallel_safe_for_html_only(tmp_path):
+    """Without the declaration Sphinx reads one page at a time whatever -j asks (and -W fails on its warning)."""
+    from sphinx.application import Sphinx
+
+    from ubwlib.sphinx_ext import PARALLEL_SAFE_EXTENSIONS
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "conf.py").write_text(f"extensions = {[*PARALLEL_SAFE_EXTENSIONS, 'ubwlib.sphinx_ext']!r}\n")
+    (src / "index.rst").write_text("Title\n=====\n")
+    allowed = {}
+    for builder in ("html", "latex"):
+        app = Sphinx(str(src), str(src), str(tmp_path / builder), str(tmp_path / f"{builder}-doctrees"), builder,
+                     status=None, warning=None, parallel=2)
+        allowed[builder] = [app.extensions[name].parallel_read_safe for name in PARALLEL_SAFE_EXTENSIONS]
+    assert allowed == {"html": [True, True], "latex": [None, None]}
+
+
+def test_html_jobs():
+    from ubwlib.book import html_jobs, main
+
+    assert html_jobs("auto") == html_jobs(None) == len(os.sched_getaffinity(0))
+    assert html_jobs(3) == html_jobs("3") == 3
+    for bad in (0, "0", -1, "two", "2.5", 2.5):
+        with pytest.raises(ValueError, match="positive integer or 'auto'"):
+            html_jobs(bad)
+    with pytest.raises(SystemExit):
+        main(["--html", "ubw_p"])
+
+
+# A page whose kernel says which process started it: the Sphinx process that read the page.
+PID_PAGE = """---
+jupytext:
+  text_representation:
+    extension: .md
+    format_name: myst
+kernelspec:
+  display_name: Python 3
+  language: python
+  name: python3
+---
+
+# Page {i}
+
+```{{code-cell}} ipython3
+import os
+print("read by", os.getppid())
+```
+"""
+
+
+def test_build_html_reads_several_chapters_at_a_time(tmp_path):
+    """``make book``'s build: jupyter-book's configuration, the pages read (their kernels started) by several
+    Sphinx processes, the same pages as one at a time."""
+    if not JUPYTER_BOOK.exists():
+        pytest.skip(f"jupyter-book is not installed next to {sys.executable} (pip install -e '.[book]')")
+    book = tmp_path / "book"
+    book.mkdir()
+    shutil.copy(ROOT / "_config.yml", book / "_config.yml")
+    shutil.copytree(ROOT / "book" / "_static", book / "_static")
+    (book / "intro.md").write_text("# Intro\n\nSix pages follow.\n")
+    pages = [f"page{i}" for i in range(6)]
+    for i, name in enumerate(pages):
+        (book / f"{name}.md").write_text(PID_PAGE.format(i=i), encoding="utf-8")
+    (book / "_toc.yml").write_text("format: jb-book\nroot: intro\nchapters:\n" +
+                                   "".join(f"  - file: {n}\n" for n in pages))
+    code = f"import os; print('main', os.getpid()); from ubwlib.book import build_html; build_html({str(book)!r}, jobs=2)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "UBW_PROFILE": "smoke", "MPLBACKEND": "Agg"})
+    log = proc.stdout + proc.stderr
+    assert proc.returncode == 0, log[-6000:]
+    assert "2 page(s) at a time" in log and "doing serial" not in log
+    readers = []
+    for name in pages:
+        found = re.findall(r"read by (\d+)", (book / "_build" / "html" / f"{name}.html").read_text())
+        assert len(found) == 1, name
+        readers.append(int(found[0]))
+    # not the main process: Sphinx's parallel workers (7 pages in chunks of 3), at least two of them
+    main = int(re.search(r"main (\d+)", log).group(1))
+    assert main not in readers and len(set(readers)) >= 2
+
+
 # ------------------------------------------------------------------------------------------ the built book
 @pytest.fixture(scope="module")
 def site(tmp_path_factory) -> Path:

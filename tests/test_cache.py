@@ -8,6 +8,10 @@ import json
 import os
 import pickle
 import stat
+import subprocess
+import sys
+import threading
+import time
 import warnings
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from ubwlib.cache import (
     write_text_atomic,
 )
 from ubwlib.cache.payload import sha256_hex
+from ubwlib.cache.store import LOCK_FILE
 
 NS = "train"
 V = "v1"
@@ -249,6 +254,78 @@ def test_entries_record_their_compute_time_without_the_cached_parts_they_reused(
                          lambda: (None, c.put(NS, {"model": 1}, V, data=4, seconds=6.0).data))
     assert (e.meta["seconds"], e.meta["seconds_own"]) == (10.0, 4.0)
     assert c.get(NS, {"model": 1}, V).meta["seconds_own"] == 6.0
+
+
+# A process that holds the compute lock of the cache at argv[1] until the file argv[2]/go exists, then stores
+# {"by": "the other process"} under the test's key and lets go.
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from ubwlib.cache import Cache
+cache, flags = Cache(sys.argv[1]), Path(sys.argv[2])
+with cache.computing():
+    (flags / "holding").touch()
+    while not (flags / "go").exists():
+        time.sleep(0.02)
+    cache.put("train", {"a": 1}, "v1", data={"by": "the other process"})
+"""
+
+
+def _wait_for(path: Path, seconds: float = 60.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+
+
+def test_a_computation_waits_for_another_process_and_takes_its_result(root: Path, tmp_path: Path) -> None:
+    """Two processes sharing a cache compute one at a time; the one that waited finds the result the other stored
+    and does not compute it again."""
+    flags = tmp_path / "flags"
+    flags.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(root), str(flags)])
+    try:
+        _wait_for(flags / "holding")
+        compute = Counter()
+        got: list = []
+        waiter = threading.Thread(target=lambda: got.append(Cache(root).get_or_compute(NS, {"a": 1}, V, compute)))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive() and not got  # blocked while the other process holds the lock
+        (flags / "go").touch()
+        waiter.join(timeout=60)
+        assert holder.wait(timeout=60) == 0
+    finally:
+        holder.kill()
+    assert not waiter.is_alive() and compute.calls == 0
+    assert got[0].hit and got[0].data == {"by": "the other process"}
+    assert (root / LOCK_FILE).is_file() and not any(i.namespace == LOCK_FILE for i in Cache(root).entries())
+
+
+def test_nested_computations_take_the_lock_once(root: Path) -> None:
+    """A computation's cached parts run under the lock their caller holds (a second flock would wait forever)."""
+    c = Cache(root)
+    done: list = []
+
+    def outer():
+        inner = c.get_or_compute(NS, {"part": 1}, V, lambda: (None, 1))
+        with c.computing():
+            return None, inner.data + Cache(root).get_or_compute(NS, {"part": 2}, V, lambda: (None, 2)).data
+
+    worker = threading.Thread(target=lambda: done.append(c.get_or_compute(NS, {"whole": 1}, V, outer).data))
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive() and done == [3]
+    with pytest.raises(RuntimeError, match="inside"):  # released on an error too: the next computation runs
+        c.get_or_compute(NS, {"fails": 1}, V, lambda: (_ for _ in ()).throw(RuntimeError("inside")))
+    assert c.get_or_compute(NS, {"after": 1}, V, lambda: (None, 4)).data == 4
+
+
+def test_a_disabled_cache_takes_no_lock(root: Path) -> None:
+    with Cache(root, enabled=False).computing():
+        pass
+    assert Cache(root, enabled=False).get_or_compute(NS, {"a": 1}, V, lambda: (None, 1)).data == 1
+    assert not root.exists()
 
 
 def test_compute_may_return_no_tensors(root: Path) -> None:

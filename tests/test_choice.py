@@ -91,6 +91,27 @@ def test_the_choice_is_recorded_and_reused_until_something_it_depends_on_changes
     assert other_budget.calls  # another budget measures again
 
 
+def test_the_choice_is_measured_under_the_cache_lock_and_a_choice_made_meanwhile_is_taken(monkeypatch):
+    """Two chapters starting at once both ask for the choice: the one that waited for the lock takes the other's."""
+    from ubwlib.cache import Cache
+
+    first = choose(candidates=CANDIDATES, rate=Rates(0.5))
+    recorded = record_path().read_text()
+    record_path().unlink()
+    real, entered = Cache.computing, []
+
+    def computing(self):
+        entered.append(self.root)
+        record_path().write_text(recorded)  # what the other process recorded while this one waited
+        return real(self)
+
+    monkeypatch.setattr(Cache, "computing", computing)
+    rates = Rates(4.0)
+    again = choose(candidates=CANDIDATES, rate=rates)
+    assert entered == [record_path().parent.parent] and rates.calls == [] and again == first
+    assert choose(candidates=CANDIDATES, rate=rates, measure=True).profile == "default"  # measure: measures anyway
+
+
 def test_the_budget_comes_from_the_environment(monkeypatch):
     monkeypatch.setenv("UBW_BUILD_MINUTES", "1e6")
     assert choose(rate=Rates(1.0)).budget_minutes == 1e6

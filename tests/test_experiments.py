@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import math
+import shutil
 import struct
 from pathlib import Path
 
@@ -409,6 +410,29 @@ def test_trained_models_stack_the_uncached_and_cache_each_under_trained_models_k
         assert again.cached and again.key == t.key
         _assert_same_weights(again.model, t.model)
     assert len({t.key for t in out}) == 4
+
+
+def test_trained_models_look_again_once_they_hold_the_lock(tiny, tmp_path, monkeypatch):
+    """A model another process trained while this one waited for the cache's compute lock is loaded, not trained
+    again: here the "other process" stores it on the way into the lock."""
+    train_set = load_data(tiny).train
+    theirs = trained_model(tiny, train_set, seed=3, cache=Cache(tmp_path / "theirs"), progress=False)
+    cache = Cache(tmp_path / "ours")
+    real = Cache.computing
+    entered = []
+
+    def computing(self):
+        entered.append(True)
+        shutil.copytree(tmp_path / "theirs" / "model", cache.root / "model", dirs_exist_ok=True)
+        return real(self)
+
+    monkeypatch.setattr(Cache, "computing", computing)
+    _forbid_train(monkeypatch)
+    out = trained_models(tiny, [(train_set, 3)], cache=cache, progress=False)
+    assert entered == [True] and out[0].cached and out[0].key == theirs.key
+    _assert_same_weights(out[0].model, theirs.model)
+    trained_models(tiny, [(train_set, 3)], cache=cache, progress=False)  # cached: no lock taken
+    assert entered == [True]
 
 
 def test_run_many_equals_run_and_trains_the_victims_side_by_side(tiny, tmp_path, monkeypatch):

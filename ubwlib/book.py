@@ -1,4 +1,9 @@
-"""Running the book's chapters outside jupyter-book: parameterised papermill runs and nbval conversion.
+"""Running the book's chapters: the HTML build with several chapters at a time, parameterised papermill runs and
+nbval conversion.
+
+Build the HTML book, executing as many chapters at a time as there are cores (what ``make book`` does)::
+
+    python -m ubwlib.book --html [--jobs N]          # -> book/_build/html/
 
 Chapters are MyST Markdown notebooks (Jupytext). papermill cannot read ``.md`` and nbval only collects
 ``.ipynb``, so both go through :func:`read_chapter` (``jupytext.read``) first. Every chapter has one
@@ -22,11 +27,13 @@ One chapter by hand::
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
 
-__all__ = ["BOOK_DIR", "chapter_paths", "read_chapter", "write_test_notebook", "run_chapters", "store_results", "main"]
+__all__ = ["BOOK_DIR", "build_html", "chapter_paths", "html_jobs", "read_chapter", "write_test_notebook", "run_chapters",
+           "store_results", "main"]
 
 BOOK_DIR = Path(__file__).resolve().parent.parent / "book"
 
@@ -100,6 +107,55 @@ def write_test_notebook(md_path: Path | str, out_path: Path | str, parameters: d
     out_path.parent.mkdir(parents=True, exist_ok=True)
     nbformat.write(nb, str(out_path))
     return out_path
+
+
+def html_jobs(jobs: int | str | None = "auto") -> int:
+    """How many pages :func:`build_html` reads (chapters it executes) at a time: ``auto`` (or None) the CPU cores
+    this process may run on, else the positive integer given."""
+    if jobs is None or jobs == "auto":
+        try:
+            return max(1, len(os.sched_getaffinity(0)))
+        except AttributeError:  # pragma: no cover - not on Linux
+            return max(1, os.cpu_count() or 1)
+    try:
+        n = int(jobs)
+    except (TypeError, ValueError):
+        n = 0
+    if n < 1 or str(n) != str(jobs).strip():
+        raise ValueError(f"jobs must be a positive integer or 'auto', got {jobs!r}")
+    return n
+
+
+def build_html(book_dir: Path | str = BOOK_DIR, jobs: int | str | None = "auto") -> Path:
+    """Build the book's HTML as ``jupyter-book build -W --keep-going <book_dir>`` does (its configuration, its
+    table of contents, warnings as errors), reading :func:`html_jobs` pages at a time; returns the HTML folder.
+
+    jupyter-book's command line reads one page at a time, and a warm rebuild (every result in the cache) spends
+    most of its time starting a kernel and importing torch, pandas and matplotlib per chapter, on one core. With
+    Sphinx's parallel read (``ubwlib.sphinx_ext`` declares the two extensions that do not say so safe for it)
+    the chapters are executed ``jobs`` at a time, each in its own kernel. Their computations do not run side by
+    side: the cache lets one process compute at a time (:meth:`ubwlib.cache.Cache.computing`), so a cold build
+    trains as it does one chapter at a time, and a result two chapters need is computed once. The pages are the
+    same as jupyter-book's (the same cells, kernels and cache). Exits with Sphinx's status when the build fails."""
+    from jupyter_book.cli.main import build, builder_specific_actions
+    from jupyter_book.sphinx import build_sphinx
+
+    book_dir = Path(book_dir)
+    if not (book_dir / "_toc.yml").is_file():
+        raise FileNotFoundError(f"{book_dir} has no _toc.yml: give the book's folder (the one with _config.yml and "
+                                "_toc.yml), e.g. book/")
+    n = html_jobs(jobs)
+    # jupyter-book's own configuration of `jupyter-book build book/` (what `jupyter-book config sphinx` writes out)
+    path_config, source, overrides = build.callback(
+        path_source=str(book_dir), path_output=None, config=None, toc=None, warningiserror=True, nitpick=False,
+        keep_going=True, freshenv=False, builder="html", custom_builder=None, verbose=0, quiet=0,
+        individualpages=False, get_config_only=True)
+    out = book_dir.absolute() / "_build" / "html"
+    print(f"Building the book in {out} from {source}, {n} page(s) at a time", flush=True)
+    result = build_sphinx(source, out, use_external_toc=True, noconfig=True, path_config=path_config,
+                          confoverrides=overrides, builder="html", warningiserror=True, keep_going=True, jobs=n)
+    builder_specific_actions(result, "html", out, "book", None, print)
+    return out
 
 
 def run_chapters(profile: str, out_dir: Path | str | None = None, chapters: list[str] | None = None,
@@ -177,8 +233,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="store every table of the chapters under results/<profile>/ with provenance (make results)")
     ap.add_argument("--via", choices=("papermill", "recipes"), default="papermill",
                     help="with --store: execute the chapters (default) or call their recipes directly (no Jupyter)")
+    ap.add_argument("--html", action="store_true",
+                    help="build the HTML book as `jupyter-book build -W --keep-going book/` does, several chapters at "
+                         "a time (make book)")
+    ap.add_argument("--jobs", default="auto",
+                    help="with --html: pages read (chapters executed) at a time; auto: the CPU cores (default)")
     ap.add_argument("chapters", nargs="*", help="chapter names (file stems, commas allowed); default: all")
     args = ap.parse_args(argv)
+    if args.html:
+        if args.store or args.chapters:
+            ap.error("--html builds the whole book: no chapters, no --store")
+        try:
+            html_jobs(args.jobs)
+        except ValueError as err:
+            ap.error(f"--jobs: {err}")
+        build_html(jobs=args.jobs)
+        return 0
     chapters = [c for arg in args.chapters for c in arg.split(",") if c]
     if args.store:
         command = " ".join(["python -m ubwlib.book", *(argv if argv is not None else sys.argv[1:])])

@@ -81,6 +81,24 @@ def _copy_mathjax(app, exc) -> None:
     shutil.copytree(source, Path(app.outdir) / "_static" / MATHJAX_DIR, ignore=ignore, dirs_exist_ok=True)
 
 
+#: Extensions jupyter-book 1 loads that do not say whether Sphinx may read pages in parallel with them: Sphinx then
+#: assumes not, warns and reads one page at a time whatever ``-j`` asks. Read (sphinx-multitoc-numbering 0.1.3,
+#: sphinx-jupyterbook-latex 1.0.0), neither keeps anything per page in the build environment: the first replaces
+#: the section numbering that Sphinx computes in the main process once every page is read; the second adds nodes
+#: and transforms, and sets the environment up for a LaTeX builder only. For an HTML build they are declared safe
+#: (:func:`_declare_parallel_safe`), so that ``python -m ubwlib.book --html`` executes several chapters at a time.
+PARALLEL_SAFE_EXTENSIONS = ("sphinx_multitoc_numbering", "sphinx_jupyterbook_latex")
+
+
+def _declare_parallel_safe(app) -> None:
+    if app.builder.format != "html":
+        return
+    for name in PARALLEL_SAFE_EXTENSIONS:
+        ext = app.extensions.get(name)
+        if ext is not None and getattr(ext, "parallel_read_safe", None) is None:
+            ext.parallel_read_safe = True
+
+
 def book_profile() -> str:
     """The profile the book is built with (``UBW_PROFILE``, else ``default``, as the chapters choose it); ``auto``:
     the profile chosen for this machine (:mod:`ubwlib.experiments.choice`, recorded, so the chapters read the same)."""
@@ -199,4 +217,5 @@ def setup(app):
     # After the configuration is read (jupyter-book's `sphinx: config:` included), before the pages are written.
     app.connect("config-inited", _use_local_mathjax, priority=900)
     app.connect("build-finished", _copy_mathjax)
+    app.connect("builder-inited", _declare_parallel_safe)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}

@@ -3,8 +3,10 @@ into place, verified on every read), lists the entries and clears what it provab
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import logging
 import os
 import shutil
 import stat
@@ -19,6 +21,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+try:  # POSIX; elsewhere computations are not serialised across processes
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None
 
 from .checkpoints import Checkpoint
 from .keys import SHORT, CacheKey, cache_key, type_name
@@ -57,6 +64,11 @@ from .payload import (
 __all__ = ["Cache", "Entry", "EntryInfo"]
 
 _NO_CACHE_ENV = "UBW_NO_CACHE"
+#: The root's lock file: :meth:`Cache.computing` holds an exclusive ``flock`` on it.
+LOCK_FILE = ".compute.lock"
+_LOG = logging.getLogger("ubwlib.cache")
+#: How many :meth:`Cache.computing` blocks this thread is inside (the outermost one holds the lock).
+_HELD = threading.local()
 #: The computations of :meth:`Cache.get_or_compute` under way in this thread, innermost last: each holds the
 #: seconds its nested computations took, so that an entry records its own time beside the whole.
 _RUNNING = threading.local()
@@ -422,6 +434,42 @@ class Cache:
         timing = None if seconds is None else _timing(float(seconds))
         return self._put(key, tensors, data, overwrite, timing=timing)
 
+    @contextlib.contextmanager
+    def computing(self):
+        """Hold this cache's compute lock: one computation at a time among the processes sharing the root.
+
+        :meth:`get_or_compute` computes inside it, and so does every caller that computes and then :meth:`put` s
+        (the trainings of :func:`ubwlib.experiments.core.trained_models`). Two processes building into one cache
+        (the chapters of ``make book`` executed side by side) therefore never train side by side, where each
+        would take its share of the cores and run several times slower, and a result both need is computed
+        once: the one that waited finds it in the cache (callers look again once they hold the lock). Only the
+        outermost block of a thread takes the lock (an exclusive ``flock`` on the root's :data:`LOCK_FILE`,
+        released when the block ends or the process dies); the computations nested in it run under it. No lock
+        where the cache is disabled or the platform or file system has no ``flock``."""
+        depth = getattr(_HELD, "depth", 0)
+        fd = None
+        if depth == 0 and self.enabled and fcntl is not None:
+            self._ensure_root()
+            try:
+                fd = os.open(self.root / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    _LOG.info("waiting for another process's computation in %s", self.root)
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+            except OSError as err:  # no flock on this file system: compute unserialised
+                _LOG.info("no compute lock in %s (%s)", self.root, err)
+                if fd is not None:
+                    os.close(fd)
+                fd = None
+        _HELD.depth = depth + 1
+        try:
+            yield
+        finally:
+            _HELD.depth = depth
+            if fd is not None:
+                os.close(fd)  # releases the lock
+
     def get_or_compute(
         self,
         namespace: str,
@@ -431,31 +479,37 @@ class Cache:
     ) -> Entry:
         """The cached entry, or ``compute()`` -> ``(tensors | None, data)`` stored and returned.
 
-        ``compute`` runs at most once per call. Under ``UBW_NO_CACHE`` it always runs and its
-        result replaces any stored entry; with ``enabled=False`` it always runs and nothing
-        is stored.
+        ``compute`` runs at most once per call, under the compute lock (:meth:`computing`; a result another
+        process stored while this one waited for the lock is returned instead). Under ``UBW_NO_CACHE`` it always
+        runs and its result replaces any stored entry; with ``enabled=False`` it always runs and nothing is
+        stored.
         """
         key = self._key(namespace, settings, version)
         if self.reads_enabled:
             entry = self._load(key)
             if entry is not None:
                 return entry
-        stack = _RUNNING.__dict__.setdefault("stack", [])
-        stack.append(0.0)
-        start = time.perf_counter()
-        try:
-            result = compute()
-        finally:
-            nested = stack.pop()
-            # where a cold build spends its time (``ubw cache`` sums it): the whole computation, and what remains
-            # of it once the cached computations it called are taken out
-            timing = _timing(time.perf_counter() - start, nested)
-        if not isinstance(result, tuple) or len(result) != 2:
-            raise TypeError(
-                f"compute() must return a (tensors, data) tuple, got {type_name(result)}"
-            )
-        tensors, data = result
-        return self._put(key, tensors, data, overwrite=self.enabled and _no_cache_env(), timing=timing)
+        with self.computing():
+            if self.reads_enabled:
+                entry = self._load(key)  # computed by another process while this one waited
+                if entry is not None:
+                    return entry
+            stack = _RUNNING.__dict__.setdefault("stack", [])
+            stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                result = compute()
+            finally:
+                nested = stack.pop()
+                # where a cold build spends its time (``ubw cache`` sums it): the whole computation, and what
+                # remains of it once the cached computations it called are taken out
+                timing = _timing(time.perf_counter() - start, nested)
+            if not isinstance(result, tuple) or len(result) != 2:
+                raise TypeError(
+                    f"compute() must return a (tensors, data) tuple, got {type_name(result)}"
+                )
+            tensors, data = result
+            return self._put(key, tensors, data, overwrite=self.enabled and _no_cache_env(), timing=timing)
 
     def checkpoint(self, namespace: str, settings: Any, version: str) -> Checkpoint:
         """A :class:`Checkpoint` for a long, resumable computation with this key."""

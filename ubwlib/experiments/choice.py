@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 
 from .._paths import cache_root
+from ..cache import Cache
 from ..cache.files import write_text_atomic
 from ..data import ImageDataset
 from ..models import build_model
@@ -190,29 +191,45 @@ def choose(budget_minutes: float | None = None, *, candidates: tuple[str, ...] =
     machine = _machine(device)
     key = _key(machine, budget, tuple(candidates))
     path = record_path()
-    if not measure and path.is_file():
-        try:
-            saved = json.loads(path.read_text())
-        except (OSError, ValueError):
-            saved = {}
-        if saved.get("key") == key and saved.get("profile") in candidates:
-            return Choice(**{f.name: saved[f.name] for f in dataclasses.fields(Choice)})
-    rates: dict[str, float] = {}
-    predicted: dict[str, float] = {}
-    chosen = None
-    for name in candidates:
-        rates[name] = float(rate(PROFILES[name], device=device))
-        predicted[name] = predict(name, rates[name]) / 60
-        if predicted[name] <= budget:
-            chosen = name
-            break
-    if chosen is None:
-        chosen = min(predicted, key=predicted.get)
-    out = Choice(profile=chosen, budget_minutes=budget, rates=rates, predicted_minutes=predicted, machine=machine,
-                 measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text_atomic(path, json.dumps({"key": key, **dataclasses.asdict(out)}, indent=1))
+    saved = None if measure else _recorded(path, key, candidates)
+    if saved is not None:
+        return saved
+    # Measured under the cache's compute lock: no other process building into this cache trains meanwhile (the
+    # rates would be those of a shared machine), and a choice recorded while this one waited is taken as it is.
+    with Cache(cache_root()).computing():
+        saved = None if measure else _recorded(path, key, candidates)
+        if saved is not None:
+            return saved
+        rates: dict[str, float] = {}
+        predicted: dict[str, float] = {}
+        chosen = None
+        for name in candidates:
+            rates[name] = float(rate(PROFILES[name], device=device))
+            predicted[name] = predict(name, rates[name]) / 60
+            if predicted[name] <= budget:
+                chosen = name
+                break
+        if chosen is None:
+            chosen = min(predicted, key=predicted.get)
+        out = Choice(profile=chosen, budget_minutes=budget, rates=rates, predicted_minutes=predicted,
+                     machine=machine, measured=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, json.dumps({"key": key, **dataclasses.asdict(out)}, indent=1))
     return out
+
+
+def _recorded(path: Path, key: str, candidates: tuple[str, ...]) -> Choice | None:
+    """The choice recorded at ``path`` when it was made for ``key`` among ``candidates``, else None."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(saved, dict) or saved.get("key") != key or saved.get("profile") not in candidates:
+        return None
+    try:
+        return Choice(**{f.name: saved[f.name] for f in dataclasses.fields(Choice)})
+    except KeyError:  # written by another version: measure again
+        return None
 
 
 def chosen_profile(budget_minutes: float | None = None, **kwargs) -> Profile:

@@ -150,30 +150,42 @@ def trained_models(
     for i, k in enumerate(keys):
         first.setdefault(k, i)
     entries = {}
-    todo: list[int] = []
-    for k, i in first.items():
-        entry = cache.get("model", specs[i][2], VERSIONS["model"])
-        if entry is None:
-            todo.append(i)
-        else:
-            entries[k] = entry
-    # side by side only what can share a pass: datasets of one size, image shape and number of classes
-    groups: dict[tuple, list[int]] = {}
-    for i in todo:
-        d = specs[i][0]
-        groups.setdefault((len(d), tuple(d.image_shape), d.num_classes), []).append(i)
-    stack = max(1, profile.stack)
-    for members in groups.values():
-        for start in range(0, len(members), stack):
-            chunk = members[start : start + stack]
-            t0 = time.perf_counter()
-            results = train_many([make(specs[i][0], specs[i][1]) for i in chunk], [specs[i][0] for i in chunk],
-                                 [specs[i][1] for i in chunk], progress=progress, desc=desc)
-            share = (time.perf_counter() - t0) / len(chunk)  # each model's part of the pass
-            for i, (model, hist) in zip(chunk, results):
-                entries[keys[i]] = cache.put("model", specs[i][2], VERSIONS["model"], state_dict_tensors(model),
-                                             {"history": table_to_data(hist)},
-                                             overwrite=cache.enabled and not cache.reads_enabled, seconds=share)
+
+    def missing(candidates) -> list[int]:
+        """The jobs among ``candidates`` whose model is not in the cache (the others' entries are kept)."""
+        out = []
+        for i in candidates:
+            entry = cache.get("model", specs[i][2], VERSIONS["model"])
+            if entry is None:
+                out.append(i)
+            else:
+                entries[keys[i]] = entry
+        return out
+
+    todo = missing(first.values())
+    if todo:
+        # one computation at a time in this cache: another process may have trained some while this one waited
+        with cache.computing():
+            todo = missing(todo)
+            # side by side only what can share a pass: datasets of one size, image shape and number of classes
+            groups: dict[tuple, list[int]] = {}
+            for i in todo:
+                d = specs[i][0]
+                groups.setdefault((len(d), tuple(d.image_shape), d.num_classes), []).append(i)
+            stack = max(1, profile.stack)
+            for members in groups.values():
+                for start in range(0, len(members), stack):
+                    chunk = members[start : start + stack]
+                    t0 = time.perf_counter()
+                    results = train_many([make(specs[i][0], specs[i][1]) for i in chunk],
+                                         [specs[i][0] for i in chunk], [specs[i][1] for i in chunk],
+                                         progress=progress, desc=desc)
+                    share = (time.perf_counter() - t0) / len(chunk)  # each model's part of the pass
+                    for i, (model, hist) in zip(chunk, results):
+                        entries[keys[i]] = cache.put("model", specs[i][2], VERSIONS["model"],
+                                                     state_dict_tensors(model), {"history": table_to_data(hist)},
+                                                     overwrite=cache.enabled and not cache.reads_enabled,
+                                                     seconds=share)
     trained = {keys[i] for i in todo}
     out = []
     for (train_set, cfg, _), k in zip(specs, keys):
