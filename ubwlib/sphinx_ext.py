@@ -10,6 +10,11 @@ the command line, the server or the bench), the stored results and the environme
 unchanged book rebuilds in seconds without running a cell; a changed library or stored table runs every page again (against the warm cache) instead of keeping pages
 computed with the old one.
 
+``make book`` reads the pages (executes the chapters) several at a time (:func:`ubwlib.book.build_html`, Sphinx's
+parallel read). Sphinx allows that only when every extension says it is safe; two that jupyter-book 1 loads say
+nothing, and this extension declares them safe for HTML builds (:data:`PARALLEL_SAFE_EXTENSIONS`, where the reason
+is given).
+
 Sphinx's math extension loads MathJax 3 from a CDN by default (jupyter-book 1 keeps that default). This extension
 points ``mathjax_path`` at ``_static/mathjax/`` and copies MathJax 3 there from the ``sphinx-mathjax-offline``
 package (a dependency of the ``book`` extra; MathJax 3.2.2 under the Apache License 2.0): the same component
@@ -29,8 +34,8 @@ import re
 import shutil
 from pathlib import Path
 
-__all__ = ["INPUT_VARIABLES", "MATHJAX_COMPONENT", "MATHJAX_DIR", "book_inputs", "book_modules", "book_profile",
-           "input_folders", "mathjax_source", "setup"]
+__all__ = ["INPUT_VARIABLES", "MATHJAX_COMPONENT", "MATHJAX_DIR", "PARALLEL_SAFE_EXTENSIONS", "book_inputs",
+           "book_modules", "book_profile", "input_folders", "mathjax_source", "setup"]
 
 #: The MathJax component the pages load: the one Sphinx loads from its CDN by default.
 MATHJAX_COMPONENT = "tex-mml-chtml.js"

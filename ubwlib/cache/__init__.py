@@ -20,6 +20,7 @@ Layout on disk (``root`` is :func:`ubwlib._paths.cache_root` unless given)::
     <root>/<namespace>/<hash20>.ckpt/   a resumable computation's checkpoint (checkpoint.pt, which
                                         records namespace and full hash: its marker)
     <root>/<namespace>/.tmp-<hash20>-*  an entry being written (renamed into place atomically)
+    <root>/.compute.lock                the compute lock (an empty file; Cache.computing flocks it)
     <root>/data/                        derived dataset files made by ubwlib.data (decoded tensors;
                                         folders of decompressed IDX files left by older versions)
                                         and its downloads (torchvision/)
@@ -43,6 +44,10 @@ Key points of the contract:
   ``meta.json`` matches their folder, checkpoints whose file records their hash, leftovers holding
   nothing but cache files, and the derived dataset copies under ``data/`` (never the downloads
   in ``data/torchvision``, never a user's dataset: links to originals are unlinked, not followed).
+* One computation at a time per root: :meth:`Cache.get_or_compute` computes under an exclusive ``flock`` of
+  ``.compute.lock`` (:meth:`Cache.computing`; nested computations run under their caller's), and looks again
+  once it holds it. Processes sharing a cache (``make book``'s chapters executed side by side) never train side
+  by side on the same cores, and a result two of them ask for is computed once.
 * ``Cache(enabled=False)`` never touches the disk (always computes). The environment variable
   ``UBW_NO_CACHE=1`` (also ``true``/``yes``/``on``) disables *reads* only: everything is
   recomputed, and the fresh results replace the stored ones.
