@@ -32,9 +32,8 @@ CHAPTER = "dispersibility"
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 JUPYTER_BOOK = Path(sys.executable).parent / "jupyter-book"
 
-# A page of the tables the chapters show, small enough to cost a kernel start: NaN where a value does not apply
-# (No Attack's ASR), a Styler (the report's way), a claims table on a named profile.
-TABLES_PAGE = """---
+# The front matter of a MyST notebook page.
+NOTEBOOK_HEADER = """---
 jupytext:
   text_representation:
     extension: .md
@@ -44,7 +43,11 @@ kernelspec:
   language: python
   name: python3
 ---
+"""
 
+# A page of the tables the chapters show, small enough to cost a kernel start: NaN where a value does not apply
+# (No Attack's ASR), a Styler (the report's way), a claims table on a named profile.
+TABLES_PAGE = NOTEBOOK_HEADER + """
 # Tables
 
 Where a value does not apply, the tables show a dash.
@@ -264,17 +267,7 @@ def test_html_jobs():
 
 
 # A page whose kernel says which process started it: the Sphinx process that read the page.
-PID_PAGE = """---
-jupytext:
-  text_representation:
-    extension: .md
-    format_name: myst
-kernelspec:
-  display_name: Python 3
-  language: python
-  name: python3
----
-
+PID_PAGE = NOTEBOOK_HEADER + """
 # Page {i}
 
 ```{{code-cell}} ipython3
