@@ -266,6 +266,17 @@ def test_html_jobs():
         main(["--html", "ubw_p"])
 
 
+def test_build_html_names_the_fix_for_a_wrong_folder_or_a_missing_jupyter_book(tmp_path, monkeypatch):
+    from ubwlib.book import build_html
+
+    with pytest.raises(FileNotFoundError, match="has no _toc.yml: give the book's folder"):
+        build_html(tmp_path)
+    for name in ("jupyter_book", "jupyter_book.cli", "jupyter_book.cli.main", "jupyter_book.sphinx"):
+        monkeypatch.setitem(sys.modules, name, None)  # import fails as where it is not installed
+    with pytest.raises(RuntimeError, match=r"needs jupyter-book .*make install"):
+        build_html(ROOT / "book")
+
+
 # A page whose kernel says which process started it: the Sphinx process that read the page.
 PID_PAGE = NOTEBOOK_HEADER + """
 # Page {i}

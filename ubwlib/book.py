@@ -137,14 +137,17 @@ def build_html(book_dir: Path | str = BOOK_DIR, jobs: int | str | None = "auto")
     side: the cache lets one process compute at a time (:meth:`ubwlib.cache.Cache.computing`), so a cold build
     trains as it does one chapter at a time, and a result two chapters need is computed once. The pages are the
     same as jupyter-book's (the same cells, kernels and cache). Exits with Sphinx's status when the build fails."""
-    from jupyter_book.cli.main import build, builder_specific_actions
-    from jupyter_book.sphinx import build_sphinx
-
+    n = html_jobs(jobs)
     book_dir = Path(book_dir)
     if not (book_dir / "_toc.yml").is_file():
         raise FileNotFoundError(f"{book_dir} has no _toc.yml: give the book's folder (the one with _config.yml and "
                                 "_toc.yml), e.g. book/")
-    n = html_jobs(jobs)
+    try:
+        from jupyter_book.cli.main import build, builder_specific_actions
+        from jupyter_book.sphinx import build_sphinx
+    except ImportError as err:
+        raise RuntimeError(f"the HTML build needs jupyter-book ({err}): install the book's dependencies (`make "
+                           "install`, or `pip install -c constraints.txt -e '.[book]'`)") from None
     # jupyter-book's own configuration of `jupyter-book build book/` (what `jupyter-book config sphinx` writes out)
     path_config, source, overrides = build.callback(
         path_source=str(book_dir), path_output=None, config=None, toc=None, warningiserror=True, nitpick=False,
