@@ -31,7 +31,6 @@ from ..train import (
     PRECISIONS,
     TrainConfig,
     autocast_context,
-    channels_last,
     resolve_device,
     resolve_precision,
     to_model_input,
@@ -186,11 +185,8 @@ def pgd_perturb(
             delta = (x + delta).clamp_(0, 1) - x
             for _ in range(steps):
                 delta.requires_grad_(True)
-                xin = x + delta
-                if channels_last(prec, dev):
-                    xin = xin.contiguous(memory_format=torch.channels_last)
                 with autocast_context(prec, dev):
-                    logits = model(xin)
+                    logits = model(to_model_input(x + delta, prec))  # the layout the trainer feeds this precision
                 loss = F.cross_entropy(logits.float(), y, reduction="sum")
                 (grad,) = torch.autograd.grad(loss, delta)
                 with torch.no_grad():
