@@ -50,6 +50,9 @@ def test_main_prints_the_trainer_and_the_loop_rows(capsys):
     assert re.search(r"smoke: smallcnn x0\.5, \(1, 28, 28\), batch \d+ +[\d,]+ +[\d,]+ +[\d,]+ +[\d.]+x", out)
     assert re.search(r"gradient-matching crafting step, smallcnn x0\.5, batch 128 +[\d,]+ poisons/s", out)
     assert re.search(r"per-sample gradient norms, smallcnn x0\.5 +[\d,]+ images/s", out)
+    assert re.search(r"^smallcnn x0\.5 alone \(fp32, one batch kept on the device, no data pipeline\): [\d,]+ img/s in "
+                     r"the default layout, [\d,]+ channels-last$", out, re.M)
+    assert re.search(r"data pipeline takes \d+% of its time; channels-last alone runs [\d.]+x the plain loop", out)
     assert "GPU" not in out  # the GPU rows only where a GPU is
 
 
@@ -81,3 +84,16 @@ def test_the_gpu_rows_run_end_to_end_on_the_cpu_with_a_tiny_model(monkeypatch):
     ]
     assert all(rate > 0 for _, unit, rate in rows if unit != "s")
     assert all(seconds >= 0 for _, unit, seconds in rows if unit == "s")
+
+
+def test_the_model_alone_trains_one_resident_batch_in_the_layout_asked():
+    """The ceiling rows: the model's own step on one batch, no DataLoader; it trains the model in the layout asked."""
+    from ubwlib.bench import bench_model_alone
+
+    for fmt in (torch.contiguous_format, torch.channels_last):
+        model = build_model("resnet18-cifar", 3, 1, 0.0625, seed=0)
+        before = model.conv1.weight.detach().clone()
+        assert bench_model_alone(model, _random(24), TrainConfig(batch_size=8), steps=2, warmup=1,
+                                 device=torch.device("cpu"), memory_format=fmt) > 0
+        assert all(p.is_contiguous(memory_format=fmt) for p in model.parameters() if p.dim() == 4)
+        assert not torch.equal(model.conv1.weight, before)
