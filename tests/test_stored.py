@@ -254,3 +254,18 @@ def test_make_results_through_papermill_and_the_chapter_pointed_at_them(tmp_path
     assert "smoke (stored)" in html[0] and "smoke (live)" in html[0] and ">missing<" not in html[0]
     ba = f"{100 * s.table.loc['UBW-P', 'BA']:.2f}"
     assert html[0].count(ba) >= 2  # the stored and the live BA of UBW-P, the same number
+
+
+def test_provenance_outside_a_git_checkout_takes_the_commit_from_ubw_commit(monkeypatch):
+    """A lent GPU machine gets the working tree without .git: the commit comes from UBW_COMMIT, and whether the files
+    differed from it is unknown (None), not 'dirty'."""
+    from ubwlib.experiments import provenance as P
+
+    monkeypatch.setattr(P, "git", lambda *args: "unknown")
+    monkeypatch.delenv(P.COMMIT_ENV, raising=False)
+    assert P.provenance("x")["commit"] == "unknown" and P.provenance("x")["dirty"] is None
+    monkeypatch.setenv(P.COMMIT_ENV, " 0123abcd ")
+    p = P.provenance("make results", seconds=2.25)
+    assert p["commit"] == "0123abcd" and p["dirty"] is None and p["wall seconds"] == 2.2
+    monkeypatch.setattr(P, "git", lambda *args: "feedbeef" if args[0] == "rev-parse" else "")
+    assert P.provenance("x")["commit"] == "feedbeef" and P.provenance("x")["dirty"] is False  # git wins

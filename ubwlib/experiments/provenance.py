@@ -7,15 +7,19 @@ Shared by the stored chapter tables (:mod:`ubwlib.experiments.stored`) and the s
 from __future__ import annotations
 
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
-__all__ = ["REPO_ROOT", "git", "machine", "provenance"]
+__all__ = ["REPO_ROOT", "COMMIT_ENV", "git", "machine", "provenance"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+COMMIT_ENV = "UBW_COMMIT"
+"""The commit to record where the code runs from a copy of the repository without its ``.git`` (a lent GPU machine
+gets the working tree only): ``UBW_COMMIT=<sha>``. A git checkout records its own ``HEAD`` and ignores it."""
 
 
 def git(*args: str) -> str:
@@ -39,10 +43,13 @@ def machine() -> str:
 def provenance(command: str, seconds: float | None = None) -> dict:
     """Commit (and whether tracked files other than the stored results under ``results/`` differed from it: the
     code that ran was not the commit's), UTC date, device, torch and Python versions, the command and its wall
-    time in seconds."""
+    time in seconds. Outside a git checkout the commit is :data:`COMMIT_ENV`'s (else ``"unknown"``) and whether the
+    files differed from it is not known (``None``)."""
+    commit = git("rev-parse", "HEAD")
+    status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {
-        "commit": git("rev-parse", "HEAD"),
-        "dirty": bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")),
+        "commit": commit if commit != "unknown" else os.environ.get(COMMIT_ENV, "").strip() or "unknown",
+        "dirty": None if status == "unknown" else bool(status),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
         "torch": torch.__version__,
