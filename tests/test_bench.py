@@ -97,3 +97,25 @@ def test_the_model_alone_trains_one_resident_batch_in_the_layout_asked():
                                  device=torch.device("cpu"), memory_format=fmt) > 0
         assert all(p.is_contiguous(memory_format=fmt) for p in model.parameters() if p.dim() == 4)
         assert not torch.equal(model.conv1.weight, before)
+
+
+def test_loop_rows_print_as_measured_and_a_failure_does_not_stop_the_others(capsys):
+    """On a lent GPU machine a call can end at its time limit or one compiled loop can fail: each row is printed as
+    soon as it is measured, a failing one as FAILED (rate nan), and the rows after it still run."""
+    from ubwlib.bench import _Loops
+
+    loops = _Loops()
+    loops.add("first", "images/s", lambda: 1234.4)
+    assert capsys.readouterr().out.splitlines()[-1].split() == ["first", "1,234", "images/s"]  # printed already
+
+    def broken():
+        raise RuntimeError("graph capture failed\nmore detail")
+
+    loops.add("second", "poisons/s", broken)
+    loops.add("compiled", "images/s", lambda: (2000.0, 12.6))
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].split() == ["second", "nan", "poisons/s"]
+    assert out[1].strip() == "FAILED (RuntimeError: graph capture failed)"
+    assert [line.split() for line in out[2:]] == [["compiled", "2,000", "images/s"], ["its", "compilation", "13", "s"]]
+    assert [(n, u) for n, u, _ in loops.rows] == [("first", "images/s"), ("second", "poisons/s"),
+                                                   ("compiled", "images/s"), ("  its compilation", "s")]

@@ -17,7 +17,8 @@ kernels take over 90% of the plain loop's time, so that ceiling is about 1.2x). 
 process and so both get ubwlib's allocator settings (:func:`ubwlib.train.keep_freed_memory`, applied on import);
 ``UBW_MALLOC=system python -m ubwlib.bench`` runs both with glibc's defaults.
 
-A second table times the two other hot loops of the book on the same model: the crafting step of gradient
+A second table, printed a row at a time as each is measured (a failing row is printed as such and the others
+still run), times the two other hot loops of the book on the same model: the crafting step of gradient
 matching (poisons/s: augment, per-batch parameter gradient with ``create_graph``, passenger loss against a target
 gradient, gradient with respect to the perturbation: a double backward) and the per-sample gradient norms that
 select the poisons (images/s). With a GPU, the CIFAR-shape ResNet-18 rows add ubwlib at batch 128 and 512 (eager,
@@ -32,6 +33,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -325,68 +327,93 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  the plain loop's data pipeline takes {max(0.0, 1 - plain / cf):.0%} of its time; channels-last alone "
               f"runs {cl / plain:.1f}x the plain loop: about the most a trainer gains with these kernels")
 
-    loops = []
+    loops = _Loops()
     gm = GradientMatchingSettings()
     crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
     if args.compile and dev.type == "cpu":
-        rate, seconds = bench_compiled(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3, dev)
-        loops += [(f"ubwlib fp32 compiled (torch.compile), {prof.model} x{prof.width}, batch {cfg.batch_size}",
-                   "images/s", rate), ("  its compilation", "s", seconds)]
+        loops.add(f"ubwlib fp32 compiled (torch.compile), {prof.model} x{prof.width}, batch {cfg.batch_size}",
+                  "images/s", lambda: bench_compiled(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3,
+                                                     dev))
         if args.craft_steps > 0:
-            loops.append((f"crafting step compiled, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
-                          bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
-                                         args.craft_steps, 2, dev, prec, compile=True)))
+            loops.add(f"crafting step compiled, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
+                      lambda: bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
+                                             args.craft_steps, 2, dev, prec, compile=True))
     if args.craft_steps > 0:
-        loops.append((f"gradient-matching crafting step, {prof.model} x{prof.width}, batch {gm.batch_size}",
-                      "poisons/s", bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
-                                                  args.craft_steps, 1, dev, prec)))
+        loops.add(f"gradient-matching crafting step, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
+                  lambda: bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
+                                         args.craft_steps, 1, dev, prec))
     if args.norm_images > 0:
-        loops.append((f"per-sample gradient norms, {prof.model} x{prof.width}", "images/s",
-                      bench_grad_norms(model(prof.model, prof.width, k, c),
-                                       data.subset(torch.arange(min(len(data), args.norm_images))), dev)))
+        loops.add(f"per-sample gradient norms, {prof.model} x{prof.width}", "images/s",
+                  lambda: bench_grad_norms(model(prof.model, prof.width, k, c),
+                                           data.subset(torch.arange(min(len(data), args.norm_images))), dev))
     if dev.type == "cuda" and args.cifar_steps > 0:
-        rows_gpu = _gpu_rows(args, dev, model)
-        loops.extend(rows_gpu)
-    if loops:
-        w = max(len(r[0]) for r in loops)
-        print(f"{'loop':<{w}}  {'rate':>12}")
-        for name, unit, rate in loops:
-            print(f"{name:<{w}}  {rate:>12,.0f} {unit}")
+        _gpu_rows(args, dev, model, loops)
     return 0
 
 
-def _gpu_rows(args: argparse.Namespace, dev: torch.device, model) -> list[tuple[str, str, float]]:
+class _Loops:
+    """The second table, printed a row at a time as each is measured: a run stopped at a time limit (a lent GPU
+    machine's call) keeps the rows before, and a row that fails is printed as failed while the others still run."""
+
+    WIDTH = 72
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float]] = []
+
+    def _print(self, name: str, unit: str, rate: float) -> None:
+        if not self.rows:
+            print(f"{'loop':<{self.WIDTH}}  {'rate':>12}", flush=True)
+        self.rows.append((name, unit, rate))
+        print(f"{name:<{self.WIDTH}}  {rate:>12,.0f} {unit}", flush=True)
+
+    def add(self, name: str, unit: str, measure: Callable[[], float | tuple[float, float]]) -> None:
+        """Run ``measure()`` (a rate, or ``(rate, compilation seconds)``, printed as a second row) and print it."""
+        try:
+            value = measure()
+        except Exception as err:  # noqa: BLE001 (one failed loop must not cost the others' figures)
+            first = (str(err).splitlines() or [""])[0][:160]
+            self._print(name, unit, float("nan"))
+            print(f"{'':<{self.WIDTH}}  FAILED ({type(err).__name__}: {first})", flush=True)
+            return
+        rate, seconds = value if isinstance(value, tuple) else (value, None)
+        self._print(name, unit, rate)
+        if seconds is not None:
+            self._print("  its compilation", "s", seconds)
+
+
+def _gpu_rows(args: argparse.Namespace, dev: torch.device, model, loops: _Loops | None = None
+              ) -> list[tuple[str, str, float]]:
     """The GPU figures of issue 11 (CIFAR-shape ResNet-18): ubwlib at batch 128 and 512 (auto precision; eager, then
     compiled with its compilation time) and float32, the plain loop with 0 and 8 workers, crafting poisons/s (eager
-    and compiled) and gradient-norm images/s."""
+    and compiled) and gradient-norm images/s; each printed as soon as it is measured (into ``loops``)."""
+    loops = loops if loops is not None else _Loops()
+    first = len(loops.rows)
     ccfg = get_profile("paper").train
     steps = max(args.cifar_steps, 20)
-    out = []
+
+    def resnet():
+        return model("resnet18-cifar", 1.0, 10, 3)
+
     for batch in (128, 512):
         cdata = _cifar_shape((steps + 3) * batch)
-        out.append((f"GPU ubwlib, resnet18-cifar, batch {batch}", "images/s",
-                    bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(batch_size=batch), steps, 3,
-                                 dev)))
+        loops.add(f"GPU ubwlib, resnet18-cifar, batch {batch}", "images/s",
+                  lambda: bench_ubwlib(resnet(), cdata, ccfg.replace(batch_size=batch), steps, 3, dev))
     for batch in (128, 512):
         cdata = _cifar_shape((steps + 3) * batch)
-        rate, seconds = bench_compiled(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(batch_size=batch),
-                                       steps, 3, dev)
-        out += [(f"GPU ubwlib compiled (CUDA graphs), resnet18-cifar, batch {batch}", "images/s", rate),
-                ("  its compilation", "s", seconds)]
+        loops.add(f"GPU ubwlib compiled (CUDA graphs), resnet18-cifar, batch {batch}", "images/s",
+                  lambda: bench_compiled(resnet(), cdata, ccfg.replace(batch_size=batch), steps, 3, dev))
     cdata = _cifar_shape((steps + 3) * 128)
-    out.append(("GPU ubwlib, resnet18-cifar, batch 128, fp32", "images/s",
-                bench_ubwlib(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg.replace(precision="fp32"), steps, 3,
-                             dev)))
+    loops.add("GPU ubwlib, resnet18-cifar, batch 128, fp32", "images/s",
+              lambda: bench_ubwlib(resnet(), cdata, ccfg.replace(precision="fp32"), steps, 3, dev))
     for workers in (0, 8):
-        out.append((f"GPU plain loop, resnet18-cifar, batch 128, {workers} workers", "images/s",
-                    bench_plain(model("resnet18-cifar", 1.0, 10, 3), cdata, ccfg, steps, 3, dev, workers)))
+        loops.add(f"GPU plain loop, resnet18-cifar, batch 128, {workers} workers", "images/s",
+                  lambda: bench_plain(resnet(), cdata, ccfg, steps, 3, dev, workers))
     for compiled in (False, True):
-        out.append((f"GPU crafting step{' compiled' if compiled else ''}, resnet18-cifar, batch 128", "poisons/s",
-                    bench_crafting(model("resnet18-cifar", 1.0, 10, 3), cdata, 128, steps, 3, dev,
-                                   resolve_precision("auto", dev), compile=compiled)))
-    out.append(("GPU per-sample gradient norms, resnet18-cifar", "images/s",
-                bench_grad_norms(model("resnet18-cifar", 1.0, 10, 3), cdata, dev)))
-    return out
+        loops.add(f"GPU crafting step{' compiled' if compiled else ''}, resnet18-cifar, batch 128", "poisons/s",
+                  lambda: bench_crafting(resnet(), cdata, 128, steps, 3, dev, resolve_precision("auto", dev),
+                                         compile=compiled))
+    loops.add("GPU per-sample gradient norms, resnet18-cifar", "images/s", lambda: bench_grad_norms(resnet(), cdata, dev))
+    return loops.rows[first:]
 
 
 if __name__ == "__main__":
