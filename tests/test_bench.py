@@ -43,8 +43,9 @@ def test_the_plain_loop_trains_its_model_in_the_default_layout():
 
 def test_main_prints_the_trainer_and_the_loop_rows(capsys):
     assert main(["--profile", "smoke", "--steps", "2", "--plain-steps", "2", "--cifar-steps", "0",
-                 "--craft-steps", "1", "--norm-images", "64"]) == 0
+                 "--craft-steps", "1", "--norm-images", "64", "--rounds", "2"]) == 0
     out = capsys.readouterr().out
+    assert "; smoke rows: medians of 2 interleaved rounds" in out
     assert re.search(r"^ubwlib bench: .+, \d+ threads, (fp32|bf16) \(.+\), torch .+, device cpu, ubwlib precision "
                      r"(fp32|bf16)$", out, re.M)
     assert re.search(r"smoke: smallcnn x0\.5, \(1, 28, 28\), batch \d+ +[\d,]+ +[\d,]+ +[\d,]+ +[\d.]+x", out)
@@ -119,3 +120,8 @@ def test_loop_rows_print_as_measured_and_a_failure_does_not_stop_the_others(caps
     assert [line.split() for line in out[2:]] == [["compiled", "2,000", "images/s"], ["its", "compilation", "13", "s"]]
     assert [(n, u) for n, u, _ in loops.rows] == [("first", "images/s"), ("second", "poisons/s"),
                                                    ("compiled", "images/s"), ("  its compilation", "s")]
+
+
+def test_rounds_must_be_positive():
+    with pytest.raises(SystemExit):
+        main(["--rounds", "0"])

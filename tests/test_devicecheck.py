@@ -12,7 +12,7 @@ import torch
 
 from ubwlib import devicecheck
 
-BENCH = "--profile smoke --steps 1 --plain-steps 1 --cifar-steps 0 --craft-steps 0 --norm-images 0"
+BENCH = "--profile smoke --steps 1 --plain-steps 1 --cifar-steps 0 --craft-steps 0 --norm-images 0 --rounds 1"
 SIZES = dict(model="smallcnn", width=0.125)
 
 

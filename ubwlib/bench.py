@@ -31,6 +31,7 @@ several models side by side (``Profile.stack``), a row times :func:`ubwlib.train
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 import time
 from typing import Callable
@@ -122,26 +123,32 @@ def bench_plain(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, st
 
 def bench_model_alone(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, steps: int, warmup: int,
                       device: torch.device, memory_format: torch.memory_format) -> float:
-    """images/s of the model's own training step alone, in float32: forward, loss, backward and SGD step on one
-    batch that stays on the device (the first ``cfg.batch_size`` images, no augmentation), the model and the batch
-    in ``memory_format``. No data pipeline at all, so the plain loop's rate over this rate in the default layout is
-    the share of its time that its DataLoader and per-sample transforms take, and this rate channels-last over the
-    plain loop's is the most ubwlib's trainer can gain on it with the same kernels."""
+    """images/s of the model's own training step alone, in float32: forward, loss, backward and SGD step on batches
+    already converted to float and kept on the device (``data``'s batches of ``cfg.batch_size`` in turn, no
+    augmentation, no shuffling), the model and the batches in ``memory_format``. No data pipeline at all, so the
+    plain loop's rate over this rate in the default layout is the share of its time that its DataLoader and
+    per-sample transforms take, and this rate channels-last over the plain loop's is the most ubwlib's trainer can
+    gain on it with the same kernels. (Not one batch over and over: a model that fits one batch drives its gradients
+    to subnormal floats, which a CPU computes many times slower.)"""
     model = model.to(device, memory_format=memory_format).train()
     opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    x = (data.images[: cfg.batch_size].to(device).float() / 255).contiguous(memory_format=memory_format)
-    y = data.labels[: cfg.batch_size].to(device)
+    n = len(data) // cfg.batch_size * cfg.batch_size
+    if n == 0:
+        raise ValueError(f"bench_model_alone needs at least one batch of {cfg.batch_size} images, got {len(data)}")
+    xs = (data.images[:n].to(device).float() / 255).contiguous(memory_format=memory_format).split(cfg.batch_size)
+    ys = data.labels[:n].to(device).split(cfg.batch_size)
     t0 = None
     for step in range(warmup + steps):
         if step == warmup:
             _sync(device)
             t0 = time.perf_counter()
-        loss = F.cross_entropy(model(x), y)
+        b = step % len(xs)
+        loss = F.cross_entropy(model(xs[b]), ys[b])
         opt.zero_grad()
         loss.backward()
         opt.step()
     _sync(device)
-    return steps * len(y) / (time.perf_counter() - t0)
+    return steps * cfg.batch_size / (time.perf_counter() - t0)
 
 
 def bench_ubwlib(model: torch.nn.Module, data: ImageDataset, cfg: TrainConfig, steps: int, warmup: int,
@@ -266,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--profile", default="default", help="profile whose model/data/batch size to use")
     ap.add_argument("--steps", type=int, default=40, help="timed steps of ubwlib's trainer (default-profile model)")
     ap.add_argument("--plain-steps", type=int, default=15, help="timed steps of the plain loop")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of the profile's rows, taken in turn; the table shows medians (default 3)")
     ap.add_argument("--cifar-steps", type=int, default=6, help="timed steps for CIFAR-shape ResNet-18 (0: skip)")
     ap.add_argument("--craft-steps", type=int, default=4, help="timed crafting steps (0: skip)")
     ap.add_argument("--norm-images", type=int, default=2048, help="images for the gradient-norm pass (0: skip)")
@@ -274,6 +283,8 @@ def main(argv: list[str] | None = None) -> int:
                          "always timed on a GPU)")
     ap.add_argument("--device", default=None)
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
 
     dev = resolve_device(args.device)
     prof = get_profile(args.profile)
@@ -290,19 +301,35 @@ def main(argv: list[str] | None = None) -> int:
         return build_model(name, kk, cc, width, seed=0)
 
     fp32 = cfg.replace(precision="fp32")
-    ours = bench_ubwlib(model(prof.model, prof.width, k, c), data, cfg, args.steps, 3, dev)
-    ours32 = bench_ubwlib(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3, dev)
-    plain = bench_plain(model(prof.model, prof.width, k, c), data, cfg, args.plain_steps, 2, dev)
-    rows.append((f"{prof.name}: {prof.model} x{prof.width}, {tuple(data.image_shape)}, batch {cfg.batch_size}",
-                 ours, ours32, plain))
-    if prof.stack > 1:  # the profile's recipes train several models side by side: all of them per second
-        def build(i: int):
-            return build_model(prof.model, k, c, prof.width, seed=i)
 
-        many = bench_ubwlib_many(build, data, cfg, prof.stack, args.steps, 3, dev)
-        many32 = bench_ubwlib_many(build, data, fp32, prof.stack, args.steps, 3, dev)
-        rows.append((f"  the same, {prof.stack} models side by side (train_many; images of all models)", many, many32,
-                     plain))
+    def build(i: int):
+        return build_model(prof.model, k, c, prof.width, seed=i)
+
+    # The main rows take turns, round after round, and the table shows each one's median: this machine's speed
+    # drifts by 10-30% over minutes, and rows timed minutes apart compared that drift more than the loops.
+    timings: dict[str, list[float]] = {}
+
+    def take(key: str, rate: float) -> None:
+        timings.setdefault(key, []).append(rate)
+
+    for _ in range(args.rounds):
+        take("ours", bench_ubwlib(build(0), data, cfg, args.steps, 3, dev))
+        take("ours32", bench_ubwlib(build(0), data, fp32, args.steps, 3, dev))
+        take("plain", bench_plain(build(0), data, cfg, args.plain_steps, 2, dev))
+        if args.plain_steps > 0:  # where the plain loop's time goes: its model's kernels or its data pipeline
+            for fmt in (torch.contiguous_format, torch.channels_last):
+                take(str(fmt), bench_model_alone(build(0), data, cfg, args.steps, 2, dev, fmt))
+        if prof.stack > 1:  # the profile's recipes train several models side by side: all of them per second
+            take("many", bench_ubwlib_many(build, data, cfg, prof.stack, args.steps, 3, dev))
+            take("many32", bench_ubwlib_many(build, data, fp32, prof.stack, args.steps, 3, dev))
+    med = {key: statistics.median(v) for key, v in timings.items()}
+    plain = med["plain"]
+    alone = {fmt: med[str(fmt)] for fmt in (torch.contiguous_format, torch.channels_last) if str(fmt) in med}
+    rows.append((f"{prof.name}: {prof.model} x{prof.width}, {tuple(data.image_shape)}, batch {cfg.batch_size}",
+                 med["ours"], med["ours32"], plain))
+    if prof.stack > 1:
+        rows.append((f"  the same, {prof.stack} models side by side (train_many; images of all models)", med["many"],
+                     med["many32"], plain))
     if args.cifar_steps > 0:
         ccfg = get_profile("paper").train
         cdata = _cifar_shape((args.cifar_steps + 2) * ccfg.batch_size)
@@ -317,10 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'model / data':<{w}}  {'ubwlib img/s':>13}  {'ubwlib fp32':>12}  {'plain img/s':>12}  {'ratio':>6}")
     for name, o, o32, p in rows:
         print(f"{name:<{w}}  {o:>13,.0f}  {o32:>12,.0f}  {p:>12,.0f}  {o / p:>5.1f}x")
-    print("ratio = ubwlib (auto precision) / plain loop; 'ubwlib fp32' is ubwlib's trainer forced to float32")
-    if args.plain_steps > 0:  # where the plain loop's time goes: its model's kernels or its data pipeline
-        alone = {fmt: bench_model_alone(model(prof.model, prof.width, k, c), data, cfg, args.plain_steps, 2, dev, fmt)
-                 for fmt in (torch.contiguous_format, torch.channels_last)}
+    print("ratio = ubwlib (auto precision) / plain loop; 'ubwlib fp32' is ubwlib's trainer forced to float32"
+          + (f"; {prof.name} rows: medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
+    if alone:  # where the plain loop's time goes: its model's kernels or its data pipeline
         cf, cl = alone[torch.contiguous_format], alone[torch.channels_last]
         print(f"{prof.model} x{prof.width} alone (fp32, one batch kept on the device, no data pipeline): "
               f"{cf:,.0f} img/s in the default layout, {cl:,.0f} channels-last")
