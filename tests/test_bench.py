@@ -51,9 +51,10 @@ def test_main_prints_the_trainer_and_the_loop_rows(capsys):
     assert re.search(r"smoke: smallcnn x0\.5, \(1, 28, 28\), batch \d+ +[\d,]+ +[\d,]+ +[\d,]+ +[\d.]+x", out)
     assert re.search(r"gradient-matching crafting step, smallcnn x0\.5, batch 128 +[\d,]+ poisons/s", out)
     assert re.search(r"per-sample gradient norms, smallcnn x0\.5 +[\d,]+ images/s", out)
-    assert re.search(r"^smallcnn x0\.5 alone \(fp32, one batch kept on the device, no data pipeline\): [\d,]+ img/s in "
+    assert re.search(r"^smallcnn x0\.5 alone \(fp32, batches kept on the device, no data pipeline\): [\d,]+ img/s in "
                      r"the default layout, [\d,]+ channels-last$", out, re.M)
-    assert re.search(r"data pipeline takes \d+% of its time; channels-last alone runs [\d.]+x the plain loop", out)
+    assert re.search(r"data pipeline takes \d+% of its time, and the model alone channels-last runs [\d.]+x the plain "
+                     r"loop", out)
     assert "GPU" not in out  # the GPU rows only where a GPU is
 
 
@@ -88,7 +89,8 @@ def test_the_gpu_rows_run_end_to_end_on_the_cpu_with_a_tiny_model(monkeypatch):
 
 
 def test_the_model_alone_trains_one_resident_batch_in_the_layout_asked():
-    """The ceiling rows: the model's own step on one batch, no DataLoader; it trains the model in the layout asked."""
+    """The ceiling rows: the model's own step on resident batches, no DataLoader; it trains the model in the layout
+    asked, and needs a whole batch."""
     from ubwlib.bench import bench_model_alone
 
     for fmt in (torch.contiguous_format, torch.channels_last):
@@ -125,3 +127,11 @@ def test_loop_rows_print_as_measured_and_a_failure_does_not_stop_the_others(caps
 def test_rounds_must_be_positive():
     with pytest.raises(SystemExit):
         main(["--rounds", "0"])
+
+
+def test_the_model_alone_needs_a_whole_batch():
+    from ubwlib.bench import bench_model_alone
+
+    with pytest.raises(ValueError, match="at least one batch of 8 images, got 5"):
+        bench_model_alone(build_model("smallcnn", 3, 1, 0.25, seed=0), _random(5), TrainConfig(batch_size=8), steps=1,
+                          warmup=0, device=torch.device("cpu"), memory_format=torch.channels_last)

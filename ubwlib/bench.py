@@ -9,11 +9,12 @@ channels-last, :mod:`ubwlib.models`; the plain loop moves its copy to the defaul
 keeps the uint8 data as one tensor on the device, augments whole batches there, runs channels-last on a CPU and
 uses bfloat16 autocast where the hardware supports it. Both train the same model
 (same architecture, same initial weights) on the same images for the same number of steps; the first
-steps of each are a warm-up and are not timed. The table prints images/s and the ratio. Below it, the model's own
-training step alone, float32 on one batch kept on the device, in the default layout and channels-last
+steps of each are a warm-up and are not timed. The profile's rows take turns for ``--rounds`` rounds and the table
+prints each one's median images/s and the ratio (the speed of a shared virtual machine drifts by 10-30% over
+minutes, more than rows timed one after the other can tell apart). Below it, the model's own
+training step alone, float32 on batches kept on the device, in the default layout and channels-last
 (:func:`bench_model_alone`), says where the plain loop's time goes: the share its data pipeline takes, and the
-ratio a trainer running the same kernels with no data cost at all would reach (on 2 CPU cores the default model's
-kernels take over 90% of the plain loop's time, so that ceiling is about 1.2x). Both loops run in one
+ratio a trainer running the same kernels with no data cost at all would reach. Both loops run in one
 process and so both get ubwlib's allocator settings (:func:`ubwlib.train.keep_freed_memory`, applied on import);
 ``UBW_MALLOC=system python -m ubwlib.bench`` runs both with glibc's defaults.
 
@@ -348,10 +349,11 @@ def main(argv: list[str] | None = None) -> int:
           + (f"; {prof.name} rows: medians of {args.rounds} interleaved rounds" if args.rounds > 1 else ""))
     if alone:  # where the plain loop's time goes: its model's kernels or its data pipeline
         cf, cl = alone[torch.contiguous_format], alone[torch.channels_last]
-        print(f"{prof.model} x{prof.width} alone (fp32, one batch kept on the device, no data pipeline): "
+        print(f"{prof.model} x{prof.width} alone (fp32, batches kept on the device, no data pipeline): "
               f"{cf:,.0f} img/s in the default layout, {cl:,.0f} channels-last")
-        print(f"  the plain loop's data pipeline takes {max(0.0, 1 - plain / cf):.0%} of its time; channels-last alone "
-              f"runs {cl / plain:.1f}x the plain loop: about the most a trainer gains with these kernels")
+        print(f"  so the plain loop's data pipeline takes {max(0.0, 1 - plain / cf):.0%} of its time, and the model alone "
+              f"channels-last runs {cl / plain:.1f}x the plain loop (what a trainer with these kernels and no data cost "
+              "would reach)")
 
     loops = _Loops()
     gm = GradientMatchingSettings()
