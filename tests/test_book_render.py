@@ -197,7 +197,7 @@ def test_changed_code_results_or_precision_rebuild_every_page(tmp_path, monkeypa
 
 def test_book_modules_of_the_book_leave_out_only_the_front_ends():
     """The chapters can run every module of ubwlib but the front ends (command line, papermill runner, server,
-    remote client, ONNX export, bench) and this extension."""
+    remote client, ONNX export, bench, the GPU machine's device check) and this extension."""
     from ubwlib import sphinx_ext
 
     package = sphinx_ext.input_folders()[0]
@@ -205,7 +205,8 @@ def test_book_modules_of_the_book_leave_out_only_the_front_ends():
     used = sphinx_ext.book_modules(ROOT / "book")
     assert set(used) <= every
     assert sorted(p.relative_to(package).as_posix() for p in every - set(used)) == [
-        "bench.py", "book.py", "cli.py", "onnx_model.py", "remote.py", "serve.py", "sphinx_ext.py"]
+        "bench.py", "book.py", "cli.py", "devicecheck.py", "onnx_model.py", "remote.py", "serve.py",
+        "sphinx_ext.py"]
 
 
 def test_book_modules_follow_every_import_statement(tmp_path):

@@ -16,7 +16,7 @@ RANK = {
     "remote": 1, "onnx_model": 1,
     "watermarks": 2, "verify": 2, "defenses": 2, "forgery": 2, "publish": 2, "serve": 2,
     "experiments": 3,
-    "book": 4, "bench": 4, "cli": 4, "sphinx_ext": 4, "__init__": 4,
+    "book": 4, "bench": 4, "devicecheck": 4, "cli": 4, "sphinx_ext": 4, "__init__": 4,
 }
 
 
