@@ -351,9 +351,9 @@ def main(argv: list[str] | None = None) -> int:
         cf, cl = alone[torch.contiguous_format], alone[torch.channels_last]
         print(f"{prof.model} x{prof.width} alone (fp32, batches kept on the device, no data pipeline): "
               f"{cf:,.0f} img/s in the default layout, {cl:,.0f} channels-last")
-        print(f"  so the plain loop's data pipeline takes {max(0.0, 1 - plain / cf):.0%} of its time, and the model alone "
-              f"channels-last runs {cl / plain:.1f}x the plain loop (what a trainer with these kernels and no data cost "
-              "would reach)")
+        print(f"  so the plain loop's data pipeline takes {max(0.0, 1 - plain / cf):.0%} of its time, and the model "
+              f"alone channels-last runs {cl / plain:.1f}x the plain loop (what a trainer with these kernels and no "
+              "data cost would reach)")
 
     loops = _Loops()
     gm = GradientMatchingSettings()
@@ -440,7 +440,8 @@ def _gpu_rows(args: argparse.Namespace, dev: torch.device, model, loops: _Loops 
         loops.add(f"GPU crafting step{' compiled' if compiled else ''}, resnet18-cifar, batch 128", "poisons/s",
                   lambda: bench_crafting(resnet(), cdata, 128, steps, 3, dev, resolve_precision("auto", dev),
                                          compile=compiled))
-    loops.add("GPU per-sample gradient norms, resnet18-cifar", "images/s", lambda: bench_grad_norms(resnet(), cdata, dev))
+    loops.add("GPU per-sample gradient norms, resnet18-cifar", "images/s",
+              lambda: bench_grad_norms(resnet(), cdata, dev))
     return loops.rows[first:]
 
 

@@ -21,9 +21,10 @@ the machine's minutes go to one call of this module. It writes into ``--out``:
 - ``log.txt``: the time each part took, and why a part was skipped.
 
 Chapters are run in the order of issue 12 (:data:`ubwlib.experiments.stored.CHAPTERS`, or ``--chapters``) while at
-least ``--chapter-reserve`` seconds of ``--budget`` are left; a chapter that is still running when the machine's call ends is lost, the ones before it
-are not. Give the commit with ``UBW_COMMIT`` (:data:`ubwlib.experiments.provenance.COMMIT_ENV`) so the stored
-tables record it, and the Fashion-MNIST files with ``UBW_DATA`` (a git-ignored folder named in the call's carry).
+least ``--chapter-reserve`` seconds of ``--budget`` are left; a chapter that is still running when the machine's
+call ends is lost, the ones before it are not. Give the commit with ``UBW_COMMIT``
+(:data:`ubwlib.experiments.provenance.COMMIT_ENV`) so the stored tables record it, and the Fashion-MNIST files with
+``UBW_DATA`` (a git-ignored folder named in the call's carry).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
         for chapter in chapters:
             left = args.budget - (time.perf_counter() - start)
             if left < args.chapter_reserve:
-                note(f"{chapter} and after: skipped, {left:.0f} s left of the budget (reserve {args.chapter_reserve:.0f})")
+                note(f"{chapter} and after: skipped, {left:.0f} s left of the budget "
+                     f"(reserve {args.chapter_reserve:.0f})")
                 break
             t0 = time.perf_counter()
             try:
