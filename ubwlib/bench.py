@@ -55,7 +55,7 @@ from .watermarks.gradient_matching import (
 )
 
 __all__ = ["bench_ubwlib", "bench_compiled", "bench_ubwlib_many", "bench_plain", "bench_model_alone", "bench_crafting",
-           "bench_grad_norms", "main"]
+           "bench_grad_norms", "relabelled_target", "main"]
 
 
 def _sync(device: torch.device) -> None:
@@ -203,6 +203,16 @@ def bench_ubwlib_many(build, data: ImageDataset, cfg: TrainConfig, count: int, s
     return count * (len(timed) // cfg.batch_size * cfg.batch_size) / (time.perf_counter() - t0)
 
 
+def relabelled_target(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, num_classes: int
+                      ) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """A target gradient for timing or checking the crafting step, and its norm: the parameters' gradient of the
+    loss of ``images`` (float, on the model's device) relabelled ``label + 1`` (the passenger loss only needs a
+    fixed direction)."""
+    loss = F.cross_entropy(model(images).float(), (labels + 1) % num_classes)
+    target = [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
+    return target, torch.sqrt(sum((t * t).sum() for t in target))
+
+
 def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, steps: int, warmup: int,
                    device: torch.device, precision: str = "fp32", compile: bool = False) -> float:
     """poisons/s of gradient matching's crafting step (the inner loop of
@@ -216,10 +226,7 @@ def bench_crafting(model: torch.nn.Module, data: ImageDataset, batch_size: int, 
     n = len(data)
     base = data.images.to(device).float() / 255
     labels = data.labels.to(device)
-    # a target gradient: the loss of relabelled images (the passenger loss only needs a fixed direction)
-    loss = F.cross_entropy(model(base[:batch_size]).float(), (labels[:batch_size] + 1) % data.num_classes)
-    target = [g.detach() for g in torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])]
-    target_norm = torch.sqrt(sum((t * t).sum() for t in target))
+    target, target_norm = relabelled_target(model, base[:batch_size], labels[:batch_size], data.num_classes)
     delta = torch.zeros_like(base)
     compiled = CompiledPassengerGrad(device) if compile else None
     seen, t0 = 0, None
@@ -360,20 +367,18 @@ def main(argv: list[str] | None = None) -> int:
     crafting_data = data.subset(torch.arange(min(len(data), (args.craft_steps + 1) * gm.batch_size)))
     if args.compile and dev.type == "cpu":
         loops.add(f"ubwlib fp32 compiled (torch.compile), {prof.model} x{prof.width}, batch {cfg.batch_size}",
-                  "images/s", lambda: bench_compiled(model(prof.model, prof.width, k, c), data, fp32, args.steps, 3,
-                                                     dev))
+                  "images/s", lambda: bench_compiled(build(0), data, fp32, args.steps, 3, dev))
         if args.craft_steps > 0:
             loops.add(f"crafting step compiled, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
-                      lambda: bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
-                                             args.craft_steps, 2, dev, prec, compile=True))
+                      lambda: bench_crafting(build(0), crafting_data, gm.batch_size, args.craft_steps, 2, dev, prec,
+                                             compile=True))
     if args.craft_steps > 0:
         loops.add(f"gradient-matching crafting step, {prof.model} x{prof.width}, batch {gm.batch_size}", "poisons/s",
-                  lambda: bench_crafting(model(prof.model, prof.width, k, c), crafting_data, gm.batch_size,
-                                         args.craft_steps, 1, dev, prec))
+                  lambda: bench_crafting(build(0), crafting_data, gm.batch_size, args.craft_steps, 1, dev, prec))
     if args.norm_images > 0:
         loops.add(f"per-sample gradient norms, {prof.model} x{prof.width}", "images/s",
-                  lambda: bench_grad_norms(model(prof.model, prof.width, k, c),
-                                           data.subset(torch.arange(min(len(data), args.norm_images))), dev))
+                  lambda: bench_grad_norms(build(0), data.subset(torch.arange(min(len(data), args.norm_images))),
+                                           dev))
     if dev.type == "cuda" and args.cifar_steps > 0:
         _gpu_rows(args, dev, model, loops)
     return 0

@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
-import os
 import sys
 import tarfile
 import tempfile
@@ -46,6 +45,7 @@ import torch.nn.functional as F
 
 __all__ = ["check_compiled_training", "check_compiled_crafting", "check_predict_proba", "run_checks",
            "main"]
+
 
 class _Tee(io.TextIOBase):
     """Writes to a file and to the console at once (a part's output is kept even if a later part hangs)."""
@@ -62,6 +62,11 @@ class _Tee(io.TextIOBase):
     def flush(self) -> None:
         self.file.flush()
         self.console.flush()
+
+    def close(self) -> None:
+        if not self.closed:
+            super().close()  # flushes both first
+            self.file.close()
 
 
 def _data(n: int, shape: tuple[int, int, int] = (1, 28, 28), classes: int = 10, seed: int = 0):
@@ -104,6 +109,7 @@ def check_compiled_crafting(device: torch.device, *, model: str = "resnet18-cifa
                             batch: int = 64) -> dict:
     """The crafting step's gradient with respect to the perturbation, compiled against the eager double backward on
     the same batch: their cosine and the relative gap of the passenger losses."""
+    from .bench import relabelled_target
     from .models import build_model
     from .train import resolve_precision
     from .watermarks.gradient_matching import CompiledPassengerGrad, perturbation_grad
@@ -112,10 +118,7 @@ def check_compiled_crafting(device: torch.device, *, model: str = "resnet18-cifa
     data = _data(batch)
     base = data.images.to(device).float() / 255
     labels = data.labels.to(device)
-    params = [p for p in net.parameters() if p.requires_grad]
-    loss = F.cross_entropy(net(base).float(), (labels + 1) % 10)
-    target = [g.detach() for g in torch.autograd.grad(loss, params)]
-    targets = [(target, torch.sqrt(sum((t * t).sum() for t in target)))]
+    targets = [relabelled_target(net, base, labels, data.num_classes)]
     prec = resolve_precision("auto", device)
     compiled = CompiledPassengerGrad(device)
     grads, losses = [], []
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from . import bench, book
     from .experiments import stored
-    from .experiments.provenance import COMMIT_ENV, git, machine
+    from .experiments.provenance import commit, machine
     from .train import resolve_device
 
     start = time.perf_counter()
@@ -194,33 +197,28 @@ def main(argv: list[str] | None = None) -> int:
     for c in chapters:
         stored.chapter_tables(c)  # an unknown chapter fails here, before the machine's minutes go
     dev = resolve_device(args.device)
-    log = (out / "log.txt").open("a", buffering=1)
+    console = sys.stdout
+    log = _Tee(out / "log.txt", console)
 
     def note(msg: str) -> None:
-        line = f"[{time.perf_counter() - start:7.1f} s] {msg}"
-        print(line, flush=True)
-        log.write(line + "\n")
+        log.write(f"[{time.perf_counter() - start:7.1f} s] {msg}\n")
 
-    commit = git("rev-parse", "HEAD")
     (out / "env.txt").write_text(
         f"machine: {machine()}\ndevice: {dev}\ntorch: {torch.__version__}, CUDA {torch.version.cuda}\n"
-        f"commit: {commit if commit != 'unknown' else os.environ.get(COMMIT_ENV, 'unknown')}\n"
-        f"python: {sys.version.split()[0]}\n")
+        f"commit: {commit()}\npython: {sys.version.split()[0]}\n")
     note(f"device check on {dev} ({machine()}), budget {args.budget:.0f} s")
 
     if not args.no_checks:
-        with (out / "checks.txt").open("a", buffering=1) as fh:
-            run_checks(dev, lambda s: (fh.write(s), print(s, end="", flush=True)))
+        with _Tee(out / "checks.txt", console) as checks:
+            run_checks(dev, checks.write)
         note("checks done")
     if args.bench_args.strip() != "skip":
-        tee = _Tee(out / "bench.txt", sys.stdout)
-        try:
-            with contextlib.redirect_stdout(tee):
-                bench.main(args.bench_args.split() + (["--device", str(dev)] if args.device else []))
-        except Exception:  # noqa: BLE001 (the stored tables may still fit in the budget)
-            tee.write("FAILED\n" + traceback.format_exc())
-        finally:
-            tee.file.close()
+        with _Tee(out / "bench.txt", console) as tee:
+            try:
+                with contextlib.redirect_stdout(tee):
+                    bench.main(args.bench_args.split() + (["--device", str(dev)] if args.device else []))
+            except Exception:  # noqa: BLE001 (the stored tables may still fit in the budget)
+                tee.write("FAILED\n" + traceback.format_exc())
         note("bench done")
     with tempfile.TemporaryDirectory(prefix="ubw-results-") as tmp:
         root = Path(tmp)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["REPO_ROOT", "COMMIT_ENV", "git", "machine", "provenance"]
+__all__ = ["REPO_ROOT", "COMMIT_ENV", "git", "commit", "machine", "provenance"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 COMMIT_ENV = "UBW_COMMIT"
@@ -31,6 +31,12 @@ def git(*args: str) -> str:
         return "unknown"
 
 
+def commit() -> str:
+    """The repository's ``HEAD``; outside a git checkout :data:`COMMIT_ENV`'s value, else ``"unknown"``."""
+    head = git("rev-parse", "HEAD")
+    return head if head != "unknown" else os.environ.get(COMMIT_ENV, "").strip() or "unknown"
+
+
 def machine() -> str:
     """The device that computes: the GPU's name, else the CPU's model, its threads and the precision ``auto`` trains
     in there (``UBW_PRECISION`` included)."""
@@ -45,10 +51,9 @@ def provenance(command: str, seconds: float | None = None) -> dict:
     code that ran was not the commit's), UTC date, device, torch and Python versions, the command and its wall
     time in seconds. Outside a git checkout the commit is :data:`COMMIT_ENV`'s (else ``"unknown"``) and whether the
     files differed from it is not known (``None``)."""
-    commit = git("rev-parse", "HEAD")
     status = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)results")
     return {
-        "commit": commit if commit != "unknown" else os.environ.get(COMMIT_ENV, "").strip() or "unknown",
+        "commit": commit(),
         "dirty": None if status == "unknown" else bool(status),
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "machine": machine(),
